@@ -1,0 +1,64 @@
+"""refusal_dir: find refusal and honesty directions, steer or ablate them, measure the cost.
+
+Importing this package never imports plotly; plots live in the separate ``analysis`` package.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from refusal_dir.activations import Activations, collect_activations
+from refusal_dir.directions import METHODS, DirectionSet, compute_directions
+from refusal_dir.errors import (
+    ConfigError,
+    DataError,
+    DirectionMismatchError,
+    ModelLoadError,
+    OutputDirError,
+    RefusalDirError,
+)
+from refusal_dir.generation import (
+    GenerationSettings,
+    continuation_logprobs,
+    generate,
+    next_token_logits,
+)
+from refusal_dir.interventions import ablation, addition, bridge_hooks, clamp, steer
+from refusal_dir.model import DEFAULT_MODEL, OFFLINE_MODEL, HookedModel, load_model
+from refusal_dir.orthogonalize import orthogonalized_copy, save_orthogonalized
+from refusal_dir.scoring import LayerScore, score_layers, select_layer
+from refusal_dir.sites import hook_name
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "METHODS",
+    "OFFLINE_MODEL",
+    "Activations",
+    "ConfigError",
+    "DataError",
+    "DirectionMismatchError",
+    "DirectionSet",
+    "GenerationSettings",
+    "HookedModel",
+    "LayerScore",
+    "ModelLoadError",
+    "OutputDirError",
+    "RefusalDirError",
+    "__version__",
+    "ablation",
+    "addition",
+    "bridge_hooks",
+    "clamp",
+    "collect_activations",
+    "compute_directions",
+    "continuation_logprobs",
+    "generate",
+    "hook_name",
+    "load_model",
+    "next_token_logits",
+    "orthogonalized_copy",
+    "save_orthogonalized",
+    "score_layers",
+    "select_layer",
+    "steer",
+]

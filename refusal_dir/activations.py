@@ -1,0 +1,276 @@
+"""Collect residual-stream activations at every layer, at chosen token positions, batched.
+
+Only what directions need is stored: for each site a tensor of shape
+``prompts x positions x layers x d_model`` (float32), never the per-token cache. Prompts are
+left padded with an attention mask, so batched and one-at-a-time collection agree (tested).
+
+Positions (``positions=``):
+
+* ``"last"``: the last prompt token (with a chat template, the last token of the template);
+* ``"mean"``: the mean over the prompt's tokens, BOS excluded (its norm is tens of times larger);
+* ``"post_instruction"``: each token of the template after the instruction, as separate
+  positions labelled ``post-k`` .. ``post-1`` (Arditi et al. 2024).
+
+Two backends give the same numbers (tested): ``"fast"`` (default) places PyTorch hooks on the
+plain ``transformers`` modules at the bridge's hook points and stops the forward pass after the
+last layer needed, so the unembedding is never computed; ``"bridge"`` uses TransformerLens
+``run_with_cache(names_filter=..., stop_at_layer=...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from refusal_dir.errors import ConfigError, DataError
+from refusal_dir.model import HookedModel, TokenBatch
+from refusal_dir.sites import RESIDUAL_SITES, check_layer, check_site, hook_name
+
+logger = logging.getLogger(__name__)
+
+PositionRule = Literal["last", "mean", "post_instruction"]
+POSITION_RULES: tuple[str, ...] = ("last", "mean", "post_instruction")
+
+SiteActs = Float[Tensor, "prompts positions layers d_model"]
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activations of a prompt set: ``acts[site]`` is ``prompts x positions x layers x d_model``."""
+
+    acts: dict[str, SiteActs]
+    positions: tuple[str, ...]
+    layers: tuple[int, ...]
+    n_prompts: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def site(self, site: str) -> SiteActs:
+        if site not in self.acts:
+            raise ConfigError(
+                f"site {site!r} was not collected: collected are {', '.join(self.acts)}"
+            )
+        return self.acts[site]
+
+    def mean(self, site: str) -> Float[Tensor, "positions layers d_model"]:
+        """Mean over prompts, accumulated in float64."""
+        return self.site(site).to(torch.float64).mean(dim=0)
+
+    def select(self, indices: Sequence[int]) -> Activations:
+        """The activations of a subset of prompts."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return Activations(
+            acts={name: tensor[index] for name, tensor in self.acts.items()},
+            positions=self.positions,
+            layers=self.layers,
+            n_prompts=len(index),
+        )
+
+
+def position_labels(rule: str, model: HookedModel) -> tuple[str, ...]:
+    """The position labels a rule produces for this model's template."""
+    if rule == "last":
+        return ("last",)
+    if rule == "mean":
+        return ("mean",)
+    if rule == "post_instruction":
+        count = model.n_post_instruction_tokens
+        if count == 0:
+            raise ConfigError(
+                "position 'post_instruction' needs a chat template with tokens after the "
+                "instruction; this model's template has none: use position 'last'"
+            )
+        return tuple(f"post-{k}" for k in range(count, 0, -1))
+    raise ConfigError(f"unknown position {rule!r}: choose one of {', '.join(POSITION_RULES)}")
+
+
+def _gather(
+    hidden: Tensor, rule: str, n_positions: int, mean_mask: Tensor
+) -> Float[Tensor, "batch positions d_model"]:
+    """Pick the stored positions out of a left-padded ``batch x pos x d_model`` tensor."""
+    if rule == "mean":
+        weights = mean_mask.to(torch.float64)
+        summed = torch.einsum("bp,bpd->bd", weights, hidden.to(torch.float64))
+        return (summed / weights.sum(dim=1, keepdim=True)).unsqueeze(1)
+    return hidden[:, -n_positions:, :]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once every needed activation is stored."""
+
+
+def _mean_mask(model: HookedModel, batch: TokenBatch) -> Tensor:
+    mask = batch.attention_mask.clone()
+    bos = model.tokenizer.bos_token_id
+    if bos is not None:
+        mask = mask * (batch.input_ids != bos).long()
+    if (mask.sum(dim=1) == 0).any():
+        raise DataError("a prompt has no tokens besides BOS: remove empty prompts")
+    return mask
+
+
+def collect_activations(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    sites: Sequence[str] = RESIDUAL_SITES,
+    position: str = "last",
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    apply_chat_template: bool = True,
+    backend: Literal["fast", "bridge"] = "fast",
+    progress: bool = True,
+    description: str = "caching activations",
+) -> Activations:
+    """Run prompts through the model and store activations at the chosen positions.
+
+    ``prompts`` are instructions, wrapped in the chat template unless
+    ``apply_chat_template=False`` (then they must already be formatted, BOS included).
+    """
+    if isinstance(prompts, str):
+        raise DataError("prompts must be a list of strings, not one string")
+    if len(prompts) == 0:
+        raise DataError("the prompt set is empty: pass at least one prompt")
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise DataError("a prompt is empty or not a string: remove it")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    for site in sites:
+        check_site(site)
+    layer_list = list(range(model.n_layers)) if layers is None else [int(x) for x in layers]
+    for layer in layer_list:
+        check_layer(layer, model.n_layers)
+    labels = position_labels(position, model)
+    texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
+
+    out = {
+        site: torch.zeros(len(texts), len(labels), len(layer_list), model.d_model)
+        for site in sites
+    }
+    collect = _collect_batch_fast if backend == "fast" else _collect_batch_bridge
+    if backend not in ("fast", "bridge"):
+        raise ConfigError(f"unknown backend {backend!r}: choose fast or bridge")
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc=description, disable=not progress, leave=False):
+        batch = model.tokenize(texts[start : start + batch_size])
+        if position == "post_instruction":
+            _check_post_instruction(model, batch)
+        stored = collect(model, batch, sites, layer_list, position, len(labels))
+        for site in sites:
+            out[site][start : start + len(batch)] = stored[site]
+    return Activations(
+        acts=out, positions=labels, layers=tuple(layer_list), n_prompts=len(texts)
+    )
+
+
+def _check_post_instruction(model: HookedModel, batch: TokenBatch) -> None:
+    expected = torch.tensor(model._post_instruction_ids)
+    tails = batch.input_ids[:, -len(expected) :]
+    if not bool((tails == expected).all()):
+        raise DataError(
+            "the prompts do not end with the chat template's post-instruction tokens: pass "
+            "instructions with apply_chat_template=True, or use position 'last'"
+        )
+
+
+@torch.no_grad()
+def _collect_batch_fast(
+    model: HookedModel,
+    batch: TokenBatch,
+    sites: Sequence[str],
+    layers: Sequence[int],
+    rule: str,
+    n_positions: int,
+) -> dict[str, Tensor]:
+    device_batch = batch.to(model.device)
+    mean_mask = _mean_mask(model, batch).to(model.device)
+    stored = {
+        site: torch.zeros(len(batch), n_positions, len(layers), model.d_model) for site in sites
+    }
+    column = {layer: index for index, layer in enumerate(layers)}
+    last_layer = max(layers)
+    stop_after_post = "resid_post" in sites
+    handles = []
+
+    def store(site: str, layer: int, hidden: Tensor) -> None:
+        picked = _gather(hidden, rule, n_positions, mean_mask)
+        stored[site][:, :, column[layer], :] = picked.float().cpu()
+
+    def make_pre_hook(layer: int):
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if "resid_pre" in sites and layer in column:
+                store("resid_pre", layer, hidden)
+            if layer == last_layer and not stop_after_post:
+                raise _StopForward
+
+        return hook
+
+    def make_post_hook(layer: int):
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if layer in column:
+                store("resid_post", layer, hidden)
+            if layer == last_layer:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for layer in range(last_layer + 1):
+            block = model.layers[layer]
+            handles.append(
+                block.register_forward_pre_hook(make_pre_hook(layer), with_kwargs=True)
+            )
+            if stop_after_post:
+                handles.append(
+                    block.register_forward_hook(make_post_hook(layer), with_kwargs=True)
+                )
+        try:
+            model.hf(
+                input_ids=device_batch.input_ids,
+                attention_mask=device_batch.attention_mask,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        except _StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stored
+
+
+@torch.no_grad()
+def _collect_batch_bridge(
+    model: HookedModel,
+    batch: TokenBatch,
+    sites: Sequence[str],
+    layers: Sequence[int],
+    rule: str,
+    n_positions: int,
+) -> dict[str, Tensor]:
+    names = {hook_name(site, layer): (site, layer) for site in sites for layer in layers}
+    device_batch = batch.to(model.device)
+    _, cache = model.bridge.run_with_cache(
+        device_batch.input_ids,
+        attention_mask=device_batch.attention_mask,
+        names_filter=lambda name: name in names,
+        stop_at_layer=max(layers) + 1,
+        return_type=None,
+    )
+    mean_mask = _mean_mask(model, batch).to(model.device)
+    stored = {
+        site: torch.zeros(len(batch), n_positions, len(layers), model.d_model) for site in sites
+    }
+    column = {layer: index for index, layer in enumerate(layers)}
+    for name, (site, layer) in names.items():
+        picked = _gather(cache[name], rule, n_positions, mean_mask)
+        stored[site][:, :, column[layer], :] = picked.float().cpu()
+    return stored

