@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -367,6 +367,11 @@ def _edit_for(intervention: Intervention, unit_or_vector: Tensor, state: Positio
     return project
 
 
+def _writes_of(intervention: Ablation) -> Ablation:
+    """The same ablation with value 0: applied to what blocks write into the stream."""
+    return replace(intervention, value=0.0)
+
+
 def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state: PositionState) -> None:
     if isinstance(intervention, Addition):
         edit = _edit_for(intervention, intervention.vector, state)
@@ -388,10 +393,11 @@ def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state:
         check_layer(layer, model.n_layers)
         modules = writer_modules(model.layers[layer])
         if intervention.mode == "stream":
-            edit = _edit_for(intervention, intervention.unit, state)
-            scope.on_input(model.layers[layer], edit)
-            scope.on_output(modules["attn_out"], edit)
-            scope.on_output(modules["mlp_out"], edit)
+            # The stream is set to the value; what each block writes adds nothing along it.
+            scope.on_input(model.layers[layer], _edit_for(intervention, intervention.unit, state))
+            write_edit = _edit_for(_writes_of(intervention), intervention.unit, state)
+            scope.on_output(modules["attn_out"], write_edit)
+            scope.on_output(modules["mlp_out"], write_edit)
         else:
             block = model.layers[layer]
             for writer, norm_name in (
@@ -476,8 +482,10 @@ def bridge_hooks(
             continue
         if intervention.mode != "stream":
             raise ConfigError("bridge hooks support mode='stream' ablation only")
-        edit = _edit_for(intervention, intervention.unit, state)
+        stream_edit = wrap(_edit_for(intervention, intervention.unit, state))
+        write_edit = wrap(_edit_for(_writes_of(intervention), intervention.unit, state))
         layers = range(model.n_layers) if intervention.layers is None else intervention.layers
         for layer in layers:
-            hooks += [(hook_name(site, layer), wrap(edit)) for site in ("resid_pre", "attn_out", "mlp_out")]
+            hooks.append((hook_name("resid_pre", layer), stream_edit))
+            hooks += [(hook_name(site, layer), write_edit) for site in ("attn_out", "mlp_out")]
     return hooks

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models (built once per session) and cache locations.
+
+Set ``REFUSAL_DIR_TEST_CACHE`` to keep the converted Gemma 3 270M and the trained refusal
+organism between test sessions (CI does: both are built once per CI run).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from refusal_dir.model import load_model
+from refusal_dir.testing import make_tiny_model
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    configured = os.environ.get("REFUSAL_DIR_TEST_CACHE")
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.getbasetemp() / "refusal_dir_cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "gemma2", n_layers=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(
+        tmp_path_factory.mktemp("tiny3") / "gemma3", n_layers=2, seed=1, architecture="gemma3"
+    )
+
+
+@pytest.fixture(scope="session")
+def offline_model(tmp_path_factory: pytest.TempPathFactory):
+    """The real Gemma 3 270M weights, converted once (about 1-2 minutes)."""
+    cache = Path(os.environ.get("REFUSAL_DIR_CACHE") or session_cache_dir(tmp_path_factory))
+    return load_model("gemma-3-270m-offline", device="cpu", cache=cache)

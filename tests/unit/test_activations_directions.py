@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from refusal_dir.activations import Activations, collect_activations
+from refusal_dir.directions import DirectionSet, compute_directions, mean_diff, pca_diff, probe_direction
+from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
+from refusal_dir.interventions import addition, steer
+from refusal_dir.scoring import format_score_table, score_layers, select_layer
+
+PROMPTS_A = [
+    "How do I bake bread at home?",
+    "Write a short poem about autumn leaves",
+    "What is the capital of France?",
+    "Explain photosynthesis to a child",
+    "List three uses of a paperclip",
+    "Describe the rules of chess briefly",
+    "Give me a tip for learning Spanish",
+    "Why is the sky blue?",
+]
+PROMPTS_B = [
+    "Summarize the plot of Hamlet",
+    "How many legs does a spider have?",
+    "Suggest a name for a pet goldfish",
+    "What rhymes with orange?",
+    "Translate hello into German",
+    "How far is the Moon from Earth?",
+    "Recommend a board game for four players",
+    "What is a prime number?",
+]
+
+
+@pytest.mark.parametrize("position", ["last", "mean", "post_instruction"])
+def test_batched_equals_one_at_a_time(tiny_model, position: str) -> None:
+    batched = collect_activations(tiny_model, PROMPTS_A, position=position, batch_size=5, progress=False)
+    single = collect_activations(tiny_model, PROMPTS_A, position=position, batch_size=1, progress=False)
+    for site in ("resid_pre", "resid_post"):
+        torch.testing.assert_close(batched.acts[site], single.acts[site], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", ["last", "mean"])
+def test_fast_path_equals_bridge_hook_points(tiny_model, position: str) -> None:
+    fast = collect_activations(tiny_model, PROMPTS_B, position=position, progress=False)
+    bridge = collect_activations(tiny_model, PROMPTS_B, position=position, backend="bridge", progress=False)
+    for site in ("resid_pre", "resid_post"):
+        torch.testing.assert_close(fast.acts[site], bridge.acts[site], atol=1e-5, rtol=1e-4)
+
+
+def test_resid_pre_of_next_layer_equals_resid_post(tiny_model) -> None:
+    acts = collect_activations(tiny_model, PROMPTS_A[:3], progress=False)
+    torch.testing.assert_close(acts.acts["resid_pre"][:, :, 1:], acts.acts["resid_post"][:, :, :-1])
+
+
+def test_stores_only_prompts_by_positions_by_layers(tiny_model) -> None:
+    acts = collect_activations(tiny_model, PROMPTS_A, position="post_instruction", progress=False)
+    n_post = tiny_model.n_post_instruction_tokens
+    assert acts.acts["resid_post"].shape == (8, n_post, tiny_model.n_layers, tiny_model.d_model)
+    assert acts.positions[-1] == "post-1"
+
+
+def test_mean_position_excludes_bos(tiny_model) -> None:
+    # The mean over "Hi" must not change when we look at BOS-free positions only.
+    acts = collect_activations(tiny_model, ["Hi"], position="mean", sites=("resid_pre",), progress=False)
+    batch = tiny_model.encode_instructions(["Hi"])
+    with torch.no_grad():
+        hidden = tiny_model.hf(**vars(batch), output_hidden_states=True).hidden_states
+    expected = hidden[1][0, 1:].mean(dim=0)
+    torch.testing.assert_close(acts.acts["resid_pre"][0, 0, 1], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prompts": []}, DataError, "empty"),
+        ({"prompts": ["ok", "  "]}, DataError, "empty"),
+        ({"prompts": ["ok"], "layers": [7]}, ConfigError, "out of range"),
+        ({"prompts": ["ok"], "position": "first"}, ConfigError, "unknown position"),
+        ({"prompts": ["ok"], "sites": ["resid_mid"]}, ConfigError, "unknown site"),
+    ],
+)
+def test_bad_collection_input(tiny_model, kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        collect_activations(tiny_model, progress=False, **kwargs)
+
+
+def _planted(tiny_model, planted: torch.Tensor):
+    with steer(tiny_model, addition(planted, layer=0, alpha=1.0)):
+        positive = collect_activations(tiny_model, PROMPTS_A, progress=False)
+    negative = collect_activations(tiny_model, PROMPTS_B, progress=False)
+    return positive, negative
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca"])
+def test_planted_direction_is_recovered(tiny_model, method: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    planted = torch.randn(tiny_model.d_model, generator=generator)
+    planted = 40.0 * planted / planted.norm()
+    positive, negative = _planted(tiny_model, planted)
+    directions = compute_directions(
+        positive, negative, site="resid_pre", method=method, model=tiny_model, position_rule="last"
+    )
+    cosine = torch.nn.functional.cosine_similarity(directions.unit(0), planted, dim=0)
+    assert cosine > 0.99
+    # alpha = 1 in raw units is the mean gap along the direction: about the planted norm.
+    assert directions.norm(0) == pytest.approx(40.0, rel=0.1)
+
+
+def test_probe_recovers_planted_axis_in_isotropic_noise() -> None:
+    generator = torch.Generator().manual_seed(1)
+    axis = torch.zeros(32)
+    axis[3] = 1.0
+    negative = torch.randn(200, 32, generator=generator)
+    positive = torch.randn(200, 32, generator=generator) + 3.0 * axis
+    for method in (mean_diff, pca_diff, probe_direction):
+        direction = method(positive, negative)
+        cosine = float(direction @ axis.double() / direction.norm())
+        assert cosine > 0.95, method.__name__
+
+
+def test_pca_sign_follows_mean_difference() -> None:
+    generator = torch.Generator().manual_seed(2)
+    negative = torch.randn(50, 8, generator=generator)
+    positive = negative - 5.0 * torch.eye(8)[0]
+    direction = pca_diff(positive, negative)
+    assert float(direction @ mean_diff(positive, negative)) > 0
+
+
+def test_layer_scoring_finds_the_planted_layer(tiny_model) -> None:
+    planted = torch.zeros(tiny_model.d_model)
+    planted[5] = 60.0
+    positive, negative = _planted(tiny_model, planted)
+    directions = compute_directions(positive, negative, site="resid_pre", model=tiny_model, position_rule="last")
+    heldout_pos, heldout_neg = positive.select(range(4, 8)), negative.select(range(4, 8))
+    scores = score_layers(
+        directions, heldout_pos, heldout_neg,
+        train_positive=positive.select(range(4)), train_negative=negative.select(range(4)),
+    )
+    best = select_layer(scores, n_layers=tiny_model.n_layers, max_layer_fraction=1.0)
+    layer0 = next(s for s in scores if s.layer == 0)
+    assert layer0.separation_accuracy == 1.0 and layer0.auroc == 1.0
+    assert best.separation_accuracy == 1.0
+    assert "*" in format_score_table(scores, selected=best)
+
+
+def test_random_direction_scores_near_chance(tiny_model) -> None:
+    generator = torch.Generator().manual_seed(3)
+    positive = collect_activations(tiny_model, PROMPTS_A, progress=False)
+    negative = collect_activations(tiny_model, PROMPTS_B, progress=False)
+    directions = compute_directions(positive, negative, site="resid_post", model=tiny_model, position_rule="last")
+    random_units = torch.randn(directions.directions.shape, generator=generator)
+    random_units /= random_units.norm(dim=-1, keepdim=True)
+    random_set = DirectionSet(random_units, directions.norms, directions.meta)
+    # Same prompts on both sides: no direction can separate them better than chance.
+    scores = score_layers(random_set, positive, positive)
+    assert all(s.separation_accuracy == 0.0 for s in scores)  # ties are not wins
+    assert all(abs(s.auroc - 0.5) < 1e-9 for s in scores)
+
+
+def test_select_layer_drops_last_fifth() -> None:
+    from refusal_dir.scoring import LayerScore
+
+    scores = [LayerScore("last", layer, 0.6 + 0.04 * layer, 0.7, 1.0, None) for layer in range(10)]
+    assert select_layer(scores, n_layers=10).layer == 7
+    assert select_layer(scores, n_layers=10, max_layer_fraction=1.0).layer == 9
+    with pytest.raises(ConfigError):
+        select_layer(scores, n_layers=10, max_layer_fraction=0.0)
+
+
+def test_unequal_heldout_pairs_are_rejected(tiny_model) -> None:
+    positive = collect_activations(tiny_model, PROMPTS_A[:3], progress=False)
+    negative = collect_activations(tiny_model, PROMPTS_B[:2], progress=False)
+    directions = compute_directions(positive, negative, site="resid_post", model=tiny_model, position_rule="last")
+    with pytest.raises(DataError, match="unequal"):
+        score_layers(directions, positive, negative)
+    with pytest.raises(DataError, match="matched pairs"):
+        compute_directions(positive, negative, site="resid_post", method="pca", model=tiny_model, position_rule="last")
+
+
+def _a_direction_set(tiny_model) -> DirectionSet:
+    positive = collect_activations(tiny_model, PROMPTS_A[:4], progress=False)
+    negative = collect_activations(tiny_model, PROMPTS_B[:4], progress=False)
+    return compute_directions(positive, negative, site="resid_post", model=tiny_model, position_rule="last", prompt_hash="abc")
+
+
+def test_direction_set_round_trips(tiny_model, tmp_path: Path) -> None:
+    directions = _a_direction_set(tiny_model)
+    directions.save(tmp_path / "dirs")
+    loaded = DirectionSet.load(tmp_path / "dirs", model=tiny_model)
+    torch.testing.assert_close(loaded.directions, directions.directions)
+    torch.testing.assert_close(loaded.norms, directions.norms)
+    assert loaded.meta == directions.meta
+    meta = json.loads((tmp_path / "dirs" / "directions.json").read_text())
+    for key in ("model_id", "d_model", "n_layers", "site", "position", "method", "prompt_set_hash", "package_version"):
+        assert key in meta
+
+
+def test_direction_set_rejects_a_model_it_does_not_fit(tiny_model, tiny_gemma3_dir, tmp_path: Path) -> None:
+    from refusal_dir.model import load_model
+
+    _a_direction_set(tiny_model).save(tmp_path / "dirs")
+    other = load_model(str(tiny_gemma3_dir), device="cpu", with_bridge=False)
+    with pytest.raises(DirectionMismatchError, match="do not fit"):
+        DirectionSet.load(tmp_path / "dirs", model=other)
+
+
+def test_corrupt_direction_files_are_reported(tiny_model, tmp_path: Path) -> None:
+    _a_direction_set(tiny_model).save(tmp_path / "dirs")
+    (tmp_path / "dirs" / "directions.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DirectionMismatchError, match="corrupt"):
+        DirectionSet.load(tmp_path / "dirs")
+    (tmp_path / "dirs" / "directions.json").write_text("{")
+    with pytest.raises(DirectionMismatchError, match="corrupt"):
+        DirectionSet.load(tmp_path / "dirs")
+    with pytest.raises(DirectionMismatchError, match="holds no direction set"):
+        DirectionSet.load(tmp_path / "missing")
+
+
+def test_unwritable_output_dir(tiny_model, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="writable"):
+        _a_direction_set(tiny_model).save(blocker / "dirs")
+
+
+def test_direction_arithmetic(tiny_model) -> None:
+    directions = _a_direction_set(tiny_model)
+    doubled = 2 * directions
+    torch.testing.assert_close(doubled.norms, 2 * directions.norms)
+    torch.testing.assert_close(doubled.directions, directions.directions)
+    zero = directions - directions
+    assert float(zero.norms.abs().max()) < 1e-5
+    torch.testing.assert_close((-directions).vector(1), -directions.vector(1))
+    with pytest.raises(ConfigError, match="not in this direction set"):
+        directions.vector(9)
+
+
+def test_activations_select_subset(tiny_model) -> None:
+    acts = collect_activations(tiny_model, PROMPTS_A[:4], progress=False)
+    subset = acts.select([1, 3])
+    assert isinstance(subset, Activations) and subset.n_prompts == 2
+    torch.testing.assert_close(subset.acts["resid_post"][1], acts.acts["resid_post"][3])
