@@ -126,14 +126,18 @@ class Addition:
 
 @dataclass(frozen=True)
 class Ablation:
-    """Set the component along ``unit`` to ``value`` (0: ablation) at every layer.
+    """Move the component along ``unit`` to ``value`` (0: ablation) at every layer.
 
-    ``value`` may be one value per batch row (a tensor).
+    ``strength`` interpolates: the component becomes ``(1 - s) * c + s * value``; 1 is full
+    ablation (or clamping), 0 leaves the model alone, 2 reflects the component, negative values
+    amplify it. ``value`` and ``strength`` may be one value per batch row (a tensor), so one
+    batched call sweeps them.
     """
 
     unit: Float[Tensor, "d_model"]
     layers: tuple[int, ...] | None = None
     value: float | Tensor = 0.0
+    strength: float | Tensor = 1.0
     mode: str = "stream"
     positions: str = "all"
 
@@ -193,14 +197,17 @@ def ablation(
     layers: Sequence[int] | None = None,
     mode: Literal["stream", "weights"] = "stream",
     positions: str = "all",
+    strength: Alpha = 1.0,
 ) -> Ablation:
     """Directional ablation of one direction at every layer (or the given ``layers``).
 
     With a DirectionSet, ``direction_layer`` names the layer whose direction is ablated.
+    ``strength`` (one value or one per row) scales the ablation; 1 removes the component.
     """
     return clamp(
         directions,
         value=0.0,
+        strength=strength,
         direction_layer=direction_layer,
         position=position,
         layers=layers,
@@ -218,6 +225,7 @@ def clamp(
     layers: Sequence[int] | None = None,
     mode: Literal["stream", "weights"] = "stream",
     positions: str = "all",
+    strength: Alpha = 1.0,
 ) -> Ablation:
     """Set the residual stream's component along the direction to ``value`` everywhere."""
     if mode not in ("stream", "weights"):
@@ -225,12 +233,14 @@ def clamp(
     if isinstance(directions, DirectionSet) and direction_layer is None:
         raise ConfigError("ablation with a DirectionSet needs direction_layer=")
     unit_vector = _direction_vector(directions, direction_layer or 0, position, "unit")
-    if mode == "weights" and _as_alpha(value) != 0.0:
-        raise ConfigError("mode='weights' supports ablation (value 0) only")
+    target = _as_alpha(value)
+    if mode == "weights" and not (isinstance(target, float) and target == 0.0):
+        raise ConfigError("mode='weights' supports ablation (value 0) only: use mode='stream'")
     return Ablation(
         unit=unit_vector.float(),
         layers=None if layers is None else tuple(int(x) for x in layers),
-        value=_as_alpha(value),
+        value=target,
+        strength=_as_alpha(strength),
         mode=mode,
         positions=_check_positions(positions),
     )
@@ -262,14 +272,22 @@ def _apply_addition(act: Tensor, vector: Tensor, alpha: float | Tensor, mask: Te
 
 
 def _apply_projection(
-    act: Tensor, unit: Tensor, value: float | Tensor, mask: Tensor | None, state: PositionState
+    act: Tensor,
+    unit: Tensor,
+    value: float | Tensor,
+    strength: float | Tensor,
+    mask: Tensor | None,
+    state: PositionState,
 ) -> Tensor:
     unit = unit.to(device=act.device, dtype=act.dtype)
     component = act @ unit
     target = _rows(value, state, act.shape[0], act)
     if isinstance(target, Tensor):
         target = target.view(act.shape[0], 1)
-    delta = (target - component).unsqueeze(-1) * unit
+    scale = _rows(strength, state, act.shape[0], act)
+    if isinstance(scale, Tensor):
+        scale = scale.view(act.shape[0], 1)
+    delta = (scale * (target - component)).unsqueeze(-1) * unit
     if mask is not None:
         delta = delta * mask.to(act.dtype)
     return act + delta
@@ -362,7 +380,9 @@ def _edit_for(intervention: Intervention, unit_or_vector: Tensor, state: Positio
 
     def project(act: Tensor) -> Tensor:
         mask = state.mask(act.shape[1], intervention.positions, act.device)
-        return _apply_projection(act, unit_or_vector, intervention.value, mask, state)
+        return _apply_projection(
+            act, unit_or_vector, intervention.value, intervention.strength, mask, state
+        )
 
     return project
 
@@ -389,12 +409,15 @@ def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state:
             f"{model.d_model}: extract directions for this model"
         )
     layers = range(model.n_layers) if intervention.layers is None else intervention.layers
+    layers = [check_layer(layer, model.n_layers) for layer in layers]
     for layer in layers:
-        check_layer(layer, model.n_layers)
         modules = writer_modules(model.layers[layer])
         if intervention.mode == "stream":
-            # The stream is set to the value; what each block writes adds nothing along it.
-            scope.on_input(model.layers[layer], _edit_for(intervention, intervention.unit, state))
+            # The stream entering the first layer is moved to the value; what each block writes
+            # is then moved towards zero along the direction, so every later resid_pre, resid_mid
+            # and resid_post holds (1 - s) * original + s * value (no compounding across layers).
+            if layer == layers[0]:
+                scope.on_input(model.layers[layer], _edit_for(intervention, intervention.unit, state))
             write_edit = _edit_for(_writes_of(intervention), intervention.unit, state)
             scope.on_output(modules["attn_out"], write_edit)
             scope.on_output(modules["mlp_out"], write_edit)
@@ -484,8 +507,9 @@ def bridge_hooks(
             raise ConfigError("bridge hooks support mode='stream' ablation only")
         stream_edit = wrap(_edit_for(intervention, intervention.unit, state))
         write_edit = wrap(_edit_for(_writes_of(intervention), intervention.unit, state))
-        layers = range(model.n_layers) if intervention.layers is None else intervention.layers
+        layers = list(range(model.n_layers)) if intervention.layers is None else list(intervention.layers)
         for layer in layers:
-            hooks.append((hook_name("resid_pre", layer), stream_edit))
+            if layer == layers[0]:
+                hooks.append((hook_name("resid_pre", layer), stream_edit))
             hooks += [(hook_name(site, layer), write_edit) for site in ("attn_out", "mlp_out")]
     return hooks

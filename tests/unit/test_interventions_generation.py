@@ -185,3 +185,23 @@ def test_bad_intervention_inputs(tiny_model, vector) -> None:
         addition(vector, layer=0, positions="middle")
     with pytest.raises(ConfigError, match="per-row"):
         next_token_logits(tiny_model, PROMPTS, interventions=[addition(vector, layer=0, alpha=[1.0, 2.0])])
+
+
+@pytest.mark.parametrize("mode", ["stream", "weights"])
+def test_partial_ablation_scales_the_component_at_every_layer(tiny_model, vector, mode: str) -> None:
+    unit = vector / vector.norm()
+    before = collect_activations(tiny_model, PROMPTS, progress=False)
+    with steer(tiny_model, ablation(vector, strength=0.5, mode=mode)):
+        after = collect_activations(tiny_model, PROMPTS, progress=False)
+    # The stream entering the model keeps half its component (later layers see changed inputs).
+    torch.testing.assert_close(
+        after.acts["resid_pre"][:, :, 0] @ unit, 0.5 * (before.acts["resid_pre"][:, :, 0] @ unit), atol=1e-4, rtol=1e-4
+    )
+    strengths = [0.0, 0.5, 1.0, 2.0]
+    together = next_token_logits(tiny_model, PROMPTS, interventions=[ablation(vector, strength=strengths, mode=mode)])
+    separate = torch.cat([
+        next_token_logits(tiny_model, [p], interventions=[ablation(vector, strength=s, mode=mode)])
+        for p, s in zip(PROMPTS, strengths)
+    ])
+    torch.testing.assert_close(together, separate, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[0], next_token_logits(tiny_model, PROMPTS[:1])[0])
