@@ -36,7 +36,7 @@ from refusal_dir.activations import Activations
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 
 PairActs = Float[Tensor, "n d_model"]
-Direction = Float[Tensor, "d_model"]
+Direction = Float[Tensor, " d_model"]
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "directions.safetensors"

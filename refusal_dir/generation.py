@@ -191,7 +191,7 @@ def continuation_logprobs(
     batch_size: int = 16,
     apply_chat_template: bool = True,
     reduction: str = "sum",
-) -> Float[Tensor, "prompts"]:
+) -> Float[Tensor, " prompts"]:
     """Log-probability of each continuation given its prompt (sum or mean over its tokens)."""
     _check_prompts(prompts)
     if len(prompts) != len(continuations):

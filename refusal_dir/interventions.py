@@ -117,7 +117,7 @@ def _as_alpha(alpha: Alpha) -> float | Tensor:
 class Addition:
     """Add ``alpha * vector`` at ``site`` of ``layers``. ``alpha`` may be one value per row."""
 
-    vector: Float[Tensor, "d_model"]
+    vector: Float[Tensor, " d_model"]
     layers: tuple[int, ...]
     alpha: float | Tensor = 1.0
     site: str = "resid_pre"
@@ -134,7 +134,7 @@ class Ablation:
     batched call sweeps them.
     """
 
-    unit: Float[Tensor, "d_model"]
+    unit: Float[Tensor, " d_model"]
     layers: tuple[int, ...] | None = None
     value: float | Tensor = 0.0
     strength: float | Tensor = 1.0

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from refusal_dir.activations import Activations, collect_activations
-from refusal_dir.directions import DirectionSet, compute_directions, mean_diff, pca_diff, probe_direction
+from refusal_dir.directions import (
+    DirectionSet,
+    compute_directions,
+    mean_diff,
+    pca_diff,
+    probe_direction,
+)
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.interventions import addition, steer
 from refusal_dir.scoring import format_score_table, score_layers, select_layer

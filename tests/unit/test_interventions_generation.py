@@ -8,7 +8,13 @@ import torch
 
 from refusal_dir.activations import collect_activations
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError
-from refusal_dir.generation import GenerationSettings, continuation_logprobs, generate, generate_tokens, next_token_logits
+from refusal_dir.generation import (
+    GenerationSettings,
+    continuation_logprobs,
+    generate,
+    generate_tokens,
+    next_token_logits,
+)
 from refusal_dir.interventions import ablation, addition, bridge_hooks, clamp, steer
 from refusal_dir.model import load_model
 from refusal_dir.orthogonalize import orthogonalized_copy, save_orthogonalized

@@ -1,0 +1,346 @@
+"""The ``refusal-dir`` command line: extract | steer | evaluate | run | export.
+
+Bad input gets one line on stderr naming the problem and the fix, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from refusal_dir.config import Config, load_config
+from refusal_dir.errors import ConfigError, DataError, RefusalDirError
+
+logger = logging.getLogger("refusal_dir")
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, *, model_required: bool = False) -> None:
+    parser.add_argument("--config", help="YAML settings file (default: configs/default.yaml)")
+    parser.add_argument(
+        "--model",
+        required=model_required,
+        help="hub id, local model directory, or gemma-3-270m-offline (no hub needed)",
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: from the config)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs-file", help="refusal pairs (.json/.jsonl/.csv, fields harmful, harmless)")
+    parser.add_argument("--harmful-file", help="harmful evaluation instructions (field instruction)")
+    parser.add_argument("--benign-file", help="benign evaluation instructions (field instruction)")
+    parser.add_argument("--mmlu-file", help="four-choice questions (question, choices or A-D, answer)")
+    parser.add_argument("--max-eval-prompts", type=int, help="cap each evaluation set at N items")
+
+
+def _sweep_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--alphas", type=float, nargs="+", help="coefficients to sweep")
+    parser.add_argument("--methods", nargs="+", choices=["addition", "ablation"], help="steering methods")
+    parser.add_argument("--layer", type=int, help="steer at this layer instead of the selected one")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt")
+    parser.add_argument("--batch-size", type=int, help="rows per generate call")
+    parser.add_argument("--no-honesty", action="store_true", help="skip the honesty direction")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refusal-dir",
+        description="Find refusal and honesty directions, steer or ablate them, and measure the cost.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    extract = commands.add_parser("extract", help="compute and score directions at every layer")
+    _common(extract)
+    _data_flags(extract)
+    extract.add_argument("--output-dir", required=True, help="where the directions are written")
+    extract.add_argument("--position", choices=["last", "mean", "post_instruction"])
+    extract.add_argument("--directions-methods", nargs="+", choices=["mean_diff", "pca", "probe"], dest="direction_methods")
+    extract.add_argument("--extract-batch-size", type=int, dest="extract_batch_size")
+    extract.add_argument("--no-honesty", action="store_true", help="skip the honesty direction")
+
+    steer = commands.add_parser("steer", help="baseline and steered completions side by side")
+    _common(steer)
+    steer.add_argument("--directions-dir", required=True, help="output of `refusal-dir extract`")
+    steer.add_argument("--alpha", type=float, default=1.0, help="coefficient (unit: raw mean difference)")
+    steer.add_argument("--layer", type=int, help="layer to steer at (default: the selected layer)")
+    steer.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    steer.add_argument("--prompts-file", help="instructions file (.json/.jsonl/.csv, field instruction)")
+    steer.add_argument("--ablate", action="store_true", help="directional ablation at every layer instead of addition")
+    steer.add_argument("--positions", choices=["all", "prompt", "generated"], default="all")
+    steer.add_argument("--max-new-tokens", type=int, default=48)
+    steer.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+
+    evaluate = commands.add_parser("evaluate", help="sweep alphas with saved directions and report")
+    _common(evaluate)
+    _data_flags(evaluate)
+    _sweep_flags(evaluate)
+    evaluate.add_argument("--directions-dir", required=True, help="output of `refusal-dir extract`")
+    evaluate.add_argument("--output-dir", required=True)
+    evaluate.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
+
+    run = commands.add_parser("run", help="extract -> select layer -> sweep -> report, resumable")
+    _common(run)
+    _data_flags(run)
+    _sweep_flags(run)
+    run.add_argument("--output-dir", required=True)
+    run.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
+    run.add_argument("--no-figures", action="store_true", help="skip the plotly HTML figures")
+
+    export = commands.add_parser("export", help="bake directional ablation into a model copy")
+    _common(export)
+    export.add_argument("--directions-dir", required=True)
+    export.add_argument("--output-dir", required=True, help="new model directory (transformers format)")
+    export.add_argument("--layer", type=int, help="direction of this layer (default: the selected one)")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(getattr(args, "config", None))
+    overrides: dict[str, Any] = {
+        "model.name": getattr(args, "model", None),
+        "model.device": getattr(args, "device", None),
+        "model.dtype": getattr(args, "dtype", None),
+        "data.refusal_pairs": getattr(args, "pairs_file", None),
+        "data.harmful_eval": getattr(args, "harmful_file", None),
+        "data.benign_eval": getattr(args, "benign_file", None),
+        "data.mmlu": getattr(args, "mmlu_file", None),
+        "data.max_eval_prompts": getattr(args, "max_eval_prompts", None),
+        "extraction.position": getattr(args, "position", None),
+        "extraction.batch_size": getattr(args, "extract_batch_size", None),
+        "steering.alphas": tuple(args.alphas) if getattr(args, "alphas", None) else None,
+        "steering.methods": tuple(args.methods) if getattr(args, "methods", None) else None,
+        "steering.layer": getattr(args, "layer", None) if args.command in ("evaluate", "run") else None,
+        "generation.max_new_tokens": getattr(args, "max_new_tokens", None) if args.command != "steer" else None,
+        "generation.batch_size": getattr(args, "batch_size", None),
+        "evaluation.honesty": False if getattr(args, "no_honesty", False) else None,
+    }
+    methods = getattr(args, "direction_methods", None)
+    if methods:
+        method = config.extraction.method if config.extraction.method in methods else methods[0]
+        overrides["extraction.methods"] = tuple(methods)
+        overrides["extraction.method"] = method
+    return config.with_overrides(overrides)
+
+
+def _load(config: Config) -> Any:
+    from refusal_dir.model import load_model
+
+    return load_model(
+        config.model.name,
+        device=None if config.model.device == "auto" else config.model.device,
+        dtype=config.model.dtype,
+        revision=config.model.revision,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from refusal_dir import pipeline
+    from refusal_dir.scoring import format_score_table
+
+    config = _config(args)
+    output_dir = Path(args.output_dir)
+    pipeline.prepare_output_dir(output_dir, config, overwrite_config=True)
+    datasets = pipeline.load_datasets(config)
+    model = _load(config)
+    extraction = pipeline.extract(model, config, datasets, output_dir, progress=not args.quiet)
+    _out(f"model {model.model_id}: {model.n_layers} layers, d_model {model.d_model}")
+    _out(f"steering set {extraction.selected_key} (held-out pairs scored per layer):")
+    _out(format_score_table(extraction.scores[extraction.selected_key], selected=extraction.selected))
+    s = extraction.selected
+    _out(
+        f"selected layer {s.layer} at position {s.position}: separation accuracy "
+        f"{s.separation_accuracy:.3f}, AUROC {s.auroc:.3f} (rule: best held-out separation in "
+        f"the first {config.extraction.max_layer_fraction:.0%} of layers)"
+    )
+    if extraction.honesty_selected is not None:
+        h = extraction.honesty_selected
+        _out(f"honesty direction: layer {h.layer}, separation accuracy {h.separation_accuracy:.3f}")
+    _out(f"wrote {output_dir / 'directions'}")
+    return 0
+
+
+def _steer_prompts(args: argparse.Namespace) -> list[str]:
+    from refusal_dir import prompts as prompt_sets
+
+    items = list(args.prompt)
+    if args.prompts_file:
+        items += prompt_sets.load_instructions(args.prompts_file)
+    if not items:
+        items = prompt_sets.benign_eval()[:3] + prompt_sets.harmful_eval()[:3]
+    if any(not item.strip() for item in items):
+        raise DataError("a --prompt is empty: give non-empty prompts")
+    return items
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from refusal_dir.generation import GenerationSettings, generate
+    from refusal_dir.interventions import ablation, addition
+    from refusal_dir.pipeline import load_selected
+
+    prompts = _steer_prompts(args)
+    config = _config(args)
+    directions, selected = load_selected(Path(args.directions_dir))
+    if args.model is None:
+        config = config.with_overrides({"model.name": directions.meta.model_id})
+    model = _load(config)
+    directions.check_fits(model)
+    layer = args.layer if args.layer is not None else selected.get("layer")
+    if layer is None:
+        raise ConfigError("this direction set has no selected layer: pass --layer")
+    position = selected.get("position")
+    if args.ablate:
+        intervention = ablation(directions, direction_layer=layer, position=position, positions=args.positions)
+        label = f"ablation of the layer-{layer} direction at every layer"
+    else:
+        intervention = addition(directions, layer=layer, alpha=args.alpha, positions=args.positions, position=position)
+        label = f"addition at layer {layer}, alpha {args.alpha:+g} x raw mean difference (norm {directions.norm(layer, position):.1f})"
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    baseline = generate(model, prompts, settings=settings, progress=not args.quiet)
+    steered = generate(model, prompts, interventions=[intervention], settings=settings, progress=not args.quiet)
+    if args.json:
+        for prompt, base, new in zip(prompts, baseline, steered):
+            _out(json.dumps({"prompt": prompt, "baseline": base, "steered": new, "intervention": label}))
+        return 0
+    _out(f"{model.model_id}: {label}")
+    for prompt, base, new in zip(prompts, baseline, steered):
+        _out("=" * 80)
+        _out(f"PROMPT   {prompt}")
+        _out(f"BASELINE {base.strip()!r}")
+        _out(f"STEERED  {new.strip()!r}")
+    return 0
+
+
+class _StageReporter:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.start = time.monotonic()
+
+    def __call__(self, stage: str) -> None:
+        if not self.quiet:
+            _err(f"[{time.monotonic() - self.start:7.1f}s] {stage}")
+
+
+def _write_figures(output_dir: Path, rows: list[dict[str, Any]], extraction: Any) -> None:
+    try:
+        from analysis.report_figures import write_report_figures
+    except ImportError as error:  # the analysis package is optional for the library
+        logger.warning("figures skipped (%s)", error)
+        return
+    write_report_figures(output_dir, rows, extraction)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from refusal_dir import pipeline
+
+    config = _config(args)
+    reporter = _StageReporter(args.quiet)
+    command = "refusal-dir " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    rows, extraction = pipeline.run(
+        config, Path(args.output_dir), fresh=args.fresh, progress=not args.quiet,
+        command=command, on_stage=reporter,
+    )
+    if not args.no_figures:
+        reporter("writing figures")
+        _write_figures(Path(args.output_dir), rows, extraction)
+    _out(pipeline.results_table(rows))
+    _out(f"wrote {Path(args.output_dir) / 'report.md'}, results.json and results.csv")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from refusal_dir import pipeline
+
+    config = _config(args)
+    reporter = _StageReporter(args.quiet)
+    output_dir = pipeline.prepare_output_dir(Path(args.output_dir), config, fresh=args.fresh)
+    datasets = pipeline.load_datasets(config)
+    directions_dir = Path(args.directions_dir)
+    directions_dir = directions_dir / "directions" if (directions_dir / "directions").is_dir() else directions_dir
+    if args.model is None:
+        direction_set, _ = pipeline.load_selected(directions_dir)
+        config = config.with_overrides({"model.name": direction_set.meta.model_id})
+    reporter("loading model")
+    model = _load(config)
+    if not (directions_dir / "selected.json").exists():
+        raise DataError(f"{directions_dir} has no selected.json: pass the output of `refusal-dir extract`")
+    extraction = pipeline.load_extraction(directions_dir, model=model)
+    ctx = pipeline.SweepContext(model, config, datasets, extraction, not args.quiet)
+    rows = pipeline.sweep(ctx, output_dir, on_group=lambda m, g: reporter(f"sweep: {m} / {g}"))
+    command = "refusal-dir " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    pipeline.write_report(rows, output_dir, extraction=extraction, model_id=model.model_id, command=command)
+    _write_figures(output_dir, rows, extraction)
+    _out(pipeline.results_table(rows))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from refusal_dir.orthogonalize import save_orthogonalized
+    from refusal_dir.pipeline import load_selected
+
+    config = _config(args)
+    directions, selected = load_selected(Path(args.directions_dir))
+    if args.model is None:
+        config = config.with_overrides({"model.name": directions.meta.model_id})
+    model = _load(config)
+    directions.check_fits(model)
+    layer = args.layer if args.layer is not None else selected.get("layer")
+    if layer is None:
+        raise ConfigError("this direction set has no selected layer: pass --layer")
+    path = save_orthogonalized(model, directions, args.output_dir, direction_layer=layer, position=selected.get("position"))
+    _out(f"wrote {path}: directional ablation of the layer-{layer} direction baked into the weights")
+    return 0
+
+
+COMMANDS = {
+    "extract": cmd_extract,
+    "steer": cmd_steer,
+    "evaluate": cmd_evaluate,
+    "run": cmd_run,
+    "export": cmd_export,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except RefusalDirError as error:
+        _err(f"refusal-dir {args.command}: error: {error}")
+        return 2
+    except KeyboardInterrupt:
+        _err(f"refusal-dir {args.command}: interrupted; finished parts are kept: re-run the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
