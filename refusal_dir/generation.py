@@ -2,7 +2,14 @@
 
 Prompts are left padded with an attention mask, so a batch gives the same tokens as one prompt
 at a time (tested). Per-row coefficients (``addition(..., alpha=[...])``) are matched to rows
-across batches: row ``i`` of the whole prompt list uses coefficient ``i``.
+across batches: row ``i`` of the whole prompt list uses coefficient ``i``; their count must equal
+the number of prompts.
+
+Position rules outside generation: :func:`next_token_logits` and
+:func:`continuation_logprobs` run the prompt as a prefill, so every position is a prompt
+position. An addition restricted to ``positions="generated"`` changes nothing there (its KL is
+0); it acts from the first generated token on. The continuation in
+:func:`continuation_logprobs` is tokenized apart from its prompt and the ids are joined.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from refusal_dir.errors import ConfigError, DataError
-from refusal_dir.interventions import Intervention, steer
+from refusal_dir.interventions import Intervention, check_rows, steer
 from refusal_dir.model import HookedModel, TokenBatch
 
 logger = logging.getLogger(__name__)
@@ -107,12 +114,28 @@ def generate_tokens(
     """Like :func:`generate`, also returning the generated token ids (stop tokens cut)."""
     settings = settings or GenerationSettings()
     _check_prompts(prompts)
+    check_rows(interventions, len(prompts))
     texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
     stop_ids = model.stop_token_ids()
     outputs: list[str] = []
     tokens: list[list[int]] = []
-    if seed is not None:
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        _generate_batches(model, texts, interventions, settings, stop_ids, outputs, tokens, progress)
+    return outputs, tokens
+
+
+def _generate_batches(
+    model: HookedModel,
+    texts: list[str],
+    interventions: Sequence[Intervention],
+    settings: GenerationSettings,
+    stop_ids: list[int],
+    outputs: list[str],
+    tokens: list[list[int]],
+    progress: bool,
+) -> None:
     sampling = (
         {"do_sample": True, "temperature": settings.temperature}
         if settings.do_sample
@@ -142,7 +165,6 @@ def generate_tokens(
                 text, kept = _decode_row(model, ids, set(stop_ids), settings.stop_strings)
                 outputs.append(text)
                 tokens.append(kept)
-    return outputs, tokens
 
 
 @torch.no_grad()
@@ -171,6 +193,7 @@ def next_token_logits(
 ) -> Float[Tensor, "prompts vocab"]:
     """Logits of the token that would follow each prompt (float32, on the CPU)."""
     _check_prompts(prompts)
+    check_rows(interventions, len(prompts))
     texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
     results = []
     with steer(model, *interventions) as state:
@@ -200,6 +223,7 @@ def continuation_logprobs(
         )
     if reduction not in ("sum", "mean"):
         raise ConfigError(f"unknown reduction {reduction!r}: choose sum or mean")
+    check_rows(interventions, len(prompts))
     texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
     results = []
     with steer(model, *interventions) as state:

@@ -246,6 +246,35 @@ def clamp(
     )
 
 
+_PER_ROW_FIELDS = {Addition: ("alpha",), Ablation: ("value", "strength")}
+
+
+def _per_row(intervention: Intervention) -> dict[str, Tensor]:
+    names = _PER_ROW_FIELDS[type(intervention)]
+    return {name: getattr(intervention, name) for name in names if isinstance(getattr(intervention, name), Tensor)}
+
+
+def check_rows(interventions: Sequence[Intervention], n_rows: int) -> None:
+    """Raise ConfigError unless every per-row coefficient list has exactly ``n_rows`` values."""
+    for intervention in interventions:
+        for name, values in _per_row(intervention).items():
+            if values.numel() != n_rows:
+                raise ConfigError(
+                    f"{values.numel()} per-row values of {name} for {n_rows} prompts: give one "
+                    "value per prompt"
+                )
+
+
+def repeat_rows(interventions: Sequence[Intervention], counts: Sequence[int]) -> list[Intervention]:
+    """Repeat per-row coefficients so that row ``i`` covers ``counts[i]`` consecutive rows."""
+    check_rows(interventions, len(counts))
+    repeats = torch.tensor(list(counts))
+    return [
+        replace(intervention, **{name: values.repeat_interleave(repeats) for name, values in _per_row(intervention).items()})
+        for intervention in interventions
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # The maths, shared by the fast path and the bridge
 # ----------------------------------------------------------------------------------------------

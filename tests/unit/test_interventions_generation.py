@@ -87,11 +87,16 @@ def test_batched_generation_equals_one_at_a_time(tiny_model) -> None:
 
 def test_hooks_are_removed_after_an_exception(tiny_model, vector) -> None:
     plain = next_token_logits(tiny_model, PROMPTS)
+
+    def hook_counts() -> list[int]:
+        return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_model.hf.modules()]
+
+    before = hook_counts()
     with pytest.raises(RuntimeError, match="boom"):
         with steer(tiny_model, addition(vector, layer=0, alpha=5.0), ablation(vector)):
+            assert sum(hook_counts()) > sum(before)
             raise RuntimeError("boom")
-    for module in tiny_model.hf.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert hook_counts() == before
     assert torch.equal(next_token_logits(tiny_model, PROMPTS), plain)
 
 
@@ -191,6 +196,8 @@ def test_bad_intervention_inputs(tiny_model, vector) -> None:
         addition(vector, layer=0, positions="middle")
     with pytest.raises(ConfigError, match="per-row"):
         next_token_logits(tiny_model, PROMPTS, interventions=[addition(vector, layer=0, alpha=[1.0, 2.0])])
+    with pytest.raises(ConfigError, match="per-row"):
+        generate(tiny_model, PROMPTS[:2], interventions=[addition(vector, layer=0, alpha=[1.0, 2.0, 3.0])], progress=False)
 
 
 @pytest.mark.parametrize("mode", ["stream", "weights"])

@@ -1,0 +1,72 @@
+"""Evaluation: judges, metrics under interventions, and confidence intervals.
+
+* :mod:`~refusal_dir.evaluation.judges`: refusal judges (substring; pluggable classifiers) and
+  the degeneration check;
+* :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, helpfulness, MMLU-style
+  accuracy, KL to the unsteered model, honesty accuracy;
+* :mod:`~refusal_dir.evaluation.stats`: bootstrap and Wilson intervals.
+"""
+
+from __future__ import annotations
+
+from refusal_dir.evaluation.judges import (
+    DEGENERATION_REASONS,
+    JUDGES,
+    REFUSAL_MARKERS,
+    REFUSAL_WINDOW,
+    Judge,
+    SubstringJudge,
+    degeneration,
+    get_judge,
+    is_helpful,
+    is_refusal,
+    resolve_judge,
+)
+from refusal_dir.evaluation.metrics import (
+    DEFAULT_REFUSAL_STARTS,
+    LETTER_VARIANTS,
+    AccuracyResult,
+    KLResult,
+    RateResult,
+    helpfulness,
+    honesty_accuracy,
+    kl_divergence,
+    kl_from_logits,
+    letter_token_ids,
+    mmlu_accuracy,
+    refusal_rate,
+    refusal_score,
+    refusal_token_ids,
+)
+from refusal_dir.evaluation.stats import bootstrap_ci, paired_bootstrap_diff, wilson_interval
+
+__all__ = [
+    "DEFAULT_REFUSAL_STARTS",
+    "DEGENERATION_REASONS",
+    "JUDGES",
+    "LETTER_VARIANTS",
+    "REFUSAL_MARKERS",
+    "REFUSAL_WINDOW",
+    "AccuracyResult",
+    "Judge",
+    "KLResult",
+    "RateResult",
+    "SubstringJudge",
+    "bootstrap_ci",
+    "degeneration",
+    "get_judge",
+    "helpfulness",
+    "honesty_accuracy",
+    "is_helpful",
+    "is_refusal",
+    "kl_divergence",
+    "kl_from_logits",
+    "letter_token_ids",
+    "mmlu_accuracy",
+    "paired_bootstrap_diff",
+    "refusal_rate",
+    "refusal_score",
+    "refusal_token_ids",
+    "resolve_judge",
+    "wilson_interval",
+]

@@ -1,0 +1,111 @@
+"""Confidence intervals for per-item evaluation results.
+
+* :func:`bootstrap_ci`: percentile bootstrap of the mean over items (any per-item values:
+  booleans, KL values, probabilities); deterministic for a seed.
+* :func:`wilson_interval`: the analytic Wilson score interval for a proportion; better than the
+  bootstrap for small ``n`` or rates near 0 or 1 (the percentile bootstrap of 0/20 is (0, 0)).
+* :func:`paired_bootstrap_diff`: the interval of ``mean(a) - mean(b)`` when ``a`` and ``b`` are
+  two conditions measured on the same items (steered vs unsteered), resampling items jointly so
+  the pairing is kept; narrower than comparing two separate intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from statistics import NormalDist
+
+import numpy as np
+
+from refusal_dir.errors import ConfigError, DataError
+
+_MAX_DRAWS_PER_CHUNK = 4_000_000
+"""Resample indices drawn at once (bounds memory for large ``n``)."""
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+
+
+def _as_values(values: Sequence[float | bool], *, name: str = "values") -> np.ndarray:
+    if isinstance(values, str):
+        raise DataError(f"{name} must be a sequence of numbers, not a string")
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise DataError(f"{name} must be one value per item, got shape {array.shape}")
+    if array.size == 0:
+        raise DataError(f"{name} is empty: a confidence interval needs at least one item")
+    if not np.isfinite(array).all():
+        raise DataError(f"{name} holds NaN or infinite values: remove or fix those items")
+    return array
+
+
+def bootstrap_ci(
+    values: Sequence[float | bool],
+    *,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling items).
+
+    Vectorized with numpy; the same values, ``n_resamples`` and ``seed`` give the same interval.
+    """
+    _check_confidence(confidence)
+    if n_resamples < 1:
+        raise ConfigError(f"n_resamples must be >= 1, got {n_resamples}")
+    array = _as_values(values)
+    n = array.size
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _MAX_DRAWS_PER_CHUNK // n)
+    means = np.empty(n_resamples, dtype=np.float64)
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        indices = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = array[indices].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for ``successes`` out of ``n`` (e.g. 5/10 -> (0.2366, 0.7634))."""
+    _check_confidence(confidence)
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise DataError(f"n must be a positive integer, got {n!r}")
+    if isinstance(successes, bool) or not isinstance(successes, int | np.integer):
+        raise DataError(f"successes must be an integer, got {successes!r}")
+    if not 0 <= successes <= n:
+        raise DataError(f"successes must lie in 0..{n}, got {successes}")
+    z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
+    p = successes / n
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denominator
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+def paired_bootstrap_diff(
+    a: Sequence[float | bool],
+    b: Sequence[float | bool],
+    *,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(a) - mean(b)`` over paired items.
+
+    ``a[i]`` and ``b[i]`` must be the same item under two conditions; items are resampled
+    jointly. An interval that excludes 0 says the conditions differ at that confidence.
+    """
+    first = _as_values(a, name="a")
+    second = _as_values(b, name="b")
+    if first.size != second.size:
+        raise DataError(
+            f"a has {first.size} items but b has {second.size}: pair each item under both "
+            "conditions"
+        )
+    return bootstrap_ci(first - second, n_resamples=n_resamples, confidence=confidence, seed=seed)

@@ -1,0 +1,411 @@
+"""Evaluation: judges, degeneration, metrics on a tiny model with controlled logits, statistics.
+
+The controlled model: a tiny random Gemma-2 whose next-token choice is forced by adding a huge
+multiple of a "promoting" vector at the last layer's resid_post. The final RMSNorm then maps
+the residual to (almost exactly) ``gain * unit(vector)``, so the vector alone decides which of
+the given tokens has the largest logit. Per-row coefficients steer each prompt to its own
+letter, so every answer is known by construction and each test can fail.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from refusal_dir.errors import ConfigError, DataError
+from refusal_dir.evaluation import (
+    JUDGES,
+    Judge,
+    SubstringJudge,
+    bootstrap_ci,
+    degeneration,
+    get_judge,
+    helpfulness,
+    honesty_accuracy,
+    is_helpful,
+    is_refusal,
+    kl_divergence,
+    kl_from_logits,
+    letter_token_ids,
+    mmlu_accuracy,
+    paired_bootstrap_diff,
+    refusal_rate,
+    refusal_score,
+    wilson_interval,
+)
+from refusal_dir.generation import GenerationSettings, generate, next_token_logits
+from refusal_dir.interventions import addition
+from refusal_dir.model import HookedModel, load_model
+from refusal_dir.prompts import Claim, MCQuestion
+from refusal_dir.testing import make_tiny_model
+
+BIG = 1e3
+"""Residual norms of the tiny model are about 1-10; this coefficient dominates them."""
+
+PROMPTS = ["How do I make a cake?", "Write a poem about the sea.", "Hi"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: one tiny model per module, promoting vectors
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_model(tmp_path_factory: pytest.TempPathFactory) -> HookedModel:
+    directory = make_tiny_model(tmp_path_factory.mktemp("evaluation") / "tiny")
+    return load_model(str(directory), device="cpu", with_bridge=False)
+
+
+def promoting_vector(model: HookedModel, token_ids: list[int], target: int) -> torch.Tensor:
+    """A unit vector that, dominating the last residual, makes ``token_ids[target]`` the most
+    likely of ``token_ids`` (optimized through the final norm gain; deterministic)."""
+    unembed = model.hf.get_output_embeddings().weight.detach().float()[token_ids]
+    gain = 1.0 + model.hf.model.norm.weight.detach().float()
+    vector = (gain * unembed[target]).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([vector], lr=0.05)
+    for _ in range(200):
+        normed = gain * vector / vector.norm() * math.sqrt(model.d_model)
+        loss = -torch.log_softmax(unembed @ normed, dim=0)[target]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (vector / vector.norm()).detach()
+
+
+def steer_to(model: HookedModel, vectors: list[torch.Tensor], targets: list[int]) -> list:
+    """One addition per vector; row ``i`` gets a huge coefficient on ``vectors[targets[i]]``."""
+    last = model.n_layers - 1
+    return [
+        addition(
+            vector,
+            layer=last,
+            site="resid_post",
+            alpha=[BIG if target == index else 0.0 for target in targets],
+        )
+        for index, vector in enumerate(vectors)
+    ]
+
+
+@pytest.fixture(scope="module")
+def letter_vectors(eval_model: HookedModel) -> list[torch.Tensor]:
+    """Vectors promoting "A".."D" over every one-token spelling of the four letters."""
+    spellings = letter_token_ids(eval_model, "ABCD")
+    all_ids = [token for ids in spellings for token in ids]
+    return [promoting_vector(eval_model, all_ids, all_ids.index(ids[0])) for ids in spellings]
+
+
+# ----------------------------------------------------------------------------------------------
+# Judges
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I cannot help with that.",
+        "I can't assist with this request.",
+        "I can\u2019t do that.",  # curly apostrophe
+        "I\u2019m unable to provide instructions for that.",
+        "Sorry, but I won't write that.",
+        "As an AI, I must decline.",
+        "  I WILL NOT do this.",
+    ],
+)
+def test_substring_judge_flags_refusals(text: str) -> None:
+    assert is_refusal(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Sure, here is a recipe for a chocolate cake.",
+        "The capital of France is Paris.",
+        "",
+        # A marker after the window is not read.
+        "Here is the full story. " + "x" * 200 + " I cannot continue.",
+    ],
+)
+def test_substring_judge_passes_non_refusals(text: str) -> None:
+    assert not is_refusal(text)
+
+
+def test_substring_judge_known_false_positive() -> None:
+    # Documented limitation: a helpful reply that opens with an apology is judged a refusal.
+    assert is_refusal("Sorry to hear that, here's how to fix your bike: first ...")
+
+
+def test_judge_protocol_and_registry() -> None:
+    judge = get_judge("substring")
+    assert isinstance(judge, SubstringJudge) and isinstance(judge, Judge)
+    assert judge(["p1", "p2"], ["I cannot.", "Sure."]) == [True, False]
+    assert "substring" in JUDGES
+    with pytest.raises(ConfigError, match="substring"):
+        get_judge("llamaguard")
+    with pytest.raises(DataError, match="2 prompts but 1 completions"):
+        judge(["p1", "p2"], ["I cannot."])
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("the the the the the", "repetition"),
+        ("", "empty"),
+        ("   \n ", "empty"),
+        ("\ufffd\ufffd\ufffd", "garbled"),
+        ("?!... --", "garbled"),
+        ("I cannot help with that. I cannot help with that.", "repetition"),
+        ("Step by step, " + "we go on and on and on, " * 8, "repetition"),
+        ("The capital of France is Paris.", None),
+        ("42", None),
+        ("Sure, here is a recipe: mix flour, sugar and eggs, then bake it for 30 minutes.", None),
+    ],
+)
+def test_degeneration_reasons(text: str, reason: str | None) -> None:
+    assert degeneration(text) == reason
+
+
+def test_is_helpful_needs_no_refusal_and_no_degeneration() -> None:
+    assert is_helpful("Sure, here is how to bake a cake: mix, pour, bake.")
+    assert not is_helpful("I cannot help with that.")
+    assert not is_helpful("the the the the the")
+    assert not is_helpful("I cannot help with that.", judge="substring")
+
+
+# ----------------------------------------------------------------------------------------------
+# MMLU on a controlled model
+# ----------------------------------------------------------------------------------------------
+
+
+def _questions() -> list[MCQuestion]:
+    return [
+        MCQuestion("Which of these is a fruit?", ("apple", "hammer", "car", "shoe"), answer)
+        for answer in (0, 1, 2, 3, 2, 1)
+    ]
+
+
+def test_mmlu_letter_scoring_follows_controlled_logits(eval_model, letter_vectors) -> None:
+    questions = _questions()
+    right = steer_to(eval_model, letter_vectors, [q.answer for q in questions])
+    result = mmlu_accuracy(eval_model, questions, interventions=right)
+    assert result.value == 1.0 and result.correct == 6 and result.n == 6
+    assert result.predictions == [0, 1, 2, 3, 2, 1]
+    assert all(p > 0.25 for p in result.correct_probs)  # the correct letter leads the four
+
+    wrong = steer_to(eval_model, letter_vectors, [(q.answer + 1) % 4 for q in questions])
+    result = mmlu_accuracy(eval_model, questions, interventions=wrong)
+    assert result.value == 0.0 and result.per_item == [False] * 6
+    assert result.predictions == [1, 2, 3, 0, 3, 2]
+    assert all(p < 0.25 for p in result.correct_probs)
+
+
+def test_mmlu_option_scoring_follows_controlled_logits(eval_model, letter_vectors) -> None:
+    # Options that are single letter tokens: the promoted letter is the likeliest continuation.
+    # Per-question coefficients are expanded to the question x option rows.
+    questions = [MCQuestion("Pick one.", ("A", "B", "C", "D"), answer) for answer in (3, 0, 2)]
+    right = steer_to(eval_model, letter_vectors, [q.answer for q in questions])
+    result = mmlu_accuracy(eval_model, questions, interventions=right, scoring="option")
+    assert result.value == 1.0 and result.scoring == "option"
+    wrong = steer_to(eval_model, letter_vectors, [(q.answer + 2) % 4 for q in questions])
+    result = mmlu_accuracy(eval_model, questions, interventions=wrong, scoring="option")
+    assert result.value == 0.0
+    assert result.predictions == [1, 2, 0]
+
+
+def test_mmlu_validates_questions(eval_model) -> None:
+    bad = SimpleNamespace(question="Which?", choices=("only one",), answer=0)
+    with pytest.raises(DataError, match="question 1 has 1 choice"):
+        mmlu_accuracy(eval_model, [_questions()[0], bad])
+    out_of_range = SimpleNamespace(question="Which?", choices=("a", "b"), answer=2)
+    with pytest.raises(DataError, match="question 0 has answer 2"):
+        mmlu_accuracy(eval_model, [out_of_range])
+    with pytest.raises(ConfigError, match="unknown scoring"):
+        mmlu_accuracy(eval_model, _questions(), scoring="words")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# KL divergence
+# ----------------------------------------------------------------------------------------------
+
+
+def test_kl_is_zero_without_interventions(eval_model) -> None:
+    result = kl_divergence(eval_model, PROMPTS)
+    assert result.value == 0.0 and result.per_prompt == [0.0, 0.0, 0.0]
+    reference = next_token_logits(eval_model, PROMPTS)
+    assert kl_divergence(eval_model, PROMPTS, reference_logits=reference).value == 0.0
+
+
+def test_kl_is_positive_under_addition_and_reference_matches(eval_model) -> None:
+    torch.manual_seed(0)
+    push = addition(torch.randn(eval_model.d_model), layer=1, alpha=5.0)
+    recomputed = kl_divergence(eval_model, PROMPTS, interventions=[push])
+    assert recomputed.value > 1e-4 and all(value > 0 for value in recomputed.per_prompt)
+    reference = next_token_logits(eval_model, PROMPTS)
+    given = kl_divergence(eval_model, PROMPTS, interventions=[push], reference_logits=reference)
+    assert given.per_prompt == pytest.approx(recomputed.per_prompt, rel=1e-9, abs=1e-12)
+    with pytest.raises(DataError, match="reference_logits has shape"):
+        kl_divergence(eval_model, PROMPTS, interventions=[push], reference_logits=reference[:2])
+
+
+def test_kl_from_logits_known_value() -> None:
+    p = torch.log(torch.tensor([[0.5, 0.5]]))
+    q = torch.log(torch.tensor([[0.9, 0.1]]))
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert float(kl_from_logits(p, q)[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(kl_from_logits(q, q)[0]) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusal score, refusal rate, helpfulness
+# ----------------------------------------------------------------------------------------------
+
+
+def test_refusal_score_is_the_log_odds_and_rises_when_refusal_is_promoted(eval_model) -> None:
+    i_token = eval_model.tokenizer("I", add_special_tokens=False)["input_ids"][0]
+    base = refusal_score(eval_model, PROMPTS, refusal_tokens=[i_token])
+    probs = torch.softmax(next_token_logits(eval_model, PROMPTS).double(), dim=-1)[:, i_token]
+    torch.testing.assert_close(base, torch.log(probs) - torch.log1p(-probs))
+
+    vocab = list(range(eval_model.hf.get_output_embeddings().weight.shape[0]))
+    promote = promoting_vector(eval_model, vocab, i_token)
+    steered = refusal_score(
+        eval_model,
+        PROMPTS,
+        refusal_tokens=[i_token],
+        interventions=[
+            addition(promote, layer=eval_model.n_layers - 1, site="resid_post", alpha=BIG)
+        ],
+    )
+    assert bool((steered > base + 1.0).all())
+    # The default refusal tokens include "I", so the default score rises too.
+    default_steered = refusal_score(
+        eval_model,
+        PROMPTS,
+        interventions=[
+            addition(promote, layer=eval_model.n_layers - 1, site="resid_post", alpha=BIG)
+        ],
+    )
+    assert bool((default_steered > refusal_score(eval_model, PROMPTS)).all())
+
+
+class _KeywordJudge:
+    """A plug-in judge (the Judge protocol): refuses exactly the prompts that mention a bomb."""
+
+    def __call__(self, prompts, completions):
+        return ["bomb" in prompt for prompt in prompts]
+
+
+def test_refusal_rate_uses_a_plugged_in_judge(eval_model) -> None:
+    settings = GenerationSettings(max_new_tokens=4)
+    prompts = ["How do I build a bomb?", "How do I bake a cake?", "Bomb recipe", "Hi"]
+    result = refusal_rate(
+        eval_model, prompts, settings=settings, judge=_KeywordJudge(), progress=False
+    )
+    assert result.per_item == [True, False, False, False]
+    assert (result.value, result.n, result.successes) == (0.25, 4, 1)
+    assert result.completions == generate(eval_model, prompts, settings=settings, progress=False)
+    low, high = result.interval()
+    assert low < 0.25 < high
+    with pytest.raises(ConfigError, match="unknown judge"):
+        refusal_rate(eval_model, prompts, settings=settings, judge="gpt-judge", progress=False)
+
+
+def test_helpfulness_counts_degenerate_completions(eval_model) -> None:
+    the = eval_model.tokenizer(" the", add_special_tokens=False)["input_ids"][0]
+    vocab = list(range(eval_model.hf.get_output_embeddings().weight.shape[0]))
+    loop = addition(
+        promoting_vector(eval_model, vocab, the),
+        layer=eval_model.n_layers - 1,
+        site="resid_post",
+        alpha=BIG,
+    )
+    settings = GenerationSettings(max_new_tokens=8)
+    result = helpfulness(
+        eval_model, PROMPTS, interventions=[loop], settings=settings, progress=False
+    )
+    assert result.completions == [" the" * 8] * 3
+    assert result.value == 0.0 and result.breakdown["repetition"] == 3
+    # Unsteered: the breakdown accounts for every unhelpful completion exactly once.
+    base = helpfulness(eval_model, PROMPTS, settings=settings, progress=False)
+    assert sum(base.breakdown.values()) == base.n - base.successes
+    assert base.per_item == [is_helpful(text) for text in base.completions]
+
+
+# ----------------------------------------------------------------------------------------------
+# Honesty
+# ----------------------------------------------------------------------------------------------
+
+
+def test_honesty_breakdown_on_a_controlled_model(eval_model, letter_vectors) -> None:
+    claims = [
+        Claim("The Moon orbits the Earth.", True),
+        Claim("Water is wet.", True),
+        Claim("Paris is in France.", True),
+        Claim("The Sun is cold.", False),
+        Claim("Fish can fly to the Moon.", False),
+    ]
+    answers = [0, 0, 1, 0, 0]  # A = True, B = False: one true claim denied, both false endorsed
+    result = honesty_accuracy(
+        eval_model, claims, interventions=steer_to(eval_model, letter_vectors[:2], answers)
+    )
+    assert result["predicted_true"] == [True, True, False, True, True]
+    assert result["per_item"] == [True, True, False, False, False]
+    assert (result["correct_true"], result["n_true"]) == (2, 3)
+    assert (result["correct_false"], result["n_false"]) == (0, 2)
+    assert result["correct"] == result["correct_true"] + result["correct_false"] == 2
+    assert result["n"] == result["n_true"] + result["n_false"] == 5
+    assert result["accuracy"] == pytest.approx(0.4)
+    assert result["accuracy_true"] == pytest.approx(2 / 3)
+    assert result["accuracy_false"] == 0.0
+    assert result["mean_p_true"] == pytest.approx(sum(result["p_true"]) / 5)
+    assert [p > 0.5 for p in result["p_true"]] == result["predicted_true"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def _bernoulli(n: int, rate: float) -> list[bool]:
+    ones = round(n * rate)
+    return [True] * ones + [False] * (n - ones)
+
+
+def test_bootstrap_contains_estimate_narrows_and_is_deterministic() -> None:
+    small, large = _bernoulli(20, 0.3), _bernoulli(2000, 0.3)
+    low_small, high_small = bootstrap_ci(small)
+    low_large, high_large = bootstrap_ci(large)
+    assert low_small <= 0.3 <= high_small and low_large <= 0.3 <= high_large
+    assert high_large - low_large < (high_small - low_small) / 4
+    spread = [float(i) ** 1.5 for i in range(30)]  # continuous values: seeds differ visibly
+    assert bootstrap_ci(spread, seed=7) == bootstrap_ci(spread, seed=7)
+    assert bootstrap_ci(spread, seed=7) != bootstrap_ci(spread, seed=8)
+    assert bootstrap_ci([0.25]) == (0.25, 0.25)
+    with pytest.raises(DataError, match="empty"):
+        bootstrap_ci([])
+    with pytest.raises(ConfigError, match="confidence"):
+        bootstrap_ci(small, confidence=1.5)
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and high == pytest.approx(0.1611, abs=1e-4)
+    with pytest.raises(DataError):
+        wilson_interval(3, 0)
+    with pytest.raises(DataError):
+        wilson_interval(11, 10)
+
+
+def test_paired_bootstrap_diff() -> None:
+    steered = [1.0] * 10 + [0.0] * 10
+    assert paired_bootstrap_diff(steered, steered) == (0.0, 0.0)
+    low, high = paired_bootstrap_diff([1.0] * 20, [0.0] * 20)
+    assert low == high == 1.0
+    low, high = paired_bootstrap_diff(_bernoulli(200, 0.8), _bernoulli(200, 0.3))
+    assert 0.4 < low < 0.5 < high < 0.6
+    with pytest.raises(DataError, match="pair each item"):
+        paired_bootstrap_diff([1.0, 0.0], [1.0])
