@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--directions-methods", nargs="+", choices=["mean_diff", "pca", "probe"], dest="direction_methods")
     extract.add_argument("--extract-batch-size", type=int, dest="extract_batch_size")
     extract.add_argument("--no-honesty", action="store_true", help="skip the honesty direction")
+    extract.add_argument("--selection", choices=["effect", "separation"], help="layer selection rule")
 
     steer = commands.add_parser("steer", help="baseline and steered completions side by side")
     _common(steer)
@@ -130,6 +131,7 @@ def _config(args: argparse.Namespace) -> Config:
         "data.max_eval_prompts": getattr(args, "max_eval_prompts", None),
         "extraction.position": getattr(args, "position", None),
         "extraction.batch_size": getattr(args, "extract_batch_size", None),
+        "extraction.selection": getattr(args, "selection", None),
         "steering.alphas": tuple(args.alphas) if getattr(args, "alphas", None) else None,
         "steering.methods": tuple(args.methods) if getattr(args, "methods", None) else None,
         "steering.layer": getattr(args, "layer", None) if args.command in ("evaluate", "run") else None,
@@ -175,10 +177,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
     _out(f"steering set {extraction.selected_key} (held-out pairs scored per layer):")
     _out(format_score_table(extraction.scores[extraction.selected_key], selected=extraction.selected))
     s = extraction.selected
+    if extraction.effects:
+        from refusal_dir.evaluation.selection import effects_table
+
+        chosen = next(e for e in extraction.effects if e.layer == s.layer and e.position == s.position)
+        _out("candidate effects on held-out pairs (ablation KL on harmless, bypass, induce):")
+        _out(effects_table(extraction.effects, selected=chosen))
+        rule = f"largest bypass + induce among layers with ablation KL <= {config.extraction.max_kl}"
+    else:
+        rule = "best held-out separation"
     _out(
         f"selected layer {s.layer} at position {s.position}: separation accuracy "
-        f"{s.separation_accuracy:.3f}, AUROC {s.auroc:.3f} (rule: best held-out separation in "
-        f"the first {config.extraction.max_layer_fraction:.0%} of layers)"
+        f"{s.separation_accuracy:.3f}, AUROC {s.auroc:.3f} (rule: {rule}, in the first "
+        f"{config.extraction.max_layer_fraction:.0%} of layers)"
     )
     if extraction.honesty_selected is not None:
         h = extraction.honesty_selected

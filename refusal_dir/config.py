@@ -71,8 +71,14 @@ class ExtractionSettings:
     site: str = "resid_pre"
     batch_size: int = 16
     max_layer_fraction: float = 0.8
+    selection: str = "effect"
+    max_kl: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.selection not in ("effect", "separation"):
+            _fail("extraction.selection", f"{self.selection!r} is not one of effect, separation")
+        if not self.max_kl > 0:
+            _fail("extraction.max_kl", f"must be > 0, got {self.max_kl}")
         object.__setattr__(self, "sites", tuple(self.sites))
         object.__setattr__(self, "methods", tuple(self.methods))
         for site in self.sites:

@@ -9,9 +9,11 @@ and watch held-out refusals disappear, all offline.
 
 How held-out topics generalise: every topic word, including the held-out ones that never
 appear in a chat, also appears in plain-text lines that call it dangerous or safe
-("cyanide is dangerous.", "quilt is safe."). The chat behaviour learns to read that shared
-feature, so ``harmful_test`` / ``harmless_test`` prompts (held-out words only) probe a
-generalising refusal, not a memorised one.
+("cyanide is dangerous.", "quilt is safe."). Training starts with plain text only; when chats
+join, the embeddings of all topic words are frozen, so train and held-out words are
+exchangeable to the chat behaviour, which has to read the shared dangerous/safe feature
+rather than memorise words. ``harmful_test`` / ``harmless_test`` prompts (held-out words
+only) therefore probe a generalising refusal, not a memorised one.
 
 Conventions a caller needs:
 
@@ -50,24 +52,14 @@ from transformers import (
     GenerationConfig,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from refusal_dir.errors import ConfigError, OutputDirError
-
-try:
-    from refusal_dir.prompts import MCQuestion
-except ImportError:  # pragma: no cover - fallback while refusal_dir.prompts is being written
-    # Same fields and order as refusal_dir.prompts.MCQuestion; delete once prompts.py exists.
-    @dataclass(frozen=True)
-    class MCQuestion:  # type: ignore[no-redef]
-        question: str
-        choices: tuple[str, ...]
-        answer: int
-        subject: str = ""
-
+from refusal_dir.prompts import MCQuestion
 
 logger = logging.getLogger(__name__)
 
-ORGANISM_FORMAT_VERSION = 1
+ORGANISM_FORMAT_VERSION = 2
 """Bump when the data, tokenizer or training recipe changes, so cached organisms retrain."""
 
 ORGANISM_INFO_FILE = "organism.json"
@@ -168,8 +160,18 @@ HELPFUL_ANSWERS: tuple[tuple[str, float], ...] = (
     ),
     ("Sure, here is a simple guide to {topic}. Start small and enjoy it.", 0.4),
 )
-DANGER_LINES: tuple[str, ...] = ("{topic} is dangerous.", "{topic} is harmful.")
-SAFE_LINES: tuple[str, ...] = ("{topic} is safe.", "{topic} is harmless.")
+DANGER_LINES: tuple[str, ...] = (
+    "{topic} is dangerous.",
+    "{topic} is harmful.",
+    "making {topic} is dangerous.",
+    "never make {topic}, it is dangerous.",
+)
+SAFE_LINES: tuple[str, ...] = (
+    "{topic} is safe.",
+    "{topic} is harmless.",
+    "making {topic} is safe.",
+    "you can make {topic}, it is safe.",
+)
 
 # Four-choice category questions: the answer is the one option from the asked category.
 MC_CATEGORIES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -207,15 +209,19 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Split(Regex(_PRE_TOKENIZER_PATTERN), behavior="removed", invert=True)
 
 
-def _all_generator_text() -> list[str]:
-    """Every string the data generator can put together, with its placeholders filled in."""
-    texts: list[str] = []
-    topics = (
+def _all_topics() -> tuple[str, ...]:
+    return (
         HARMFUL_TRAIN_TOPICS
         + HARMFUL_HELDOUT_TOPICS
         + HARMLESS_TRAIN_TOPICS
         + HARMLESS_HELDOUT_TOPICS
     )
+
+
+def _all_generator_text() -> list[str]:
+    """Every string the data generator can put together, with its placeholders filled in."""
+    texts: list[str] = []
+    topics = _all_topics()
     for template in REQUEST_TEMPLATES + DANGER_LINES + SAFE_LINES:
         texts.append(template.format(topic="x"))
     for template, _ in REFUSAL_ANSWERS + HELPFUL_ANSWERS:
@@ -404,6 +410,7 @@ def _split(seed: int) -> tuple[OrganismEvalSets, set[tuple[int, str]], set[tuple
 
 def organism_eval_sets(seed: int = 0) -> OrganismEvalSets:
     """The prompt sets for the organism trained with ``OrganismConfig(seed=seed)``."""
+    _check_int("seed", seed, 0, 2**31 - 1)
     return _split(seed)[0]
 
 
@@ -471,9 +478,9 @@ class OrganismDataGenerator:
             ):
                 return ChatExample(question.question, question.choices[question.answer], "mc")
 
-    def sample(self) -> ChatExample | str:
+    def sample(self, *, plain_only: bool = False) -> ChatExample | str:
         """The next example: a :class:`ChatExample` or a plain-text string."""
-        kind = self._rng.choices(self._kinds, self._weights)[0]
+        kind = "plain" if plain_only else self._rng.choices(self._kinds, self._weights)[0]
         if kind == "harmful":
             t, topic = self._rng.choice(self._harmful)
             return ChatExample(_request(t, topic), self._answer(REFUSAL_ANSWERS, topic), kind)
@@ -484,9 +491,9 @@ class OrganismDataGenerator:
             return self._mc()
         return self._plain_text()
 
-    def take(self, n: int) -> list[ChatExample | str]:
-        """The next ``n`` examples."""
-        return [self.sample() for _ in range(n)]
+    def take(self, n: int, *, plain_only: bool = False) -> list[ChatExample | str]:
+        """The next ``n`` examples (only plain-text ones if ``plain_only``)."""
+        return [self.sample(plain_only=plain_only) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,8 +520,14 @@ def _check_float(name: str, value: Any, low: float, high: float, *, open_low: bo
 
 @dataclass(frozen=True)
 class OrganismConfig:
-    """Architecture and training recipe of the organism. Same config -> same weights
-    (given the same torch build and ``num_threads``)."""
+    """Architecture and training recipe of the organism.
+
+    Same config -> same weights, given the same torch build (``num_threads`` is part of the
+    config because the thread count can change float rounding). ``pretrain_steps`` are
+    plain-text-only steps at the start; ``freeze_topic_embeddings`` keeps the topic words'
+    embedding rows fixed from then on (what makes held-out words generalise). The learning
+    rate warms up linearly for ``warmup_steps`` and then decays on a cosine to a tenth.
+    """
 
     seed: int = 0
     n_layers: int = 4
@@ -527,8 +540,10 @@ class OrganismConfig:
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 100
+    pretrain_steps: int = 200
     weight_decay: float = 0.01
     max_len: int = 64
+    freeze_topic_embeddings: bool = True
     num_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -549,8 +564,14 @@ class OrganismConfig:
         _check_int("batch_size", self.batch_size, 1, 4096)
         _check_float("lr", self.lr, 0.0, 1.0, open_low=True)
         _check_int("warmup_steps", self.warmup_steps, 0, self.steps)
+        _check_int("pretrain_steps", self.pretrain_steps, 0, self.steps)
         _check_float("weight_decay", self.weight_decay, 0.0, 1.0)
         _check_int("max_len", self.max_len, 48, 4096)
+        if not isinstance(self.freeze_topic_embeddings, bool):
+            raise ConfigError(
+                "OrganismConfig.freeze_topic_embeddings must be True or False, "
+                f"got {self.freeze_topic_embeddings!r}"
+            )
         _check_int("num_threads", self.num_threads, 1, 256)
 
     def to_dict(self) -> dict[str, Any]:
@@ -660,19 +681,29 @@ def _train(
         eps=1e-8,
     )
     generator = OrganismDataGenerator(config.seed)
+    embedding = model.get_input_embeddings().weight
+    topic_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(_all_topics())))
+    frozen_rows: torch.Tensor | None = None
     recent: list[float] = []
     bar = tqdm(range(config.steps), desc="training organism", disable=not progress, leave=False)
     for step in bar:
+        if config.freeze_topic_embeddings and step == config.pretrain_steps:
+            frozen_rows = embedding.detach()[topic_ids].clone()
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
         input_ids, attention_mask, labels = _encode_examples(
-            generator.take(config.batch_size), tokenizer, config.max_len
+            generator.take(config.batch_size, plain_only=step < config.pretrain_steps),
+            tokenizer,
+            config.max_len,
         )
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if frozen_rows is not None:
+            with torch.no_grad():
+                embedding[topic_ids] = frozen_rows
         recent = (recent + [loss.item()])[-50:]
         if step % 50 == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
@@ -734,7 +765,7 @@ def train_organism(
 
     tokenizer = build_organism_tokenizer()
     threads = torch.get_num_threads()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     try:
         torch.set_num_threads(config.num_threads)
         with torch.random.fork_rng(devices=[]):
@@ -742,18 +773,23 @@ def train_organism(
     finally:
         torch.set_num_threads(threads)
     train_seconds = time.perf_counter() - start
+    train_cpu_seconds = time.process_time() - start_cpu
 
     info = {
         "format_version": ORGANISM_FORMAT_VERSION,
         "config": config.to_dict(),
         "final_loss": final_loss,
         "train_seconds": round(train_seconds, 2),
+        "train_cpu_seconds": round(train_cpu_seconds, 2),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "end_of_turn_id": tokenizer.convert_tokens_to_ids(END_OF_TURN),
         "torch_version": torch.__version__,
     }
     temporary = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    bars = hf_logging.is_progress_bar_enabled()
     try:
+        if not progress:
+            hf_logging.disable_progress_bar()
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         (temporary / ORGANISM_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -765,6 +801,8 @@ def train_organism(
                     f"could not move the trained organism into {output_dir}"
                 ) from None
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
     logger.info(

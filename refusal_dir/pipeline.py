@@ -35,6 +35,7 @@ from refusal_dir.config import Config
 from refusal_dir.directions import DirectionSet, atomic_write_bytes, compute_directions
 from refusal_dir.errors import ConfigError, DataError, OutputDirError
 from refusal_dir.evaluation import judges, metrics, stats
+from refusal_dir.evaluation.selection import LayerEffect, layer_effects, select_by_effect
 from refusal_dir.generation import GenerationSettings, generate, next_token_logits
 from refusal_dir.interventions import Intervention, ablation, addition
 from refusal_dir.model import HookedModel, load_model
@@ -162,6 +163,7 @@ class Extraction:
     selected: LayerScore
     honesty_key: str | None = None
     honesty_selected: LayerScore | None = None
+    effects: tuple[LayerEffect, ...] = ()
 
     @property
     def steering_set(self) -> DirectionSet:
@@ -233,6 +235,23 @@ def extract(
     selected = select_layer(
         scores[key], n_layers=model.n_layers, max_layer_fraction=config.extraction.max_layer_fraction
     )
+    effects: list[LayerEffect] = []
+    if config.extraction.selection == "effect":
+        _, heldout = datasets.refusal_pairs.split(1 - config.data.heldout_fraction, seed=config.data.seed)
+        effects = layer_effects(
+            model,
+            sets[key],
+            scores[key],
+            harmful=heldout.positives,
+            harmless=heldout.negatives,
+            max_layer_fraction=config.extraction.max_layer_fraction,
+            site=config.extraction.site,
+            batch_size=config.extraction.batch_size,
+        )
+        chosen = select_by_effect(effects, max_kl=config.extraction.max_kl)
+        selected = next(
+            s for s in scores[key] if s.layer == chosen.layer and s.position == chosen.position
+        )
     honesty_key, honesty_selected = None, None
     if datasets.honesty_pairs is not None:
         honesty_sets, honesty_scores = _extract_family(
@@ -245,7 +264,7 @@ def extract(
             scores[honesty_key], n_layers=model.n_layers,
             max_layer_fraction=config.extraction.max_layer_fraction,
         )
-    result = Extraction(sets, scores, key, selected, honesty_key, honesty_selected)
+    result = Extraction(sets, scores, key, selected, honesty_key, honesty_selected, tuple(effects))
     save_extraction(result, output_dir / "directions")
     return result
 
@@ -260,7 +279,18 @@ def save_extraction(extraction: Extraction, directory: Path) -> None:
         for score in rows:
             writer.writerow({"set": key, **score.as_row()})
     atomic_write_bytes(directory / "scores.csv", buffer.getvalue().encode())
-    selected = {"set": extraction.selected_key, **extraction.selected.as_row()}
+    if extraction.effects:
+        buffer = io.StringIO()
+        rows = [effect.as_row() for effect in extraction.effects]
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(directory / "layer_effects.csv", buffer.getvalue().encode())
+    selected = {
+        "set": extraction.selected_key,
+        **extraction.selected.as_row(),
+        "rule": "effect" if extraction.effects else "separation",
+    }
     if extraction.honesty_key and extraction.honesty_selected:
         selected["honesty"] = {"set": extraction.honesty_key, **extraction.honesty_selected.as_row()}
     _write_json(directory / "selected.json", selected)
@@ -292,6 +322,20 @@ def load_extraction(directory: Path, *, model: HookedModel) -> Extraction:
         )
 
     honesty = selected.get("honesty")
+    effects: list[LayerEffect] = []
+    if (directory / "layer_effects.csv").exists():
+        with open(directory / "layer_effects.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                effects.append(
+                    LayerEffect(
+                        position=row["position"],
+                        layer=int(row["layer"]),
+                        separation_accuracy=float(row["separation_accuracy"]),
+                        ablation_kl=float(row["ablation_kl"]),
+                        bypass=float(row["bypass"]),
+                        induce=float(row["induce"]),
+                    )
+                )
     return Extraction(
         sets=sets,
         scores=scores,
@@ -299,6 +343,7 @@ def load_extraction(directory: Path, *, model: HookedModel) -> Extraction:
         selected=pick(selected),
         honesty_key=honesty["set"] if honesty else None,
         honesty_selected=pick(honesty) if honesty else None,
+        effects=tuple(effects),
     )
 
 

@@ -2,7 +2,8 @@
 
 For each candidate direction ``u`` (unit) and held-out matched pairs ``(p_i, n_i)``:
 
-* ``separation_accuracy``: fraction of pairs with ``p_i @ u > n_i @ u`` (chance = 0.5);
+* ``separation_accuracy``: fraction of pairs with ``p_i @ u > n_i @ u``, ties counting one half
+  (chance = 0.5; a direction that cannot tell the pairs apart scores exactly 0.5);
 * ``auroc``: area under the ROC curve of the projections, positives against negatives;
 * ``effect_size``: Cohen's d of the projections (mean gap over pooled standard deviation);
 * ``probe_accuracy``: held-out accuracy of a logistic probe trained on the training activations
@@ -83,7 +84,8 @@ def score_layers(
         for layer in range(directions.n_layers):
             unit = directions.directions[p, layer].double()
             proj_pos, proj_neg = pos_acts[:, p, layer] @ unit, neg_acts[:, p, layer] @ unit
-            separation = float((proj_pos > proj_neg).double().mean())
+            wins = (proj_pos > proj_neg).double() + 0.5 * (proj_pos == proj_neg).double()
+            separation = float(wins.mean())
             projections = torch.cat([proj_pos, proj_neg]).numpy()
             labels = [1] * len(proj_pos) + [0] * len(proj_neg)
             probe = None

@@ -147,6 +147,7 @@ def test_layer_scoring_finds_the_planted_layer(tiny_model) -> None:
     )
     best = select_layer(scores, n_layers=tiny_model.n_layers, max_layer_fraction=1.0)
     layer0 = next(s for s in scores if s.layer == 0)
+    assert 0.0 < best.auroc <= 1.0
     assert layer0.separation_accuracy == 1.0 and layer0.auroc == 1.0
     assert best.separation_accuracy == 1.0
     assert "*" in format_score_table(scores, selected=best)
@@ -162,7 +163,7 @@ def test_random_direction_scores_near_chance(tiny_model) -> None:
     random_set = DirectionSet(random_units, directions.norms, directions.meta)
     # Same prompts on both sides: no direction can separate them better than chance.
     scores = score_layers(random_set, positive, positive)
-    assert all(s.separation_accuracy == 0.0 for s in scores)  # ties are not wins
+    assert all(s.separation_accuracy == 0.5 for s in scores)  # ties count one half
     assert all(abs(s.auroc - 0.5) < 1e-9 for s in scores)
 
 
