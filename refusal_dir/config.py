@@ -73,10 +73,13 @@ class ExtractionSettings:
     max_layer_fraction: float = 0.8
     selection: str = "effect"
     max_kl: float = 0.1
+    selection_candidates: int = 6
 
     def __post_init__(self) -> None:
         if self.selection not in ("effect", "separation"):
             _fail("extraction.selection", f"{self.selection!r} is not one of effect, separation")
+        if self.selection_candidates < 1:
+            _fail("extraction.selection_candidates", f"must be >= 1, got {self.selection_candidates}")
         if not self.max_kl > 0:
             _fail("extraction.max_kl", f"must be > 0, got {self.max_kl}")
         object.__setattr__(self, "sites", tuple(self.sites))

@@ -247,6 +247,7 @@ def extract(
             max_layer_fraction=config.extraction.max_layer_fraction,
             site=config.extraction.site,
             batch_size=config.extraction.batch_size,
+            max_candidates=config.extraction.selection_candidates,
         )
         chosen = select_by_effect(effects, max_kl=config.extraction.max_kl)
         selected = next(

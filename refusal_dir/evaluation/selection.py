@@ -4,7 +4,9 @@ A direction can separate harmful from harmless prompts and still be useless or d
 steer with: on Gemma 3 270M the best-separating late layer carries a large component shared by
 all prompts, and ablating it breaks generation. Following Arditi et al. (2024), every candidate
 (position, layer) in the first ``max_layer_fraction`` of the layers is tried on validation
-prompts (the held-out pairs, never the evaluation sets), all candidates in one batched pass:
+prompts (the held-out pairs, never the evaluation sets), all candidates in one batched pass.
+To bound the cost, only the ``max_candidates`` best-separating eligible candidates are tried, on
+at most ``max_prompts`` prompts of each kind:
 
 * ``ablation_kl``: KL(unsteered || ablated) of the next-token distribution on harmless prompts;
 * ``bypass``: how much ablating the direction at every layer lowers the refusal score on harmful
@@ -64,6 +66,8 @@ def layer_effects(
     alpha: float = 1.0,
     site: str = "resid_pre",
     batch_size: int = 16,
+    max_candidates: int | None = 6,
+    max_prompts: int = 16,
 ) -> list[LayerEffect]:
     """Ablation KL, bypass and induce scores of every eligible candidate, batched."""
     if not harmful or not harmless:
@@ -77,6 +81,11 @@ def layer_effects(
         raise ConfigError(
             "no candidate layers with a non-zero direction: raise extraction.max_layer_fraction"
         )
+    if max_candidates is not None:
+        ranked = sorted(candidates, key=lambda s: (s.separation_accuracy, s.auroc), reverse=True)
+        kept = ranked[:max_candidates]
+        candidates = [s for s in candidates if s in kept]
+    harmful, harmless = list(harmful)[:max_prompts], list(harmless)[:max_prompts]
     n = len(candidates)
 
     def rows(items: Sequence[str]) -> list[str]:

@@ -1,0 +1,171 @@
+"""The staged pipeline, its resume logic, the config and the CLI's error handling (tiny model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from refusal_dir.cli import main
+from refusal_dir.config import Config, config_from_dict, load_config
+from refusal_dir.errors import ConfigError, OutputDirError
+from refusal_dir.evaluation.selection import LayerEffect, select_by_effect
+from refusal_dir.pipeline import (
+    SweepContext,
+    extract,
+    load_datasets,
+    load_extraction,
+    prepare_output_dir,
+    results_table,
+    sweep,
+)
+
+
+def _config(model_dir: Path, **overrides) -> Config:
+    base = {
+        "model.name": str(model_dir),
+        "data.max_eval_prompts": 4,
+        "generation.max_new_tokens": 4,
+        "steering.alphas": (-1.0, 0.0, 1.0),
+        "extraction.methods": ("mean_diff",),
+        "extraction.sites": ("resid_pre",),
+        "extraction.selection_candidates": 2,
+    }
+    base.update(overrides)
+    return load_config().with_overrides(base)
+
+
+def test_default_config_loads_and_validates() -> None:
+    config = load_config()
+    assert config.steering.alphas == (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
+    assert config.model.name == "google/gemma-2-2b-it"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"steering": {"alphas": [0.0, 1.0, 1.0]}}, "duplicates"),
+        ({"steering": {"alphas": [0.0, float("nan")]}}, "finite"),
+        ({"steering": {"alphas": []}}, "at least one"),
+        ({"extraction": {"position": "first"}}, "extraction.position"),
+        ({"extraction": {"methods": ["mean_diff"], "method": "pca"}}, "extraction.method"),
+        ({"modle": {}}, "unknown config section"),
+        ({"model": {"nmae": "x"}}, "unknown field"),
+        ({"data": {"heldout_fraction": 1.5}}, "heldout_fraction"),
+    ],
+)
+def test_bad_config_values_name_the_field(raw, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+def test_select_by_effect_rule() -> None:
+    effects = [
+        LayerEffect("last", 1, 0.9, ablation_kl=0.05, bypass=1.0, induce=0.5),
+        LayerEffect("last", 2, 0.8, ablation_kl=0.02, bypass=2.0, induce=1.0),
+        LayerEffect("last", 3, 1.0, ablation_kl=0.50, bypass=9.0, induce=9.0),  # too destructive
+    ]
+    assert select_by_effect(effects, max_kl=0.1).layer == 2
+    # When nothing passes the KL limit, the least destructive quarter is kept.
+    assert select_by_effect(effects, max_kl=0.01).layer == 2
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny_model, tiny_model_dir, tmp_path_factory):
+    config = _config(tiny_model_dir)
+    output = prepare_output_dir(tmp_path_factory.mktemp("pipeline"), config)
+    datasets = load_datasets(config)
+    return config, datasets, extract(tiny_model, config, datasets, output, progress=False), output
+
+
+def test_extraction_writes_and_reloads(tiny_model, extracted) -> None:
+    _, _, extraction, output = extracted
+    directory = output / "directions"
+    assert (directory / "scores.csv").exists() and (directory / "layer_effects.csv").exists()
+    reloaded = load_extraction(directory, model=tiny_model)
+    assert reloaded.selected == extraction.selected
+    assert reloaded.effects == extraction.effects
+    assert set(reloaded.sets) == set(extraction.sets)
+
+
+def test_sweep_resumes_after_an_interruption(tiny_model, extracted, tmp_path: Path) -> None:
+    config, datasets, extraction, _ = extracted
+    output = prepare_output_dir(tmp_path / "interrupted", config)
+    seen: list[tuple[str, str]] = []
+
+    def interrupt_third(method: str, group: str) -> None:
+        seen.append((method, group))
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    ctx = SweepContext(tiny_model, config, datasets, extraction, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(ctx, output, on_group=interrupt_third)
+    parts = sorted((output / "sweep" / "parts").glob("*.json"))
+    assert len(parts) == 2
+    stamps = {p.name: p.stat().st_mtime_ns for p in parts}
+
+    resumed_groups: list[tuple[str, str]] = []
+    rows = sweep(ctx, output, on_group=lambda m, g: resumed_groups.append((m, g)))
+    assert resumed_groups[0] == seen[2]  # starts with the group that was interrupted
+    assert all(group not in resumed_groups for group in seen[:2])
+    assert {p.name: p.stat().st_mtime_ns for p in parts} == stamps
+
+    fresh = sweep(ctx, prepare_output_dir(tmp_path / "fresh", config))
+    key = lambda r: (r["method"], r["alpha"], r["metric"])  # noqa: E731
+    assert sorted(rows, key=key) == sorted(fresh, key=key)
+    assert json.loads((output / "results.json").read_text()) == rows
+    assert "| addition |" in results_table(rows)
+
+
+def test_output_dir_with_another_config_is_refused(tiny_model_dir, tmp_path: Path) -> None:
+    prepare_output_dir(tmp_path / "out", _config(tiny_model_dir))
+    with pytest.raises(OutputDirError, match="different config.*--fresh"):
+        prepare_output_dir(tmp_path / "out", _config(tiny_model_dir, **{"steering.alphas": (0.0, 2.0)}))
+    prepare_output_dir(tmp_path / "out", _config(tiny_model_dir, **{"steering.alphas": (0.0, 2.0)}), fresh=True)
+
+
+def _run_cli(capsys, *arguments: str) -> tuple[int, str]:
+    code = main(list(arguments))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["extract", "--model", "/no/such/dir", "--output-dir", "{tmp}/x"], "not a directory"),
+        (["extract", "--model", "{model}", "--output-dir", "{tmp}/x", "--pairs-file", "{tmp}/missing.jsonl"], "missing.jsonl"),
+        (["run", "--model", "{model}", "--output-dir", "{tmp}/x", "--alphas", "1", "1"], "duplicates"),
+        (["steer", "--directions-dir", "{tmp}/nothing"], "holds no direction set"),
+        (["extract", "--model", "{model}", "--output-dir", "{tmp}/file/x"], "writable"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(capsys, tiny_model_dir, tmp_path: Path, arguments, message) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    filled = [a.format(tmp=tmp_path, model=tiny_model_dir) for a in arguments]
+    code, err = _run_cli(capsys, *filled, "--quiet")
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("refusal-dir")]
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_cli_malformed_dataset_names_the_line(capsys, tiny_model_dir, tmp_path: Path) -> None:
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"harmful": "a", "harmless": "b"}\n{"harmful": "c"\n')
+    code, err = _run_cli(capsys, "extract", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"), "--pairs-file", str(bad), "--quiet")
+    assert code == 2 and "line 2" in err
+
+
+def test_cli_extract_steer_export(capsys, tiny_model_dir, tmp_path: Path) -> None:
+    out = tmp_path / "dirs"
+    code, _ = _run_cli(capsys, "extract", "--model", str(tiny_model_dir), "--output-dir", str(out), "--directions-methods", "mean_diff", "--no-honesty", "--quiet")
+    assert code == 0
+    selected = json.loads((out / "directions" / "selected.json").read_text())
+    code = main(["steer", "--directions-dir", str(out), "--alpha", "2", "--prompt", "Hi", "--max-new-tokens", "3", "--json", "--quiet"])
+    assert code == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "Hi" and f"layer {selected['layer']}" in line["intervention"]
+    code = main(["export", "--directions-dir", str(out), "--output-dir", str(tmp_path / "edited"), "--quiet"])
+    assert code == 0 and (tmp_path / "edited" / "config.json").exists()
