@@ -152,6 +152,7 @@ class GenerationConfig:
 class EvaluationSettings:
     judge: str = "substring"
     mmlu_scoring: str = "letter"
+    mmlu_prompt: str = "standard"
     bootstrap_resamples: int = 2000
     honesty: bool = True
     seed: int = 0
@@ -159,6 +160,8 @@ class EvaluationSettings:
     def __post_init__(self) -> None:
         if self.mmlu_scoring not in ("letter", "option"):
             _fail("evaluation.mmlu_scoring", f"{self.mmlu_scoring!r} is not one of letter, option")
+        if self.mmlu_prompt not in ("standard", "as_is"):
+            _fail("evaluation.mmlu_prompt", f"{self.mmlu_prompt!r} is not one of standard, as_is")
         if self.bootstrap_resamples < 100:
             _fail("evaluation.bootstrap_resamples", f"must be >= 100, got {self.bootstrap_resamples}")
 

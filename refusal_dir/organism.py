@@ -786,6 +786,7 @@ def train_organism(
         "torch_version": torch.__version__,
     }
     temporary = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    temporary.chmod(0o755)  # mkdtemp makes it private; the organism is an ordinary directory
     bars = hf_logging.is_progress_bar_enabled()
     try:
         if not progress:

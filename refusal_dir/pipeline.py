@@ -488,8 +488,15 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         ), samples
     if group == "mmlu":
         questions, interventions = per_row(ctx.datasets.mmlu)
+        formatter = (
+            (lambda q: q.question) if ctx.config.evaluation.mmlu_prompt == "as_is" else prompt_sets.format_mc_prompt
+        )
         result = metrics.mmlu_accuracy(
-            ctx.model, questions, interventions=interventions, scoring=ctx.config.evaluation.mmlu_scoring  # type: ignore[arg-type]
+            ctx.model,
+            questions,
+            interventions=interventions,
+            scoring=ctx.config.evaluation.mmlu_scoring,  # type: ignore[arg-type]
+            formatter=formatter,
         )
         n = len(ctx.datasets.mmlu)
         return (
