@@ -1,4 +1,4 @@
-"""The ``refusal-dir`` command line: extract | steer | evaluate | run | export.
+"""The ``refusal-dir`` command line: extract | steer | evaluate | run | tune | export.
 
 Bad input gets one line on stderr naming the problem and the fix, and exit status 2.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_dir.config import Config, load_config
-from refusal_dir.errors import ConfigError, DataError, RefusalDirError
+from refusal_dir.errors import ConfigError, DataError, OutputDirError, RefusalDirError
 
 logger = logging.getLogger("refusal_dir")
 
@@ -109,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", required=True)
     run.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
     run.add_argument("--no-figures", action="store_true", help="skip the plotly HTML figures")
+
+    tune = commands.add_parser("tune", help="search layer x alpha x method under a capability limit")
+    _common(tune)
+    _data_flags(tune)
+    _sweep_flags(tune)
+    tune.add_argument("--directions-dir", required=True, help="output of `refusal-dir extract`")
+    tune.add_argument("--output-dir", required=True)
+    tune.add_argument("--tune-methods", nargs="+", choices=["addition", "ablation", "conditional"], default=["addition", "ablation", "conditional"])
+    tune.add_argument("--n-layers", type=int, default=3, help="try the N best candidate layers of the extraction")
+    tune.add_argument("--max-mmlu-drop", type=float, default=0.01, help="accuracy points (0.01 = 1 point)")
+    tune.add_argument("--max-kl", type=float, default=0.1)
+    tune.add_argument("--max-helpfulness-drop", type=float, default=1.0)
 
     export = commands.add_parser("export", help="bake directional ablation into a model copy")
     _common(export)
@@ -330,12 +342,80 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from refusal_dir import pipeline, tune
+    from refusal_dir.directions import atomic_write_bytes
+    from refusal_dir.generation import GenerationSettings
+    from refusal_dir.prompts import format_mc_prompt
+
+    config = _config(args)
+    limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop)
+    if args.n_layers < 1:
+        raise ConfigError(f"--n-layers must be >= 1, got {args.n_layers}")
+    reporter = _StageReporter(args.quiet)
+    datasets = pipeline.load_datasets(config)
+    directions_dir = Path(args.directions_dir)
+    directions_dir = directions_dir / "directions" if (directions_dir / "directions").is_dir() else directions_dir
+    if not (directions_dir / "selected.json").exists():
+        raise DataError(f"{directions_dir} has no selected.json: pass the output of `refusal-dir extract`")
+    if args.model is None:
+        direction_set, _ = pipeline.load_selected(directions_dir)
+        config = config.with_overrides({"model.name": direction_set.meta.model_id})
+    reporter("loading model")
+    model = _load(config)
+    extraction = pipeline.load_extraction(directions_dir, model=model)
+    if extraction.effects:
+        ranked = sorted(extraction.effects, key=lambda e: e.steering_score, reverse=True)
+    else:
+        ranked = sorted(extraction.scores[extraction.selected_key], key=lambda s: s.separation_accuracy, reverse=True)
+    layers = list(dict.fromkeys([extraction.selected.layer, *[r.layer for r in ranked]]))[: args.n_layers]
+    _, heldout_pairs = datasets.refusal_pairs.split(1 - config.data.heldout_fraction, seed=config.data.seed)
+    validation = tune.EvalSplit(*(tune.split_half(x)[0] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))
+    heldout = tune.EvalSplit(*(tune.split_half(x)[1] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))
+    formatter = (lambda q: q.question) if config.evaluation.mmlu_prompt == "as_is" else format_mc_prompt
+    result = tune.tune(
+        model, extraction.steering_set, layers=layers, alphas=config.steering.alphas,
+        methods=args.tune_methods, validation=validation, heldout=heldout,
+        condition_positive=heldout_pairs.positives, condition_negative=heldout_pairs.negatives,
+        limits=limits, position=extraction.selected.position,
+        settings=GenerationSettings(max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size),
+        positions=config.steering.positions, mmlu_scoring=config.evaluation.mmlu_scoring,
+        mmlu_formatter=formatter, bootstrap_resamples=config.evaluation.bootstrap_resamples,
+        on_event=reporter,
+    )
+    output_dir = Path(args.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputDirError(f"cannot write to {output_dir} ({error}): choose a writable --output-dir") from error
+    payload = {
+        "limits": {"max_mmlu_drop": limits.max_mmlu_drop, "max_kl": limits.max_kl, "max_helpfulness_drop": limits.max_helpfulness_drop},
+        "layers": layers,
+        "baseline": result.baseline.as_row(),
+        "chosen": result.chosen.as_row(),
+        "frontier": [p.as_row() for p in result.front],
+        "points": [p.as_row() for p in result.points],
+        "heldout": result.heldout,
+    }
+    atomic_write_bytes(output_dir / "tune.json", json.dumps(payload, indent=2, default=str).encode())
+    table = tune.tune_table(result)
+    atomic_write_bytes(output_dir / "tune.md", (table + "\n").encode())
+    _out(table)
+    chosen = result.chosen
+    _out(f"chosen (validation): {chosen.method} layer {chosen.layer} alpha {chosen.alpha:+g}")
+    for label, metrics in result.heldout.items():
+        cells = ", ".join(f"{m} {v['value']:.2f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" for m, v in metrics.items())
+        _out(f"held-out {label}: {cells}")
+    return 0
+
+
 COMMANDS = {
     "extract": cmd_extract,
     "steer": cmd_steer,
     "evaluate": cmd_evaluate,
     "run": cmd_run,
     "export": cmd_export,
+    "tune": cmd_tune,
 }
 
 

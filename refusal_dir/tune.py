@@ -1,0 +1,284 @@
+"""Operating-point search: layer x alpha x method under a capability limit.
+
+Every evaluation set is split in two, deterministically: a validation half used for every
+choice, and a held-out half used only to report the chosen point (tested: selection never sees
+a held-out prompt). Methods: ``addition`` (alpha x raw direction at the layer), ``ablation``
+(strength alpha at every layer, with the layer's direction) and ``conditional`` (addition gated
+per row by the direction at the layer, threshold fit on the validation half of the extraction
+pairs' held-out prompts).
+
+For each candidate (method, layer, alpha) on validation: refusal rate on harmful prompts,
+helpfulness on benign prompts, MMLU-style accuracy and KL(unsteered || steered) on benign
+prompts. The Pareto frontier keeps the points no other point beats on all four at once. The
+chosen point maximizes refusal subject to ``MMLU drop <= max_mmlu_drop`` (in accuracy points,
+e.g. 0.01 = 1 point), ``KL <= max_kl`` and ``helpfulness drop <= max_helpfulness_drop``; ties go
+to the lower KL. With no point within the limits, the unsteered model is chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from refusal_dir.conditional import Condition, conditional_addition, fit_condition
+from refusal_dir.directions import DirectionSet
+from refusal_dir.errors import ConfigError, DataError
+from refusal_dir.evaluation import judges, metrics, stats
+from refusal_dir.generation import GenerationSettings, generate, next_token_logits
+from refusal_dir.interventions import Intervention, ablation, addition
+from refusal_dir.model import HookedModel
+from refusal_dir.prompts import MCQuestion, format_mc_prompt
+
+TUNE_METHODS = ("addition", "ablation", "conditional")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_mmlu_drop: float = 0.01
+    max_kl: float = 0.1
+    max_helpfulness_drop: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_mmlu_drop", "max_kl", "max_helpfulness_drop"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"limit {name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    harmful: list[str]
+    benign: list[str]
+    mmlu: list[MCQuestion]
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    layer: int
+    alpha: float
+    refusal: float
+    helpfulness: float
+    mmlu: float
+    kl: float
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_half(items: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """Even indices for validation, odd ones held out (deterministic, balanced in order)."""
+    return list(items[0::2]), list(items[1::2])
+
+
+def _rows(items: Sequence[Any], alphas: Sequence[float]) -> tuple[list[Any], list[float]]:
+    return [x for _ in alphas for x in items], [a for a in alphas for _ in items]
+
+
+def _mean_blocks(values: Sequence[float], n_blocks: int) -> list[float]:
+    size = len(values) // n_blocks
+    return [sum(values[i * size : (i + 1) * size]) / size for i in range(n_blocks)]
+
+
+class Evaluator:
+    """Computes the four metrics of a (method, layer) for many alphas in batched calls."""
+
+    def __init__(
+        self,
+        model: HookedModel,
+        directions: DirectionSet,
+        *,
+        position: str | int | None,
+        settings: GenerationSettings,
+        positions: str = "all",
+        mmlu_scoring: str = "letter",
+        mmlu_formatter: Callable[[MCQuestion], str] = format_mc_prompt,
+        conditions: dict[int, Condition] | None = None,
+        on_prompts: Callable[[Sequence[str]], None] | None = None,
+    ) -> None:
+        self.model, self.directions, self.position = model, directions, position
+        self.settings, self.positions = settings, positions
+        self.mmlu_scoring, self.mmlu_formatter = mmlu_scoring, mmlu_formatter
+        self.conditions = conditions or {}
+        self.on_prompts = on_prompts or (lambda prompts: None)
+        self.judge = judges.resolve_judge("substring")
+
+    def interventions(self, method: str, layer: int, alphas: Sequence[float], prompts: Sequence[str]) -> list[Intervention]:
+        if method == "addition":
+            return [addition(self.directions, layer=layer, alpha=list(alphas), positions=self.positions, position=self.position)]
+        if method == "ablation":
+            return [ablation(self.directions, direction_layer=layer, position=self.position, strength=list(alphas))]
+        if method == "conditional":
+            return [
+                conditional_addition(
+                    self.model, prompts, self.conditions[layer], self.directions, layer=layer,
+                    alpha=list(alphas), positions=self.positions, position=self.position,
+                )
+            ]
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(TUNE_METHODS)}")
+
+    def per_item(self, method: str, layer: int, alphas: Sequence[float], split: EvalSplit) -> dict[str, list[list[float]]]:
+        """Per-item values of every metric, one list per alpha."""
+        out: dict[str, list[list[float]]] = {}
+        harmful, coefficients = _rows(split.harmful, alphas)
+        self.on_prompts(harmful)
+        texts = generate(self.model, harmful, interventions=self.interventions(method, layer, coefficients, harmful), settings=self.settings, progress=False)
+        out["refusal"] = self._blocks([float(x) for x in self.judge(harmful, texts)], len(alphas))
+        benign, coefficients = _rows(split.benign, alphas)
+        self.on_prompts(benign)
+        benign_interventions = self.interventions(method, layer, coefficients, benign)
+        texts = generate(self.model, benign, interventions=benign_interventions, settings=self.settings, progress=False)
+        refused = self.judge(benign, texts)
+        out["helpfulness"] = self._blocks(
+            [float(not r and judges.degeneration(t) is None) for r, t in zip(refused, texts)], len(alphas)
+        )
+        reference = next_token_logits(self.model, split.benign).repeat(len(alphas), 1)
+        kl = metrics.kl_divergence(self.model, benign, interventions=benign_interventions, reference_logits=reference)
+        out["kl"] = self._blocks(kl.per_prompt, len(alphas))
+        questions, coefficients = _rows(split.mmlu, alphas)
+        prompts = [self.mmlu_formatter(q) for q in questions]
+        self.on_prompts(prompts)
+        accuracy = metrics.mmlu_accuracy(
+            self.model, questions, scoring=self.mmlu_scoring,  # type: ignore[arg-type]
+            formatter=self.mmlu_formatter,
+            interventions=self.interventions(method, layer, coefficients, prompts),
+        )
+        out["mmlu"] = self._blocks([float(x) for x in accuracy.per_item], len(alphas))
+        return out
+
+    @staticmethod
+    def _blocks(values: Sequence[float], n: int) -> list[list[float]]:
+        size = len(values) // n
+        return [list(values[i * size : (i + 1) * size]) for i in range(n)]
+
+    def points(self, method: str, layer: int, alphas: Sequence[float], split: EvalSplit) -> list[Point]:
+        values = self.per_item(method, layer, alphas, split)
+        return [
+            Point(method, layer, float(alpha), *(sum(values[m][i]) / len(values[m][i]) for m in ("refusal", "helpfulness", "mmlu", "kl")))
+            for i, alpha in enumerate(alphas)
+        ]
+
+
+def pareto_front(points: Sequence[Point]) -> list[Point]:
+    """Points not dominated on (refusal up, helpfulness up, MMLU up, KL down)."""
+
+    def key(p: Point) -> tuple[float, float, float, float]:
+        return (p.refusal, p.helpfulness, p.mmlu, -p.kl)
+
+    front = []
+    for p in points:
+        dominated = any(
+            all(a >= b for a, b in zip(key(q), key(p))) and key(q) != key(p) for q in points
+        )
+        if not dominated:
+            front.append(p)
+    return front
+
+
+def choose(points: Sequence[Point], baseline: Point, limits: Limits) -> Point:
+    """Max refusal within the limits (module docstring); the baseline if nothing qualifies."""
+    allowed = [
+        p for p in points
+        if baseline.mmlu - p.mmlu <= limits.max_mmlu_drop + 1e-12
+        and p.kl <= limits.max_kl
+        and baseline.helpfulness - p.helpfulness <= limits.max_helpfulness_drop + 1e-12
+    ]
+    if not allowed:
+        return baseline
+    return max(allowed, key=lambda p: (p.refusal, -p.kl, p.mmlu))
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    baseline: Point
+    points: list[Point]
+    front: list[Point]
+    chosen: Point
+    heldout: dict[str, Any]
+
+
+def tune(
+    model: HookedModel,
+    directions: DirectionSet,
+    *,
+    layers: Sequence[int],
+    alphas: Sequence[float],
+    methods: Sequence[str] = TUNE_METHODS,
+    validation: EvalSplit,
+    heldout: EvalSplit,
+    condition_positive: Sequence[str] = (),
+    condition_negative: Sequence[str] = (),
+    limits: Limits | None = None,
+    position: str | int | None = None,
+    settings: GenerationSettings | None = None,
+    positions: str = "all",
+    mmlu_scoring: str = "letter",
+    mmlu_formatter: Callable[[MCQuestion], str] = format_mc_prompt,
+    bootstrap_resamples: int = 2000,
+    on_prompts: Callable[[Sequence[str]], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Search on ``validation``, choose under ``limits``, report the choice on ``heldout``."""
+    limits = limits or Limits()
+    settings = settings or GenerationSettings(max_new_tokens=32)
+    notify = on_event or (lambda event: None)
+    for method in methods:
+        if method not in TUNE_METHODS:
+            raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(TUNE_METHODS)}")
+    if not layers or not alphas:
+        raise ConfigError("tune needs at least one layer and one alpha")
+    if not validation.harmful or not validation.benign or not validation.mmlu:
+        raise DataError("the validation split is empty: use larger evaluation sets")
+    conditions: dict[int, Condition] = {}
+    if "conditional" in methods:
+        if not condition_positive or not condition_negative:
+            raise DataError("conditional steering needs validation prompts to fit its threshold")
+        conditions = {
+            layer: fit_condition(model, directions, layer=layer, positive=condition_positive, negative=condition_negative, position=position)
+            for layer in layers
+        }
+    evaluator = Evaluator(
+        model, directions, position=position, settings=settings, positions=positions,
+        mmlu_scoring=mmlu_scoring, mmlu_formatter=mmlu_formatter, conditions=conditions, on_prompts=on_prompts,
+    )
+    notify("search")
+    baseline = replace(evaluator.points("addition", layers[0], [0.0], validation)[0], method="none", layer=-1)
+    points: list[Point] = []
+    for method in methods:
+        for layer in layers:
+            notify(f"search {method} layer {layer}")
+            points += evaluator.points(method, layer, alphas, validation)
+    front = pareto_front(points)
+    chosen = choose(points, baseline, limits)
+    notify("selected")
+    heldout_report: dict[str, Any] = {}
+    for label, point in (("baseline", baseline), ("chosen", chosen)):
+        method = "addition" if point.method == "none" else point.method
+        layer = layers[0] if point.method == "none" else point.layer
+        values = evaluator.per_item(method, layer, [point.alpha], heldout)
+        heldout_report[label] = {
+            metric: {
+                "value": sum(v[0]) / len(v[0]),
+                "ci": stats.bootstrap_ci(v[0], n_resamples=bootstrap_resamples),
+                "n": len(v[0]),
+            }
+            for metric, v in values.items()
+        }
+    return TuneResult(baseline, points, front, chosen, heldout_report)
+
+
+def tune_table(result: TuneResult) -> str:
+    lines = [
+        "| method | layer | alpha | refusal | helpfulness | MMLU | KL | frontier |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    front = set(result.front)
+    for p in [result.baseline, *result.points]:
+        mark = ("chosen " if p == result.chosen else "") + ("*" if p in front else "")
+        lines.append(
+            f"| {p.method} | {p.layer} | {p.alpha:+.2f} | {p.refusal:.2f} | {p.helpfulness:.2f} | "
+            f"{p.mmlu:.2f} | {p.kl:.3f} | {mark} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refusal_dir.activations import collect_activations
+from refusal_dir.directions import compute_directions
+from refusal_dir.errors import ConfigError
+from refusal_dir.generation import GenerationSettings
+from refusal_dir.prompts import benign_eval, harmful_eval, mmlu_questions
+from refusal_dir.tune import EvalSplit, Limits, Point, choose, pareto_front, split_half, tune
+
+
+def _p(method, refusal, helpfulness, mmlu, kl, alpha=1.0) -> Point:
+    return Point(method, 1, alpha, refusal, helpfulness, mmlu, kl)
+
+
+def test_pareto_front_and_choice_under_limits() -> None:
+    baseline = _p("none", 0.2, 0.9, 0.60, 0.0, alpha=0.0)
+    strong = _p("addition", 0.9, 0.5, 0.40, 0.8)      # breaks the limits
+    gentle = _p("conditional", 0.7, 0.9, 0.60, 0.05)  # within them
+    dominated = _p("ablation", 0.6, 0.8, 0.55, 0.09)  # gentle beats it on every axis
+    points = [strong, gentle, dominated]
+    assert set(pareto_front(points)) == {strong, gentle}
+    assert choose(points, baseline, Limits(max_mmlu_drop=0.01, max_kl=0.1)) == gentle
+    assert choose(points, baseline, Limits(max_mmlu_drop=1.0, max_kl=1.0)) == strong
+    assert choose(points, baseline, Limits(max_mmlu_drop=0.0, max_kl=0.01)) == baseline
+    with pytest.raises(ConfigError):
+        Limits(max_kl=-1.0)
+
+
+def test_selection_never_looks_at_the_heldout_split(tiny_model) -> None:
+    harmful_val, harmful_test = split_half(harmful_eval()[:8])
+    benign_val, benign_test = split_half(benign_eval()[:8])
+    mmlu_val, mmlu_test = split_half(mmlu_questions()[:8])
+    positive = collect_activations(tiny_model, harmful_eval()[8:16], progress=False)
+    negative = collect_activations(tiny_model, benign_eval()[8:16], progress=False)
+    directions = compute_directions(positive, negative, site="resid_pre", model=tiny_model, position_rule="last")
+    log: list[tuple[str, str]] = []
+    phase = ["search"]
+    heldout_texts = set(harmful_test) | set(benign_test) | {q.question for q in mmlu_test}
+
+    def spy(prompts) -> None:
+        for prompt in prompts:
+            if prompt in heldout_texts or any(q in prompt for q in {q.question for q in mmlu_test}):
+                log.append((phase[0], prompt))
+
+    def event(name: str) -> None:
+        if name == "selected":
+            phase[0] = "report"
+
+    result = tune(
+        tiny_model, directions, layers=[1], alphas=[0.0, 2.0], methods=("addition", "ablation", "conditional"),
+        validation=EvalSplit(harmful_val, benign_val, mmlu_val),
+        heldout=EvalSplit(harmful_test, benign_test, mmlu_test),
+        condition_positive=harmful_eval()[16:20], condition_negative=benign_eval()[16:20],
+        settings=GenerationSettings(max_new_tokens=3), on_prompts=spy, on_event=event, bootstrap_resamples=200,
+    )
+    assert log, "the held-out split is used for the report"
+    assert all(phase_name == "report" for phase_name, _ in log)
+    assert len(result.points) == 6 and result.chosen in [*result.points, result.baseline]
+    assert set(result.heldout) == {"baseline", "chosen"}
+    # alpha 0 addition equals the baseline on validation.
+    zero = next(p for p in result.points if p.method == "addition" and p.alpha == 0.0)
+    assert (zero.refusal, zero.helpfulness, zero.mmlu) == (result.baseline.refusal, result.baseline.helpfulness, result.baseline.mmlu)
+    assert zero.kl == pytest.approx(0.0, abs=1e-9)
+    assert torch.isfinite(torch.tensor([p.kl for p in result.points])).all()
