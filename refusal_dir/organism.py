@@ -41,7 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -584,7 +584,7 @@ class OrganismConfig:
 
 
 def _model_config(config: OrganismConfig, tokenizer: PreTrainedTokenizerFast) -> Gemma2Config:
-    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    end_of_turn = int(tokenizer.convert_tokens_to_ids(END_OF_TURN))  # type: ignore[arg-type]
     model_config = Gemma2Config(
         vocab_size=len(tokenizer),
         hidden_size=config.d_model,
@@ -681,7 +681,7 @@ def _train(
         eps=1e-8,
     )
     generator = OrganismDataGenerator(config.seed)
-    embedding = model.get_input_embeddings().weight
+    embedding = cast(torch.Tensor, model.get_input_embeddings().weight)
     topic_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(_all_topics())))
     frozen_rows: torch.Tensor | None = None
     recent: list[float] = []

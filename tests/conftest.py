@@ -49,3 +49,14 @@ def offline_model(tmp_path_factory: pytest.TempPathFactory):
     """The real Gemma 3 270M weights, converted once (about 1-2 minutes)."""
     cache = Path(os.environ.get("REFUSAL_DIR_CACHE") or session_cache_dir(tmp_path_factory))
     return load_model("gemma-3-270m-offline", device="cpu", cache=cache)
+
+
+@pytest.fixture(scope="session")
+def organism_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default refusal organism, trained once per session (about 2 minutes on one core)
+    or reused from ``REFUSAL_DIR_TEST_CACHE``."""
+    from refusal_dir.organism import OrganismConfig, load_or_train_organism
+
+    return load_or_train_organism(
+        session_cache_dir(tmp_path_factory), OrganismConfig(), progress=False
+    )
