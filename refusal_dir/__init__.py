@@ -21,9 +21,18 @@ from refusal_dir.generation import (
     GenerationSettings,
     continuation_logprobs,
     generate,
+    generate_tokens,
     next_token_logits,
 )
-from refusal_dir.interventions import ablation, addition, bridge_hooks, clamp, steer
+from refusal_dir.interventions import (
+    Intervention,
+    PositionState,
+    ablation,
+    addition,
+    bridge_hooks,
+    clamp,
+    steer,
+)
 from refusal_dir.model import DEFAULT_MODEL, OFFLINE_MODEL, HookedModel, load_model
 from refusal_dir.orthogonalize import orthogonalized_copy, save_orthogonalized
 from refusal_dir.scoring import LayerScore, score_layers, select_layer
@@ -40,6 +49,8 @@ __all__ = [
     "DirectionSet",
     "GenerationSettings",
     "HookedModel",
+    "Intervention",
+    "PositionState",
     "LayerScore",
     "ModelLoadError",
     "OutputDirError",
@@ -53,6 +64,7 @@ __all__ = [
     "compute_directions",
     "continuation_logprobs",
     "generate",
+    "generate_tokens",
     "hook_name",
     "load_model",
     "next_token_logits",
