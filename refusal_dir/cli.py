@@ -223,13 +223,10 @@ def _steer_prompts(args: argparse.Namespace) -> list[str]:
     return items
 
 
-def cmd_steer(args: argparse.Namespace) -> int:
-    from refusal_dir.generation import GenerationSettings, generate
-    from refusal_dir.interventions import ablation, addition
+def _model_and_directions(args: argparse.Namespace, config: Config) -> tuple[Any, Any, dict[str, Any], int]:
+    """Load the steering directions, then the model they were made for (or --model)."""
     from refusal_dir.pipeline import load_selected
 
-    prompts = _steer_prompts(args)
-    config = _config(args)
     directions, selected = load_selected(Path(args.directions_dir))
     if args.model is None:
         config = config.with_overrides({"model.name": directions.meta.model_id})
@@ -238,6 +235,16 @@ def cmd_steer(args: argparse.Namespace) -> int:
     layer = args.layer if args.layer is not None else selected.get("layer")
     if layer is None:
         raise ConfigError("this direction set has no selected layer: pass --layer")
+    return model, directions, selected, int(layer)
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from refusal_dir.generation import GenerationSettings, generate
+    from refusal_dir.interventions import ablation, addition
+
+    prompts = _steer_prompts(args)
+    config = _config(args)
+    model, directions, selected, layer = _model_and_directions(args, config)
     position = selected.get("position")
     if args.ablate:
         intervention = ablation(directions, direction_layer=layer, position=position, positions=args.positions)
@@ -326,17 +333,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from refusal_dir.orthogonalize import save_orthogonalized
-    from refusal_dir.pipeline import load_selected
 
     config = _config(args)
-    directions, selected = load_selected(Path(args.directions_dir))
-    if args.model is None:
-        config = config.with_overrides({"model.name": directions.meta.model_id})
-    model = _load(config)
-    directions.check_fits(model)
-    layer = args.layer if args.layer is not None else selected.get("layer")
-    if layer is None:
-        raise ConfigError("this direction set has no selected layer: pass --layer")
+    model, directions, selected, layer = _model_and_directions(args, config)
     path = save_orthogonalized(model, directions, args.output_dir, direction_layer=layer, position=selected.get("position"))
     _out(f"wrote {path}: directional ablation of the layer-{layer} direction baked into the weights")
     return 0
