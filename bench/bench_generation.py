@@ -1,0 +1,275 @@
+"""Benchmark: greedy generation, unsteered and steered, and a batched coefficient sweep.
+
+Part ``main`` (16 prompts x 48 new tokens, batch 16, left padding, greedy):
+
+(a) plain ``transformers`` ``model.hf.generate`` (unsteered, ``min_new_tokens=48``);
+(b) ours: ``generate(model, prompts, interventions=[addition(direction, layer=6, alpha=1.0)])``
+    with a random direction of norm 150 (what a mean difference has on this model);
+(c) the TransformerLens bridge: ``model.bridge.generate`` (KV cache) inside
+    ``model.bridge.hooks(fwd_hooks=bridge_hooks(...))``, ``stop_at_eos=False``;
+(d) a naive loop that re-runs the whole sequence through the bridge with the hook for every new
+    token (no KV cache, as FailSpy/abliterator does), on ``--naive-tokens`` tokens (default 16).
+
+``GenerationSettings`` has no ``min_new_tokens``; so that (b) computes the same 16 x 48 token
+positions as (a), the benchmark sets ``model.hf.generation_config.min_new_tokens = 48`` around
+the timed calls (``transformers`` reads it as the default of every ``generate`` call). Rates are
+generated token positions per second (rows x new tokens / seconds).
+
+Part ``sweep``: 9 coefficients x 16 prompts, ``max_new_tokens=48`` with natural stopping: one
+``generate`` call of 144 rows with a per-row ``alpha`` against nine sequential calls of 16 rows;
+the speedup, and whether the texts are identical.
+
+    python bench/bench_generation.py [--parts main sweep] [--repeats 3] [--naive-tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+
+N_PROMPTS = 16
+NEW_TOKENS = 48
+LAYER = 6
+NORM = 150.0
+ALPHAS = [-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def random_direction(d_model: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    vector = torch.randn(d_model, generator=generator)
+    return vector / vector.norm() * NORM
+
+
+@contextmanager
+def forced_length(model, n: int):
+    """Make every ``model.hf.generate`` call produce exactly ``n`` new tokens."""
+    config = model.hf.generation_config
+    old = config.min_new_tokens
+    config.min_new_tokens = n
+    try:
+        yield
+    finally:
+        config.min_new_tokens = old
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def plain_generate(model, prompts, n_new):
+    batch = model.tokenize(model.format_prompts(prompts))
+    out = model.hf.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=n_new,
+        min_new_tokens=n_new,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=model.pad_token_id,
+        eos_token_id=model.stop_token_ids(),
+    )
+    new = out[:, batch.input_ids.shape[1] :]
+    model.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return new
+
+
+def ours_generate(model, prompts, interventions, n_new, batch_size=N_PROMPTS):
+    from refusal_dir.generation import GenerationSettings, generate_tokens
+
+    settings = GenerationSettings(max_new_tokens=n_new, batch_size=batch_size)
+    return generate_tokens(
+        model, prompts, interventions=interventions, settings=settings, progress=False
+    )
+
+
+@torch.no_grad()
+def bridge_generate(model, prompts, intervention, n_new):
+    from refusal_dir.interventions import bridge_hooks
+
+    batch = model.tokenize(model.format_prompts(prompts))
+    with model.bridge.hooks(fwd_hooks=bridge_hooks(model, intervention)):
+        out = model.bridge.generate(
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            do_sample=False,
+            max_new_tokens=n_new,
+            use_past_kv_cache=True,
+            stop_at_eos=False,
+            return_type="tokens",
+            verbose=False,
+        )
+    new = out[:, batch.input_ids.shape[1] :]
+    model.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return new
+
+
+@torch.no_grad()
+def naive_generate(model, prompts, intervention, n_new):
+    """Re-run the whole (growing) sequence through the hooked bridge for every token."""
+    from refusal_dir.interventions import bridge_hooks
+
+    batch = model.tokenize(model.format_prompts(prompts))
+    tokens, mask = batch.input_ids, batch.attention_mask
+    with model.bridge.hooks(fwd_hooks=bridge_hooks(model, intervention)):
+        for _ in range(n_new):
+            logits = model.bridge(tokens, attention_mask=mask)
+            nxt = logits[:, -1, :].argmax(dim=-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    new = tokens[:, batch.input_ids.shape[1] :]
+    model.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return new
+
+
+def _agree(a, b) -> str:
+    """How many rows of two token tensors/lists agree over their common length."""
+    rows = 0
+    for x, y in zip(a, b):
+        x, y = list(x), list(y)
+        k = min(len(x), len(y))
+        rows += x[:k] == y[:k]
+    return f"{rows}/{len(a)} rows"
+
+
+# ----------------------------------------------------------------------------------------------
+# Parts
+# ----------------------------------------------------------------------------------------------
+
+
+def run_main(model, prompts, direction, args) -> None:
+    from refusal_dir.interventions import addition
+
+    steer_add = addition(direction, layer=LAYER, alpha=1.0)
+    n_naive = args.naive_tokens
+    print(
+        f"main: {len(prompts)} prompts x {NEW_TOKENS} new tokens, greedy; addition at resid_pre "
+        f"of layer {LAYER}, random direction of norm {direction.norm():.0f}, alpha 1.0; naive "
+        f"loop on {n_naive} tokens\n",
+        flush=True,
+    )
+    with forced_length(model, NEW_TOKENS):
+        # Sanity: what each method generates.
+        plain = plain_generate(model, prompts, NEW_TOKENS)
+        _, ours_plain = ours_generate(model, prompts, (), NEW_TOKENS)
+        _, ours_steered = ours_generate(model, prompts, [steer_add], NEW_TOKENS)
+        bridge = bridge_generate(model, prompts, steer_add, NEW_TOKENS)
+        naive = naive_generate(model, prompts, steer_add, n_naive)
+        print(f"ours unsteered == transformers generate: {_agree(ours_plain, plain.tolist())}")
+        print(f"ours steered == bridge steered: {_agree(ours_steered, bridge.tolist())}")
+        print(f"naive loop == bridge steered (first {n_naive} tokens): {_agree(naive.tolist(), bridge.tolist())}")
+        print(f"steered differs from unsteered: {sum(a != b[: len(a)] for a, b in zip(ours_steered, plain.tolist()))}/{len(prompts)} rows")
+        print(f"new tokens per row: (a) {plain.shape[1]}, (c) {bridge.shape[1]}, (d) {naive.shape[1]}; "
+              f"(b) kept before a stop token: {sorted({len(t) for t in ours_steered})}\n", flush=True)
+        methods = {
+            "(a) transformers generate, unsteered": lambda: plain_generate(model, prompts, NEW_TOKENS),
+            "(b) ours generate + addition": lambda: ours_generate(model, prompts, [steer_add], NEW_TOKENS),
+            "(c) bridge generate + hook (KV cache)": lambda: bridge_generate(model, prompts, steer_add, NEW_TOKENS),
+            f"(d) naive loop, bridge + hook, no KV cache ({n_naive} tokens)": lambda: naive_generate(
+                model, prompts, steer_add, n_naive
+            ),
+        }
+        timings = common.interleaved(methods, repeats=args.repeats, warmup=0)
+    counts = {name: len(prompts) * (n_naive if name.startswith("(d)") else NEW_TOKENS) for name in methods}
+    print()
+    print(
+        common.timing_table(
+            timings, clock=args.clock, baseline="(a) transformers generate, unsteered",
+            work=counts, unit="tokens",
+        )
+    )
+    print(
+        f"\n{args.repeats} interleaved repetitions (the sanity run above is the warm-up); torch threads "
+        f"{torch.get_num_threads()}; rates and ratios from {args.clock} time; token positions: "
+        f"{counts}.\n",
+        flush=True,
+    )
+
+
+def run_sweep(model, prompts, direction, args) -> None:
+    from refusal_dir.interventions import addition
+
+    rows = [p for _ in ALPHAS for p in prompts]
+    per_row = [a for a in ALPHAS for _ in prompts]
+    batched = addition(direction, layer=LAYER, alpha=per_row)
+    singles = [addition(direction, layer=LAYER, alpha=a) for a in ALPHAS]
+    print(
+        f"sweep: {len(ALPHAS)} alphas {ALPHAS} x {len(prompts)} prompts, max_new_tokens "
+        f"{NEW_TOKENS}, natural stopping\n",
+        flush=True,
+    )
+
+    def one_batch():
+        return ours_generate(model, rows, [batched], NEW_TOKENS, batch_size=len(rows))
+
+    def sequential():
+        texts, tokens = [], []
+        for intervention in singles:
+            t, k = ours_generate(model, prompts, [intervention], NEW_TOKENS)
+            texts += t
+            tokens += k
+        return texts, tokens
+
+    b_texts, b_tokens = one_batch()
+    s_texts, s_tokens = sequential()
+    same = sum(x == y for x, y in zip(b_texts, s_texts))
+    verdict = "IDENTICAL" if same == len(rows) else "DIFFERENT"
+    print(f"sweep texts: batched vs sequential {verdict}: {same}/{len(rows)} rows equal")
+    stopped = sum(len(t) < NEW_TOKENS for t in b_tokens)
+    print(f"rows that stopped before {NEW_TOKENS} tokens: {stopped}/{len(rows)}\n", flush=True)
+    batched_name = "one batch of 144 rows (per-row alpha)"
+    seq_name = "9 sequential calls of 16 rows"
+    timings = common.interleaved(
+        {batched_name: one_batch, seq_name: sequential}, repeats=args.repeats, warmup=0
+    )
+    print()
+    print(
+        common.timing_table(
+            timings, clock=args.clock, baseline=seq_name, work=len(rows), unit="rows"
+        )
+    )
+    chosen = timings.get(args.clock)
+    speedup = common.median(chosen[seq_name]) / common.median(chosen[batched_name])
+    wall = common.median(timings.wall[seq_name]) / common.median(timings.wall[batched_name])
+    print(
+        f"\nbatched sweep speedup: {speedup:.2f}x ({args.clock} time; wall {wall:.2f}x); texts "
+        f"{verdict.lower()} ({same}/{len(rows)} rows)"
+    )
+    print(
+        f"{args.repeats} interleaved repetitions (the sanity run above is the warm-up); torch threads "
+        f"{torch.get_num_threads()}.\n",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["main", "sweep"], choices=["main", "sweep"])
+    common.add_timing_args(parser)
+    parser.add_argument("--naive-tokens", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    common.set_threads(args.threads)
+    common.print_machine()
+    model = common.bench_model()
+    prompts = common.instructions(N_PROMPTS)
+    print(f"prompts: {N_PROMPTS} from {common.instruction_source()}\n")
+    direction = random_direction(model.d_model)
+    if "main" in args.parts:
+        run_main(model, prompts, direction, args)
+    if "sweep" in args.parts:
+        run_sweep(model, prompts, direction, args)
+
+
+if __name__ == "__main__":
+    main()
