@@ -1,0 +1,63 @@
+"""Reproduce the organism results table in the README: the full sweep on the refusal organism.
+
+    python examples/organism_sweep.py [--cache .cache/test] [--output-dir docs/organism-run]
+
+Trains the default organism once (about 2 minutes of CPU; reused from the cache afterwards),
+writes its held-out sets as JSONL files, and runs `refusal-dir run` on them with prompt-position
+addition and option scoring of the four-choice questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from refusal_dir.cli import main
+from refusal_dir.organism import OrganismConfig, load_or_train_organism, organism_eval_sets
+
+CONFIG = """steering:
+  positions: prompt
+evaluation:
+  mmlu_scoring: option
+  mmlu_prompt: as_is
+  honesty: false
+generation:
+  max_new_tokens: 8
+  batch_size: 96
+extraction:
+  max_layer_fraction: 1.0
+"""
+
+
+def run(cache: Path, output_dir: Path) -> int:
+    model_dir = load_or_train_organism(cache, OrganismConfig())
+    sets = organism_eval_sets(0)
+    data = {
+        "harmful": [{"instruction": p} for p in sets.harmful_test],
+        "benign": [{"instruction": p} for p in sets.harmless_test],
+        "pairs": [{"harmful": a, "harmless": b} for a, b in zip(sets.harmful_train, sets.harmless_train)],
+        "mc": [{"question": q.question, "choices": list(q.choices), "answer": q.answer} for q in sets.mc_test],
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {}
+        for name, items in data.items():
+            files[name] = Path(scratch) / f"{name}.jsonl"
+            files[name].write_text("\n".join(json.dumps(item) for item in items) + "\n")
+        config = Path(scratch) / "organism.yaml"
+        config.write_text(CONFIG)
+        return main([
+            "run", "--config", str(config), "--model", str(model_dir), "--output-dir", str(output_dir),
+            "--pairs-file", str(files["pairs"]), "--harmful-file", str(files["harmful"]),
+            "--benign-file", str(files["benign"]), "--mmlu-file", str(files["mc"]), "--quiet", "--fresh",
+        ])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path(".cache/test"))
+    parser.add_argument("--output-dir", type=Path, default=Path("docs/organism-run"))
+    args = parser.parse_args()
+    sys.exit(run(args.cache, args.output_dir))
