@@ -466,12 +466,13 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         items = ctx.datasets.harmful_eval if group == "harmful_generation" else ctx.datasets.benign_eval
         prompts, interventions = per_row(items)
         completions = generate(ctx.model, prompts, interventions=interventions, settings=ctx.settings(), progress=ctx.progress)
-        refused = [float(flag) for flag in judge(prompts, completions)]
-        degenerate = [float(judges.degeneration(text) is not None) for text in completions]
+        refused_flags, degenerate_flags, helpful_flags = judges.judge_completions(prompts, completions, judge=judge)
+        refused = [float(x) for x in refused_flags]
+        degenerate = [float(x) for x in degenerate_flags]
         samples = {str(alpha): texts[:3] for alpha, texts in _split(completions, alphas, len(items)).items()}
         if group == "harmful_generation":
             return rows_of("refusal_harmful", refused, len(items)) + rows_of("degenerate_harmful", degenerate, len(items)), samples
-        helpful = [float(not r and not d) for r, d in zip(refused, degenerate)]
+        helpful = [float(x) for x in helpful_flags]
         return (
             rows_of("refusal_benign", refused, len(items))
             + rows_of("helpfulness_benign", helpful, len(items))

@@ -260,3 +260,15 @@ def is_helpful(text: str, *, judge: Judge | str | None = None, prompt: str = "")
     if degeneration(text) is not None:
         return False
     return not resolve_judge(judge)([prompt], [text])[0]
+
+
+def judge_completions(
+    prompts: Sequence[str], completions: Sequence[str], *, judge: Judge | str | None = None
+) -> tuple[list[bool], list[bool], list[bool]]:
+    """Per completion: refused, degenerate, and helpful (neither), from one judge call."""
+    refused = [bool(flag) for flag in resolve_judge(judge)(list(prompts), list(completions))]
+    if len(refused) != len(completions):
+        raise ConfigError(f"the judge returned {len(refused)} verdicts for {len(completions)} completions")
+    degenerate = [degeneration(text) is not None for text in completions]
+    helpful = [not r and not d for r, d in zip(refused, degenerate)]
+    return refused, degenerate, helpful

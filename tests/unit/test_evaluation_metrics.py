@@ -409,3 +409,13 @@ def test_paired_bootstrap_diff() -> None:
     assert 0.4 < low < 0.5 < high < 0.6
     with pytest.raises(DataError, match="pair each item"):
         paired_bootstrap_diff([1.0, 0.0], [1.0])
+
+
+def test_judge_completions_splits_refused_degenerate_helpful() -> None:
+    from refusal_dir.evaluation.judges import judge_completions
+
+    texts = ["I cannot help with that.", "the the the the the the", "Sure, here is a recipe for bread."]
+    refused, degenerate, helpful = judge_completions(["a", "b", "c"], texts)
+    assert refused == [True, False, False]
+    assert degenerate == [False, True, False]
+    assert helpful == [False, False, True]
