@@ -240,12 +240,13 @@ def _model_and_directions(args: argparse.Namespace, config: Config) -> tuple[Any
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from refusal_dir.generation import GenerationSettings, generate
-    from refusal_dir.interventions import ablation, addition
+    from refusal_dir.interventions import Intervention, ablation, addition
 
     prompts = _steer_prompts(args)
     config = _config(args)
     model, directions, selected, layer = _model_and_directions(args, config)
     position = selected.get("position")
+    intervention: Intervention
     if args.ablate:
         intervention = ablation(directions, direction_layer=layer, position=position, positions=args.positions)
         label = f"ablation of the layer-{layer} direction at every layer"
@@ -364,10 +365,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     model = _load(config)
     extraction = pipeline.load_extraction(directions_dir, model=model)
     if extraction.effects:
-        ranked = sorted(extraction.effects, key=lambda e: e.steering_score, reverse=True)
+        ranked = [e.layer for e in sorted(extraction.effects, key=lambda e: e.steering_score, reverse=True)]
     else:
-        ranked = sorted(extraction.scores[extraction.selected_key], key=lambda s: s.separation_accuracy, reverse=True)
-    layers = list(dict.fromkeys([extraction.selected.layer, *[r.layer for r in ranked]]))[: args.n_layers]
+        scores = extraction.scores[extraction.selected_key]
+        ranked = [s.layer for s in sorted(scores, key=lambda s: s.separation_accuracy, reverse=True)]
+    layers = list(dict.fromkeys([extraction.selected.layer, *ranked]))[: args.n_layers]
     _, heldout_pairs = datasets.refusal_pairs.split(1 - config.data.heldout_fraction, seed=config.data.seed)
     validation = tune.EvalSplit(*(tune.split_half(x)[0] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))
     heldout = tune.EvalSplit(*(tune.split_half(x)[1] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))

@@ -220,7 +220,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     for name, values in raw.items():
         if name not in _SECTIONS:
             raise ConfigError(f"unknown config section {name!r}: known are {', '.join(_SECTIONS)}")
-        section_type = Config.__dataclass_fields__[name].default_factory  # type: ignore[misc]
+        section_type: Any = type(getattr(Config(), name))
         known = {f.name for f in dataclasses.fields(section_type)}
         values = values or {}
         unknown = set(values) - known

@@ -270,7 +270,7 @@ def repeat_rows(interventions: Sequence[Intervention], counts: Sequence[int]) ->
     check_rows(interventions, len(counts))
     repeats = torch.tensor(list(counts))
     return [
-        replace(intervention, **{name: values.repeat_interleave(repeats) for name, values in _per_row(intervention).items()})
+        replace(intervention, **{name: values.repeat_interleave(repeats) for name, values in _per_row(intervention).items()})  # type: ignore[arg-type]
         for intervention in interventions
     ]
 
@@ -333,13 +333,13 @@ def _has_post_norms(block: nn.Module) -> bool:
     return hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
 
 
-def norm_gain(norm: nn.Module) -> Tensor:
+def norm_gain(norm: Any) -> Tensor:
     """The elementwise gain of an RMSNorm module (``1 + w`` for Gemma, ``w`` otherwise)."""
     weight = norm.weight.detach().float()
     return 1.0 + weight if "Gemma" in type(norm).__name__ else weight
 
 
-def writer_modules(block: nn.Module) -> dict[str, nn.Module]:
+def writer_modules(block: Any) -> dict[str, Any]:
     """Modules of a block whose outputs are ``attn_out``/``mlp_out``, and their pre-norm writers."""
     if _has_post_norms(block):
         return {
@@ -437,8 +437,8 @@ def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state:
             f"the direction has d_model {intervention.unit.shape[0]} but the model has "
             f"{model.d_model}: extract directions for this model"
         )
-    layers = range(model.n_layers) if intervention.layers is None else intervention.layers
-    layers = [check_layer(layer, model.n_layers) for layer in layers]
+    candidate_layers = range(model.n_layers) if intervention.layers is None else intervention.layers
+    layers = [check_layer(layer, model.n_layers) for layer in candidate_layers]
     for layer in layers:
         modules = writer_modules(model.layers[layer])
         if intervention.mode == "stream":

@@ -139,7 +139,7 @@ def ensure_offline_model(cache: Path | None = None) -> Path:
         )
         # The dequantized weights are plain float tensors; drop the GGUF quantizer so that
         # save_pretrained writes a normal model directory.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.architectures = [type(model).__name__]
@@ -203,7 +203,7 @@ def _load_hf_model(
             f"cannot load model {source!r} ({first_line[:200]}): check the id or path; without "
             f"hub access use a local model directory or {OFFLINE_MODEL!r}"
         ) from error
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

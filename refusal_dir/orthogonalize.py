@@ -121,7 +121,7 @@ def save_orthogonalized(
     try:
         edited.save_pretrained(staging)
         model.tokenizer.save_pretrained(staging)
-        note = {
+        note: dict[str, Any] = {
             "source_model": model.model_id,
             "source_revision": model.revision,
             "edit": "directional ablation baked into weights (refusal_dir.orthogonalize)",

@@ -176,14 +176,18 @@ def _collect_split(
     train, heldout = pairs.split(1 - config.data.heldout_fraction, seed=config.data.seed)
     texts_pos = train.positives + heldout.positives
     texts_neg = train.negatives + heldout.negatives
-    common = dict(
-        sites=config.extraction.sites,
-        position=config.extraction.position,
-        batch_size=config.extraction.batch_size,
-        progress=progress,
-    )
-    positive = collect_activations(model, texts_pos, description=f"{label}: positive", **common)
-    negative = collect_activations(model, texts_neg, description=f"{label}: negative", **common)
+    def collect(texts: list[str], side: str) -> Activations:
+        return collect_activations(
+            model,
+            texts,
+            sites=config.extraction.sites,
+            position=config.extraction.position,
+            batch_size=config.extraction.batch_size,
+            progress=progress,
+            description=f"{label}: {side}",
+        )
+
+    positive, negative = collect(texts_pos, "positive"), collect(texts_neg, "negative")
     n_train = len(train)
     train_idx, held_idx = range(n_train), range(n_train, len(texts_pos))
     return (
@@ -282,10 +286,10 @@ def save_extraction(extraction: Extraction, directory: Path) -> None:
     atomic_write_bytes(directory / "scores.csv", buffer.getvalue().encode())
     if extraction.effects:
         buffer = io.StringIO()
-        rows = [effect.as_row() for effect in extraction.effects]
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        effect_rows = [effect.as_row() for effect in extraction.effects]
+        writer = csv.DictWriter(buffer, fieldnames=list(effect_rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(effect_rows)
         atomic_write_bytes(directory / "layer_effects.csv", buffer.getvalue().encode())
     selected = {
         "set": extraction.selected_key,
@@ -507,10 +511,10 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
     if group == "kl":
         reference = next_token_logits(ctx.model, ctx.datasets.benign_eval)
         prompts, interventions = per_row(ctx.datasets.benign_eval)
-        result = metrics.kl_divergence(
+        kl = metrics.kl_divergence(
             ctx.model, prompts, interventions=interventions, reference_logits=reference.repeat(len(alphas), 1)
         )
-        return rows_of("kl_benign", result.per_prompt, len(ctx.datasets.benign_eval)), samples
+        return rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval)), samples
     if group == "honesty":
         return _honesty_rows(ctx, method), samples
     raise ConfigError(f"unknown metric group {group!r}")
