@@ -20,6 +20,7 @@ from refusal_dir.organism import OrganismConfig, load_or_train_organism, organis
 
 CONFIG = """steering:
   positions: prompt
+  methods: [addition, ablation, conditional]
 evaluation:
   mmlu_scoring: option
   mmlu_prompt: as_is

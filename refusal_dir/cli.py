@@ -58,7 +58,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alphas", type=float, nargs="+", help="coefficients to sweep")
-    parser.add_argument("--methods", nargs="+", choices=["addition", "ablation"], help="steering methods")
+    parser.add_argument("--methods", nargs="+", choices=["addition", "ablation", "conditional"], help="steering methods")
     parser.add_argument("--layer", type=int, help="steer at this layer instead of the selected one")
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt")
     parser.add_argument("--batch-size", type=int, help="rows per generate call")

@@ -22,6 +22,7 @@ from refusal_dir.sites import RESIDUAL_SITES
 
 POSITIONS = ("last", "mean", "post_instruction")
 STEERING_METHODS = ("addition", "ablation")
+ALL_STEERING_METHODS = ("addition", "ablation", "conditional")
 DIRECTION_METHODS = ("mean_diff", "pca", "probe")
 
 
@@ -128,8 +129,8 @@ class SteeringSettings:
         if duplicates:
             _fail("steering.alphas", f"has duplicates {duplicates}: list each coefficient once")
         for method in self.methods:
-            if method not in STEERING_METHODS:
-                _fail("steering.methods", f"{method!r} is not one of {', '.join(STEERING_METHODS)}")
+            if method not in ALL_STEERING_METHODS:
+                _fail("steering.methods", f"{method!r} is not one of {', '.join(ALL_STEERING_METHODS)}")
         if self.unit not in ("raw", "unit"):
             _fail("steering.unit", f"{self.unit!r} is not one of raw, unit")
         if self.positions not in ("all", "prompt", "generated"):

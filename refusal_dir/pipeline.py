@@ -25,12 +25,13 @@ import logging
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from refusal_dir import prompts as prompt_sets
 from refusal_dir.activations import Activations, collect_activations
+from refusal_dir.conditional import Condition, conditional_addition, fit_condition
 from refusal_dir.config import Config
 from refusal_dir.directions import DirectionSet, atomic_write_bytes, compute_directions
 from refusal_dir.errors import ConfigError, DataError, OutputDirError
@@ -384,8 +385,24 @@ def steering_interventions(
     position: str,
     alphas: Sequence[float],
     config: Config,
+    model: HookedModel | None = None,
+    gate_prompts: Sequence[str] = (),
+    condition: Condition | None = None,
 ) -> list[Intervention]:
-    """One intervention whose coefficient differs per row (``alphas`` has one value per row)."""
+    """One intervention whose coefficient differs per row (``alphas`` has one value per row).
+
+    ``conditional`` also needs the model, the condition and the prompt of every row to gate.
+    """
+    if method == "conditional":
+        if model is None or condition is None or len(gate_prompts) != len(alphas):
+            raise ConfigError("conditional steering needs the model, a condition and one prompt per row")
+        return [
+            conditional_addition(
+                model, gate_prompts, condition, direction_set, layer=layer, alpha=list(alphas),
+                site=config.extraction.site, unit=config.steering.unit,
+                positions=config.steering.positions, position=position,
+            )
+        ]
     if method == "addition":
         return [
             addition(
@@ -400,7 +417,7 @@ def steering_interventions(
         ]
     if method == "ablation":
         return [ablation(direction_set, direction_layer=layer, position=position, strength=list(alphas))]
-    raise ConfigError(f"unknown steering method {method!r}: choose addition or ablation")
+    raise ConfigError(f"unknown steering method {method!r}: choose addition, ablation or conditional")
 
 
 def _rows_for(
@@ -441,6 +458,21 @@ class SweepContext:
     extraction: Extraction
     progress: bool = True
 
+    _conditions: dict[tuple[int, str], Condition] = field(default_factory=dict)
+
+    def condition(self, layer: int, position: str) -> Condition:
+        """The gate for conditional steering, fit once on the held-out extraction pairs."""
+        key = (layer, position)
+        if key not in self._conditions:
+            _, heldout = self.datasets.refusal_pairs.split(
+                1 - self.config.data.heldout_fraction, seed=self.config.data.seed
+            )
+            self._conditions[key] = fit_condition(
+                self.model, self.extraction.steering_set, layer=layer, position=position,
+                positive=heldout.positives, negative=heldout.negatives,
+            )
+        return self._conditions[key]
+
     def settings(self) -> GenerationSettings:
         return GenerationSettings(
             max_new_tokens=self.config.generation.max_new_tokens,
@@ -454,11 +486,18 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
     direction_set = ctx.extraction.steering_set
     judge = judges.resolve_judge(ctx.config.evaluation.judge)
 
+    formatter = (
+        (lambda q: q.question) if ctx.config.evaluation.mmlu_prompt == "as_is" else prompt_sets.format_mc_prompt
+    )
+
     def per_row(items: Sequence[Any]) -> tuple[list[Any], list[Intervention]]:
         rows = [item for _ in alphas for item in items]
         coefficients = [alpha for alpha in alphas for _ in items]
+        gate_prompts = [formatter(item) if isinstance(item, MCQuestion) else item for item in rows]
         interventions = steering_interventions(
-            direction_set, method=method, layer=layer, position=position, alphas=coefficients, config=ctx.config
+            direction_set, method=method, layer=layer, position=position, alphas=coefficients,
+            config=ctx.config, model=ctx.model, gate_prompts=gate_prompts,
+            condition=ctx.condition(layer, position) if method == "conditional" else None,
         )
         return rows, interventions
 
@@ -493,9 +532,6 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         ), samples
     if group == "mmlu":
         questions, interventions = per_row(ctx.datasets.mmlu)
-        formatter = (
-            (lambda q: q.question) if ctx.config.evaluation.mmlu_prompt == "as_is" else prompt_sets.format_mc_prompt
-        )
         result = metrics.mmlu_accuracy(
             ctx.model,
             questions,
@@ -516,7 +552,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         )
         return rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval)), samples
     if group == "honesty":
-        return _honesty_rows(ctx, method), samples
+        return ([] if method == "conditional" else _honesty_rows(ctx, method)), samples
     raise ConfigError(f"unknown metric group {group!r}")
 
 
@@ -652,7 +688,9 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
     lines += [
         "Rates are means over prompts with 95% bootstrap confidence intervals. `addition`: alpha x "
         "the raw mean-difference vector added at the layer; `ablation`: directional ablation of "
-        "strength alpha at every layer (1 removes the component, 0 is the unsteered model).",
+        "strength alpha at every layer (1 removes the component, 0 is the unsteered model); "
+        "`conditional`: the addition applied only to prompts whose projection at the layer passes a "
+        "threshold fit on the held-out extraction pairs.",
         "",
         results_table(rows),
         "",

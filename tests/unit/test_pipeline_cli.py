@@ -169,3 +169,16 @@ def test_cli_extract_steer_export(capsys, tiny_model_dir, tmp_path: Path) -> Non
     assert line["prompt"] == "Hi" and f"layer {selected['layer']}" in line["intervention"]
     code = main(["export", "--directions-dir", str(out), "--output-dir", str(tmp_path / "edited"), "--quiet"])
     assert code == 0 and (tmp_path / "edited" / "config.json").exists()
+
+
+def test_conditional_method_in_the_sweep(tiny_model, extracted, tmp_path: Path) -> None:
+    config, datasets, extraction, _ = extracted
+    config = config.with_overrides({"steering.methods": ("addition", "conditional"), "steering.alphas": (0.0, 1.0)})
+    ctx = SweepContext(tiny_model, config, datasets, extraction, progress=False)
+    rows = sweep(ctx, prepare_output_dir(tmp_path / "conditional", config))
+    index = {(r["method"], r["alpha"], r["metric"]): r["value"] for r in rows}
+    assert ("conditional", 1.0, "refusal_harmful") in index
+    # With alpha 0 the gate changes nothing: conditional equals addition equals unsteered.
+    for (method, alpha, metric), value in index.items():
+        if method == "conditional" and alpha == 0.0:
+            assert value == pytest.approx(index[("addition", 0.0, metric)], abs=1e-9), metric
