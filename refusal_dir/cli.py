@@ -306,6 +306,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_extraction(
+    args: argparse.Namespace, config: Config, reporter: _StageReporter
+) -> tuple[Config, Any, Any]:
+    """A saved extraction (``--directions-dir``) and the model it was made for (or --model)."""
+    from refusal_dir import pipeline
+
+    directions_dir = Path(args.directions_dir)
+    directions_dir = directions_dir / "directions" if (directions_dir / "directions").is_dir() else directions_dir
+    if not (directions_dir / "selected.json").exists():
+        raise DataError(f"{directions_dir} has no selected.json: pass the output of `refusal-dir extract`")
+    if args.model is None:
+        direction_set, _ = pipeline.load_selected(directions_dir)
+        config = config.with_overrides({"model.name": direction_set.meta.model_id})
+    reporter("loading model")
+    model = _load(config)
+    return config, model, pipeline.load_extraction(directions_dir, model=model)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from refusal_dir import pipeline
 
@@ -313,16 +331,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     reporter = _StageReporter(args.quiet)
     output_dir = pipeline.prepare_output_dir(Path(args.output_dir), config, fresh=args.fresh)
     datasets = pipeline.load_datasets(config)
-    directions_dir = Path(args.directions_dir)
-    directions_dir = directions_dir / "directions" if (directions_dir / "directions").is_dir() else directions_dir
-    if args.model is None:
-        direction_set, _ = pipeline.load_selected(directions_dir)
-        config = config.with_overrides({"model.name": direction_set.meta.model_id})
-    reporter("loading model")
-    model = _load(config)
-    if not (directions_dir / "selected.json").exists():
-        raise DataError(f"{directions_dir} has no selected.json: pass the output of `refusal-dir extract`")
-    extraction = pipeline.load_extraction(directions_dir, model=model)
+    config, model, extraction = _model_and_extraction(args, config, reporter)
     ctx = pipeline.SweepContext(model, config, datasets, extraction, not args.quiet)
     rows = pipeline.sweep(ctx, output_dir, on_group=lambda m, g: reporter(f"sweep: {m} / {g}"))
     command = "refusal-dir " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -346,7 +355,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from refusal_dir import pipeline, tune
     from refusal_dir.directions import atomic_write_bytes
     from refusal_dir.generation import GenerationSettings
-    from refusal_dir.prompts import format_mc_prompt
 
     config = _config(args)
     limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop)
@@ -354,26 +362,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n-layers must be >= 1, got {args.n_layers}")
     reporter = _StageReporter(args.quiet)
     datasets = pipeline.load_datasets(config)
-    directions_dir = Path(args.directions_dir)
-    directions_dir = directions_dir / "directions" if (directions_dir / "directions").is_dir() else directions_dir
-    if not (directions_dir / "selected.json").exists():
-        raise DataError(f"{directions_dir} has no selected.json: pass the output of `refusal-dir extract`")
-    if args.model is None:
-        direction_set, _ = pipeline.load_selected(directions_dir)
-        config = config.with_overrides({"model.name": direction_set.meta.model_id})
-    reporter("loading model")
-    model = _load(config)
-    extraction = pipeline.load_extraction(directions_dir, model=model)
+    config, model, extraction = _model_and_extraction(args, config, reporter)
     if extraction.effects:
         ranked = [e.layer for e in sorted(extraction.effects, key=lambda e: e.steering_score, reverse=True)]
     else:
         scores = extraction.scores[extraction.selected_key]
         ranked = [s.layer for s in sorted(scores, key=lambda s: s.separation_accuracy, reverse=True)]
     layers = list(dict.fromkeys([extraction.selected.layer, *ranked]))[: args.n_layers]
-    _, heldout_pairs = datasets.refusal_pairs.split(1 - config.data.heldout_fraction, seed=config.data.seed)
+    _, heldout_pairs = pipeline.split_pairs(datasets.refusal_pairs, config)
     validation = tune.EvalSplit(*(tune.split_half(x)[0] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))
     heldout = tune.EvalSplit(*(tune.split_half(x)[1] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))
-    formatter = (lambda q: q.question) if config.evaluation.mmlu_prompt == "as_is" else format_mc_prompt
+    formatter = pipeline.mc_formatter(config)
     result = tune.tune(
         model, extraction.steering_set, layers=layers, alphas=config.steering.alphas,
         methods=args.tune_methods, validation=validation, heldout=heldout,

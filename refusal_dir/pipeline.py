@@ -107,6 +107,18 @@ def load_datasets(config: Config) -> Datasets:
     )
 
 
+def split_pairs(pairs: PairSet, config: Config) -> tuple[PairSet, PairSet]:
+    """The extraction pairs' train part and the held-out part used to score and select layers."""
+    return pairs.split(1 - config.data.heldout_fraction, seed=config.data.seed)
+
+
+def mc_formatter(config: Config) -> Callable[[MCQuestion], str]:
+    """How four-choice questions are shown to the model (``evaluation.mmlu_prompt``)."""
+    if config.evaluation.mmlu_prompt == "as_is":
+        return lambda question: question.question
+    return prompt_sets.format_mc_prompt
+
+
 # ----------------------------------------------------------------------------------------------
 # Output directory
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +186,7 @@ class Extraction:
 def _collect_split(
     model: HookedModel, pairs: PairSet, config: Config, *, progress: bool, label: str
 ) -> tuple[Activations, Activations, Activations, Activations, str]:
-    train, heldout = pairs.split(1 - config.data.heldout_fraction, seed=config.data.seed)
+    train, heldout = split_pairs(pairs, config)
     texts_pos = train.positives + heldout.positives
     texts_neg = train.negatives + heldout.negatives
     def collect(texts: list[str], side: str) -> Activations:
@@ -242,7 +254,7 @@ def extract(
     )
     effects: list[LayerEffect] = []
     if config.extraction.selection == "effect":
-        _, heldout = datasets.refusal_pairs.split(1 - config.data.heldout_fraction, seed=config.data.seed)
+        _, heldout = split_pairs(datasets.refusal_pairs, config)
         effects = layer_effects(
             model,
             sets[key],
@@ -464,9 +476,7 @@ class SweepContext:
         """The gate for conditional steering, fit once on the held-out extraction pairs."""
         key = (layer, position)
         if key not in self._conditions:
-            _, heldout = self.datasets.refusal_pairs.split(
-                1 - self.config.data.heldout_fraction, seed=self.config.data.seed
-            )
+            _, heldout = split_pairs(self.datasets.refusal_pairs, self.config)
             self._conditions[key] = fit_condition(
                 self.model, self.extraction.steering_set, layer=layer, position=position,
                 positive=heldout.positives, negative=heldout.negatives,
@@ -486,9 +496,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
     direction_set = ctx.extraction.steering_set
     judge = judges.resolve_judge(ctx.config.evaluation.judge)
 
-    formatter = (
-        (lambda q: q.question) if ctx.config.evaluation.mmlu_prompt == "as_is" else prompt_sets.format_mc_prompt
-    )
+    formatter = mc_formatter(ctx.config)
 
     def per_row(items: Sequence[Any]) -> tuple[list[Any], list[Intervention]]:
         rows = [item for _ in alphas for item in items]

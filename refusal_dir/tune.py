@@ -77,11 +77,6 @@ def _rows(items: Sequence[Any], alphas: Sequence[float]) -> tuple[list[Any], lis
     return [x for _ in alphas for x in items], [a for a in alphas for _ in items]
 
 
-def _mean_blocks(values: Sequence[float], n_blocks: int) -> list[float]:
-    size = len(values) // n_blocks
-    return [sum(values[i * size : (i + 1) * size]) / size for i in range(n_blocks)]
-
-
 class Evaluator:
     """Computes the four metrics of a (method, layer) for many alphas in batched calls."""
 
