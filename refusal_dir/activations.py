@@ -13,8 +13,9 @@ Positions (``positions=``):
 
 Two backends give the same numbers (tested): ``"fast"`` (default) places PyTorch hooks on the
 plain ``transformers`` modules at the bridge's hook points and stops the forward pass after the
-last layer needed, so the unembedding is never computed; ``"bridge"`` uses TransformerLens
-``run_with_cache(names_filter=..., stop_at_layer=...)``.
+last layer needed, so the unembedding is never computed; ``"bridge"`` registers TransformerLens hooks
+(``bridge.hooks(fwd_hooks=...)``) at the same hook names and stops the bridge's forward pass the
+same way.
 """
 
 from __future__ import annotations
@@ -179,6 +180,30 @@ def _check_post_instruction(model: HookedModel, batch: TokenBatch) -> None:
         )
 
 
+class _Storage:
+    """The per-batch tensors one backend fills: ``stored[site]`` is ``batch x positions x layers x d``."""
+
+    def __init__(
+        self, model: HookedModel, batch: TokenBatch, sites: Sequence[str], layers: Sequence[int], rule: str, n_positions: int
+    ) -> None:
+        self.rule = rule
+        self.n_positions = n_positions
+        self.mean_mask = _mean_mask(model, batch).to(model.device)
+        self.column = {layer: index for index, layer in enumerate(layers)}
+        self.stored = {
+            site: torch.zeros(len(batch), n_positions, len(layers), model.d_model) for site in sites
+        }
+        # The forward pass can stop once this (site, layer) is stored.
+        self.last = ("resid_post" if "resid_post" in sites else "resid_pre", max(layers))
+
+    def store(self, site: str, layer: int, hidden: Tensor) -> None:
+        if site in self.stored and layer in self.column:
+            picked = _gather(hidden, self.rule, self.n_positions, self.mean_mask)
+            self.stored[site][:, :, self.column[layer], :] = picked.float().cpu()
+        if (site, layer) == self.last:
+            raise _StopForward
+
+
 @torch.no_grad()
 def _collect_batch_fast(
     model: HookedModel,
@@ -189,49 +214,27 @@ def _collect_batch_fast(
     n_positions: int,
 ) -> dict[str, Tensor]:
     device_batch = batch.to(model.device)
-    mean_mask = _mean_mask(model, batch).to(model.device)
-    stored = {
-        site: torch.zeros(len(batch), n_positions, len(layers), model.d_model) for site in sites
-    }
-    column = {layer: index for index, layer in enumerate(layers)}
-    last_layer = max(layers)
-    stop_after_post = "resid_post" in sites
+    storage = _Storage(model, batch, sites, layers, rule, n_positions)
     handles = []
-
-    def store(site: str, layer: int, hidden: Tensor) -> None:
-        picked = _gather(hidden, rule, n_positions, mean_mask)
-        stored[site][:, :, column[layer], :] = picked.float().cpu()
 
     def make_pre_hook(layer: int):
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if "resid_pre" in sites and layer in column:
-                store("resid_pre", layer, hidden)
-            if layer == last_layer and not stop_after_post:
-                raise _StopForward
+            storage.store("resid_pre", layer, args[0] if args else kwargs["hidden_states"])
 
         return hook
 
     def make_post_hook(layer: int):
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            if layer in column:
-                store("resid_post", layer, hidden)
-            if layer == last_layer:
-                raise _StopForward
+            storage.store("resid_post", layer, output[0] if isinstance(output, tuple) else output)
 
         return hook
 
     try:
-        for layer in range(last_layer + 1):
+        for layer in range(max(layers) + 1):
             block = model.layers[layer]
-            handles.append(
-                block.register_forward_pre_hook(make_pre_hook(layer), with_kwargs=True)
-            )
-            if stop_after_post:
-                handles.append(
-                    block.register_forward_hook(make_post_hook(layer), with_kwargs=True)
-                )
+            handles.append(block.register_forward_pre_hook(make_pre_hook(layer), with_kwargs=True))
+            if "resid_post" in sites:
+                handles.append(block.register_forward_hook(make_post_hook(layer), with_kwargs=True))
         try:
             model.hf(
                 input_ids=device_batch.input_ids,
@@ -244,7 +247,7 @@ def _collect_batch_fast(
     finally:
         for handle in handles:
             handle.remove()
-    return stored
+    return storage.stored
 
 
 @torch.no_grad()
@@ -256,21 +259,26 @@ def _collect_batch_bridge(
     rule: str,
     n_positions: int,
 ) -> dict[str, Tensor]:
-    names = {hook_name(site, layer): (site, layer) for site in sites for layer in layers}
+    # TransformerLens hooks at the hook points, stopping the forward pass once the last one is
+    # stored: unlike run_with_cache(stop_at_layer=n_layers), this never computes the
+    # unembedding and keeps no per-token cache.
     device_batch = batch.to(model.device)
-    _, cache = model.bridge.run_with_cache(
-        device_batch.input_ids,
-        attention_mask=device_batch.attention_mask,
-        names_filter=lambda name: name in names,
-        stop_at_layer=max(layers) + 1,
-        return_type=None,
-    )
-    mean_mask = _mean_mask(model, batch).to(model.device)
-    stored = {
-        site: torch.zeros(len(batch), n_positions, len(layers), model.d_model) for site in sites
-    }
-    column = {layer: index for index, layer in enumerate(layers)}
-    for name, (site, layer) in names.items():
-        picked = _gather(cache[name], rule, n_positions, mean_mask)
-        stored[site][:, :, column[layer], :] = picked.float().cpu()
-    return stored
+    storage = _Storage(model, batch, sites, layers, rule, n_positions)
+
+    def make_hook(site: str, layer: int):
+        def hook(act: Tensor, hook: Any) -> None:
+            storage.store(site, layer, act)
+
+        return hook
+
+    fwd_hooks = [(hook_name(site, layer), make_hook(site, layer)) for site in sites for layer in layers]
+    with model.bridge.hooks(fwd_hooks=fwd_hooks):
+        try:
+            model.bridge(
+                device_batch.input_ids,
+                attention_mask=device_batch.attention_mask,
+                return_type=None,
+            )
+        except _StopForward:
+            pass
+    return storage.stored

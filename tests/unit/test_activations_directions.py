@@ -56,6 +56,41 @@ def test_fast_path_equals_bridge_hook_points(tiny_model, position: str) -> None:
         torch.testing.assert_close(fast.acts[site], bridge.acts[site], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sites", [("resid_pre", "resid_post"), ("resid_pre",)])
+@pytest.mark.parametrize("backend", ["fast", "bridge"])
+def test_backends_equal_run_with_cache(tiny_model, backend: str, sites: tuple[str, ...]) -> None:
+    # The reference is what a TransformerLens user reads: run_with_cache at the hook names.
+    layers = [0, 1]
+    acts = collect_activations(
+        tiny_model, PROMPTS_B, sites=sites, layers=layers, backend=backend, progress=False
+    )
+    batch = tiny_model.tokenize(tiny_model.format_prompts(PROMPTS_B))
+    _, cache = tiny_model.bridge.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
+    for site in sites:
+        for column, layer in enumerate(layers):
+            expected = cache[f"blocks.{layer}.hook_{site}"][:, -1, :]
+            torch.testing.assert_close(acts.acts[site][:, 0, column], expected, atol=1e-5, rtol=1e-4)
+    assert set(acts.acts) == set(sites)
+
+
+@pytest.mark.parametrize("backend", ["fast", "bridge"])
+def test_extraction_stops_before_the_unembedding(tiny_model, backend: str) -> None:
+    calls: list[str] = []
+    watched = {"hf": tiny_model.hf.get_output_embeddings(), "bridge": tiny_model.bridge.unembed}
+    handles = [
+        module.register_forward_hook(lambda *_, name=name: calls.append(name))
+        for name, module in watched.items()
+    ]
+    try:
+        collect_activations(tiny_model, PROMPTS_B[:2], backend=backend, progress=False)
+        assert calls == []
+        tiny_model.bridge(tiny_model.tokenize(PROMPTS_B[:1]).input_ids)  # the watch works
+        assert calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_resid_pre_of_next_layer_equals_resid_post(tiny_model) -> None:
     acts = collect_activations(tiny_model, PROMPTS_A[:3], progress=False)
     torch.testing.assert_close(acts.acts["resid_pre"][:, :, 1:], acts.acts["resid_post"][:, :, :-1])
