@@ -39,6 +39,25 @@ def test_bridge_shares_weights_with_fast_view(tiny_model) -> None:
     assert bridge_block.mlp.down_proj.weight is tiny_model.layers[0].mlp.down_proj.weight
 
 
+def test_bridge_boots_on_first_use_without_the_hooks_live_then(tiny_model_dir: Path) -> None:
+    from refusal_dir.interventions import addition, steer
+
+    model = load_model(str(tiny_model_dir), device="cpu")
+    assert model._bridge is None  # loading alone does not boot it
+    batch = model.encode_instructions(["Write a poem about the sea"])
+    vector = torch.ones(model.d_model) * 100.0
+    with steer(model, addition(vector, layer=0, alpha=1.0)):
+        with torch.no_grad():
+            steered = model.hf(input_ids=batch.input_ids).logits
+            model.bridge  # noqa: B018 - boots inside a steer() scope
+    with torch.no_grad():
+        plain = model.hf(input_ids=batch.input_ids).logits
+        bridge = model.bridge(batch.input_ids)
+    assert not torch.allclose(steered, plain, atol=1e-2)  # the hook was live at boot
+    torch.testing.assert_close(bridge, plain, atol=1e-4, rtol=1e-4)  # and did not stick
+    assert model.bridge is model.bridge
+
+
 def test_bridge_and_fast_logits_agree(tiny_model) -> None:
     batch = tiny_model.encode_instructions(["Write a poem about the sea", "Hi"])
     with torch.no_grad():
