@@ -218,3 +218,13 @@ def test_partial_ablation_scales_the_component_at_every_layer(tiny_model, vector
     ])
     torch.testing.assert_close(together, separate, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(together[0], next_token_logits(tiny_model, PROMPTS[:1])[0])
+
+
+def test_hook_tensors_are_converted_once_per_device_and_dtype() -> None:
+    from refusal_dir.interventions import _OnDevice
+
+    vector = _OnDevice(torch.arange(4.0))
+    act32, act64 = torch.zeros(2, 1, 4), torch.zeros(2, 1, 4, dtype=torch.float64)
+    first = vector.like(act64)
+    assert first.dtype == torch.float64 and vector.like(act64) is first  # reused every step
+    assert vector.like(act32) is not first and vector.like(act32).dtype == torch.float32
