@@ -3,19 +3,25 @@
 Default mode (speed), N prompts (default 32), batch size 16, left padding, same tokens for all:
 
 (a) ``collect_activations(..., backend="fast")`` (PyTorch hooks on ``model.hf``, early stop);
-(b) ``collect_activations(..., backend="bridge")`` (TransformerLens ``run_with_cache``);
+(b) ``collect_activations(..., backend="bridge")`` (TransformerLens hooks, early stop);
 (c) plain ``transformers`` forward, ``output_hidden_states=True`` (full logits);
-(d) the same with ``logits_to_keep=1`` (the floor: the unembedding on one position only).
+(d) the same with ``logits_to_keep=1``: the floor the issue names;
+(d2) (d) with the one change ``load_model`` makes to the plain model, a contiguous input to the
+     unembedding (on this CPU the non-contiguous one costs several times more);
+(e) the ``transformers`` base model (``model.hf.model``: no unembedding at all).
 
-The methods run interleaved (a b c d, a b c d, ...); the table gives medians and the throughput
-ratio against (d).
+(c) and (d) run as ``transformers`` ships (our hook off, ``common.plain_transformers``). The
+methods run interleaved (a b c d d2 e, a b c d d2 e, ...); the table gives medians and the
+throughput ratio against (d).
 
 ``--scale``: extraction (backend fast) over 250/500/1000/2000 prompts, each size in a fresh
 subprocess, measuring peak RSS against stored-activation bytes (prompts x 2 sites x layers x
-d_model x 4) plus the model's parameter bytes.
+d_model x 4) plus the model's parameter bytes. ``--boot-bridge`` also boots the TransformerLens
+bridge (which ``load_model`` defers to first use); ``--repeat-text K`` makes every prompt K times
+longer (peak memory must not follow the sequence length).
 
     python bench/bench_extraction.py [--n 32] [--repeats 3]
-    python bench/bench_extraction.py --scale [--sizes 250 500 1000 2000]
+    python bench/bench_extraction.py --scale [--sizes 250 500 1000 2000] [--boot-bridge] [--repeat-text 8]
 """
 
 from __future__ import annotations
@@ -143,8 +149,13 @@ def run_speed(args) -> None:
     methods = {
         "(a) ours, backend=fast": lambda: ours(model, prompts, "fast"),
         "(b) ours, backend=bridge": lambda: ours(model, prompts, "bridge"),
-        "(c) transformers, output_hidden_states": lambda: plain_forward(model, prompts, keep_one=False),
-        FLOOR: lambda: plain_forward(model, prompts, keep_one=True),
+        "(c) transformers, output_hidden_states": common.plain(
+            model, lambda: plain_forward(model, prompts, keep_one=False)
+        ),
+        FLOOR: common.plain(model, lambda: plain_forward(model, prompts, keep_one=True)),
+        "(d2) = (d) + contiguous lm_head input (load_model's fix)": lambda: plain_forward(
+            model, prompts, keep_one=True
+        ),
         "(e) transformers base model (no lm_head), output_hidden_states": lambda: base_forward(
             model, prompts
         ),
@@ -190,21 +201,24 @@ def _reset_peak() -> bool:
         return False
 
 
-def scale_worker(n: int, backend: str, with_bridge: bool) -> None:
+def scale_worker(n: int, backend: str, boot_bridge: bool, repeat_text: int) -> None:
     """One size in a fresh process: prints a JSON line with the measurements."""
     import gc
 
     from refusal_dir.model import load_model
 
     rss_start = _rss_mib()
-    model = load_model(common.BENCH_MODEL, device="cpu", with_bridge=with_bridge)
+    model = load_model(common.BENCH_MODEL, device="cpu")
+    if boot_bridge or backend == "bridge":
+        model.bridge  # noqa: B018 - boots it
     seen: set[int] = set()
     model_bytes = 0
     for tensor in [*model.hf.parameters(), *model.hf.buffers()]:
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             model_bytes += tensor.numel() * tensor.element_size()
-    prompts = common.instructions(n)
+    prompts = [" ".join([text] * repeat_text) for text in common.instructions(n)]
+    tokens = max(len(model._encode(t)) for t in model.format_prompts(prompts[:BATCH]))
     gc.collect()
     peak_after_load = _hwm_mib()
     rss_before = _rss_mib()
@@ -220,7 +234,9 @@ def scale_worker(n: int, backend: str, with_bridge: bool) -> None:
             {
                 "n": n,
                 "backend": backend,
-                "with_bridge": with_bridge,
+                "bridge_booted": model._bridge is not None,
+                "repeat_text": repeat_text,
+                "max_tokens_first_batch": tokens,
                 "seconds": seconds,
                 "rss_start_mib": rss_start,
                 "peak_after_load_mib": peak_after_load,
@@ -245,7 +261,8 @@ def run_scale(args) -> None:
         proc = subprocess.run(
             [
                 sys.executable, __file__, "--scale-worker", str(n), "--backend", args.backend,
-                "--threads", str(args.threads), *(["--no-bridge"] if args.no_bridge else []),
+                "--threads", str(args.threads), "--repeat-text", str(args.repeat_text),
+                *(["--boot-bridge"] if args.boot_bridge else []),
             ],
             capture_output=True,
             text=True,
@@ -264,6 +281,8 @@ def run_scale(args) -> None:
         rows.append(
             [
                 r["n"],
+                r["max_tokens_first_batch"],
+                "yes" if r["bridge_booted"] else "no",
                 f"{r['stored_bytes'] / mib:.0f}",
                 f"{r['model_bytes'] / mib:.0f}",
                 f"{bound:.0f}",
@@ -280,6 +299,8 @@ def run_scale(args) -> None:
         common.markdown_table(
             [
                 "prompts",
+                "tokens/prompt (max, 1st batch)",
+                "bridge booted",
                 "stored acts MiB",
                 "model MiB",
                 "acts + model MiB",
@@ -295,7 +316,8 @@ def run_scale(args) -> None:
     )
     print(
         "\nPeak RSS is VmHWM of a fresh process per size; backend "
-        f"{args.backend}, load_model(with_bridge={not args.no_bridge}), batch {BATCH}, sites "
+        f"{args.backend}, load_model() (bridge booted: {args.boot_bridge or args.backend == 'bridge'}), "
+        f"prompt text x{args.repeat_text}, batch {BATCH}, sites "
         f"resid_pre + resid_post, all layers, last token; torch threads {args.threads or 'default'}."
     )
 
@@ -307,13 +329,14 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true", help="memory at 250..2000 prompts")
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--backend", default="fast", choices=["fast", "bridge"])
-    parser.add_argument("--no-bridge", action="store_true", help="scale: load_model(with_bridge=False)")
+    parser.add_argument("--boot-bridge", action="store_true", help="scale: also boot model.bridge")
+    parser.add_argument("--repeat-text", type=int, default=1, help="scale: each prompt's text K times")
     parser.add_argument("--scale-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.scale_worker:
         common.set_threads(args.threads)
-        scale_worker(args.scale_worker, args.backend, not args.no_bridge)
+        scale_worker(args.scale_worker, args.backend, args.boot_bridge, args.repeat_text)
     elif args.scale:
         run_scale(args)
     else:

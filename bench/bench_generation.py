@@ -2,7 +2,10 @@
 
 Part ``main`` (16 prompts x 48 new tokens, batch 16, left padding, greedy):
 
-(a) plain ``transformers`` ``model.hf.generate`` (unsteered, ``min_new_tokens=48``);
+(a) plain ``transformers`` ``model.hf.generate`` (unsteered, ``min_new_tokens=48``), as
+    ``transformers`` ships it (``common.plain_transformers``: our one change to the plain model,
+    a contiguous unembedding input, is off);
+(a2) the same with that change on (what ``load_model`` gives): the unsteered floor for ours;
 (b) ours: ``generate(model, prompts, interventions=[addition(direction, layer=6, alpha=1.0)])``
     with a random direction of norm 150 (what a mean difference has on this model);
 (c) the TransformerLens bridge: ``model.bridge.generate`` (KV cache) inside
@@ -15,11 +18,15 @@ positions as (a), the benchmark sets ``model.hf.generation_config.min_new_tokens
 the timed calls (``transformers`` reads it as the default of every ``generate`` call). Rates are
 generated token positions per second (rows x new tokens / seconds).
 
-Part ``sweep``: 9 coefficients x 16 prompts, ``max_new_tokens=48`` with natural stopping: one
-``generate`` call of 144 rows with a per-row ``alpha`` against nine sequential calls of 16 rows;
-the speedup, and whether the texts are identical.
+Part ``sweep``: the evaluation sweep's generation, 9 coefficients x 2 methods (addition with a
+per-row ``alpha``, ablation with a per-row ``strength``) x ``--sweep-prompts`` prompts from the
+shipped evaluation sets (half harmful, half benign), ``max_new_tokens=48`` with natural
+stopping. Batched: per method one ``generate`` call over all 9 x N rows (``--sweep-batch`` rows
+per forward pass, default all of them). Sequential: per method nine calls of N rows, one per
+coefficient. Reports the speedup and whether the texts are identical.
 
     python bench/bench_generation.py [--parts main sweep] [--repeats 3] [--naive-tokens 16]
+        [--sweep-prompts 16] [--sweep-batch 144]
 """
 
 from __future__ import annotations
@@ -172,7 +179,12 @@ def run_main(model, prompts, direction, args) -> None:
         print(f"new tokens per row: (a) {plain.shape[1]}, (c) {bridge.shape[1]}, (d) {naive.shape[1]}; "
               f"(b) kept before a stop token: {sorted({len(t) for t in ours_steered})}\n", flush=True)
         methods = {
-            "(a) transformers generate, unsteered": lambda: plain_generate(model, prompts, NEW_TOKENS),
+            "(a) transformers generate, unsteered": common.plain(
+                model, lambda: plain_generate(model, prompts, NEW_TOKENS)
+            ),
+            "(a2) = (a) + contiguous lm_head input (load_model's fix)": lambda: plain_generate(
+                model, prompts, NEW_TOKENS
+            ),
             "(b) ours generate + addition": lambda: ours_generate(model, prompts, [steer_add], NEW_TOKENS),
             "(c) bridge generate + hook (KV cache)": lambda: bridge_generate(model, prompts, steer_add, NEW_TOKENS),
             f"(d) naive loop, bridge + hook, no KV cache ({n_naive} tokens)": lambda: naive_generate(
@@ -196,46 +208,75 @@ def run_main(model, prompts, direction, args) -> None:
     )
 
 
-def run_sweep(model, prompts, direction, args) -> None:
-    from refusal_dir.interventions import addition
+def sweep_prompts(n: int) -> list[str]:
+    """``n`` prompts from the shipped evaluation sets: half harmful, half benign, interleaved."""
+    from refusal_dir.prompts import benign_eval, harmful_eval
 
+    harmful, benign = harmful_eval(), benign_eval()
+    picked = [p for pair in zip(harmful[: (n + 1) // 2], benign[: n // 2]) for p in pair]
+    return (picked + harmful[len(picked) // 2 : (n + 1) // 2])[:n]
+
+
+def run_sweep(model, direction, args) -> None:
+    from refusal_dir.interventions import ablation, addition
+
+    prompts = sweep_prompts(args.sweep_prompts)
     rows = [p for _ in ALPHAS for p in prompts]
     per_row = [a for a in ALPHAS for _ in prompts]
-    batched = addition(direction, layer=LAYER, alpha=per_row)
-    singles = [addition(direction, layer=LAYER, alpha=a) for a in ALPHAS]
+    methods = {
+        "addition": (
+            addition(direction, layer=LAYER, alpha=per_row),
+            [addition(direction, layer=LAYER, alpha=a) for a in ALPHAS],
+        ),
+        "ablation": (
+            ablation(direction, strength=per_row),
+            [ablation(direction, strength=a) for a in ALPHAS],
+        ),
+    }
+    batch = args.sweep_batch or len(rows)
     print(
-        f"sweep: {len(ALPHAS)} alphas {ALPHAS} x {len(prompts)} prompts, max_new_tokens "
-        f"{NEW_TOKENS}, natural stopping\n",
+        f"sweep: {len(ALPHAS)} coefficients {ALPHAS} x {len(methods)} methods {list(methods)} x "
+        f"{len(prompts)} prompts (shipped harmful_eval/benign_eval, half each), max_new_tokens "
+        f"{NEW_TOKENS}, natural stopping; batched: {len(rows)} rows per method, {batch} per forward "
+        f"pass; sequential: {len(ALPHAS)} calls of {len(prompts)} rows per method\n",
         flush=True,
     )
 
     def one_batch():
-        return ours_generate(model, rows, [batched], NEW_TOKENS, batch_size=len(rows))
+        out = []
+        for batched, _ in methods.values():
+            out.append(ours_generate(model, rows, [batched], NEW_TOKENS, batch_size=batch))
+        return out
 
     def sequential():
-        texts, tokens = [], []
-        for intervention in singles:
-            t, k = ours_generate(model, prompts, [intervention], NEW_TOKENS)
-            texts += t
-            tokens += k
-        return texts, tokens
+        out = []
+        for _, singles in methods.values():
+            texts, tokens = [], []
+            for intervention in singles:
+                t, k = ours_generate(model, prompts, [intervention], NEW_TOKENS)
+                texts += t
+                tokens += k
+            out.append((texts, tokens))
+        return out
 
-    b_texts, b_tokens = one_batch()
-    s_texts, s_tokens = sequential()
-    same = sum(x == y for x, y in zip(b_texts, s_texts))
-    verdict = "IDENTICAL" if same == len(rows) else "DIFFERENT"
-    print(f"sweep texts: batched vs sequential {verdict}: {same}/{len(rows)} rows equal")
-    stopped = sum(len(t) < NEW_TOKENS for t in b_tokens)
-    print(f"rows that stopped before {NEW_TOKENS} tokens: {stopped}/{len(rows)}\n", flush=True)
-    batched_name = "one batch of 144 rows (per-row alpha)"
-    seq_name = "9 sequential calls of 16 rows"
+    batched_out, sequential_out = one_batch(), sequential()
+    same = total = stopped = 0
+    for (b_texts, b_tokens), (s_texts, _) in zip(batched_out, sequential_out):
+        same += sum(x == y for x, y in zip(b_texts, s_texts))
+        total += len(b_texts)
+        stopped += sum(len(t) < NEW_TOKENS for t in b_tokens)
+    verdict = "IDENTICAL" if same == total else "DIFFERENT"
+    print(f"sweep texts: batched vs sequential {verdict}: {same}/{total} rows equal")
+    print(f"rows that stopped before {NEW_TOKENS} tokens: {stopped}/{total}\n", flush=True)
+    batched_name = f"batched: per method 1 call of {len(rows)} rows, per-row coefficient"
+    seq_name = f"sequential: per method {len(ALPHAS)} calls of {len(prompts)} rows"
     timings = common.interleaved(
         {batched_name: one_batch, seq_name: sequential}, repeats=args.repeats, warmup=0
     )
     print()
     print(
         common.timing_table(
-            timings, clock=args.clock, baseline=seq_name, work=len(rows), unit="rows"
+            timings, clock=args.clock, baseline=seq_name, work=total, unit="rows"
         )
     )
     chosen = timings.get(args.clock)
@@ -243,7 +284,7 @@ def run_sweep(model, prompts, direction, args) -> None:
     wall = common.median(timings.wall[seq_name]) / common.median(timings.wall[batched_name])
     print(
         f"\nbatched sweep speedup: {speedup:.2f}x ({args.clock} time; wall {wall:.2f}x); texts "
-        f"{verdict.lower()} ({same}/{len(rows)} rows)"
+        f"{verdict.lower()} ({same}/{total} rows)"
     )
     print(
         f"{args.repeats} interleaved repetitions (the sanity run above is the warm-up); torch threads "
@@ -257,18 +298,20 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["main", "sweep"], choices=["main", "sweep"])
     common.add_timing_args(parser)
     parser.add_argument("--naive-tokens", type=int, default=16)
+    parser.add_argument("--sweep-prompts", type=int, default=16, help="sweep: prompts per coefficient")
+    parser.add_argument("--sweep-batch", type=int, default=0, help="sweep: rows per forward pass (0: all)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     common.set_threads(args.threads)
     common.print_machine()
     model = common.bench_model()
-    prompts = common.instructions(N_PROMPTS)
-    print(f"prompts: {N_PROMPTS} from {common.instruction_source()}\n")
     direction = random_direction(model.d_model)
     if "main" in args.parts:
+        prompts = common.instructions(N_PROMPTS)
+        print(f"main prompts: {N_PROMPTS} from {common.instruction_source()}\n")
         run_main(model, prompts, direction, args)
     if "sweep" in args.parts:
-        run_sweep(model, prompts, direction, args)
+        run_sweep(model, direction, args)
 
 
 if __name__ == "__main__":

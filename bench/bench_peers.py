@@ -12,16 +12,21 @@ last-token residuals at every layer, then a direction per layer):
 (c) repeng: ``ControlVector.train(ControlModel(model.hf, layers), tokenizer, dataset,
     batch_size=16)`` (PCA of pair differences), as its README does;
 (d) plain ``transformers`` forward with ``output_hidden_states=True, logits_to_keep=1`` (the
-    floor, activations only).
+    floor, activations only);
+(d2) (d) with the one change ``load_model`` makes to the plain model (a contiguous input to
+    the unembedding).
 
 Steered generation (16 prompts x 48 new tokens, greedy, a random direction of norm 150 added to
 the residual stream entering layer 6 = the output of block 5):
 
-(a) plain ``transformers`` ``generate``, unsteered; (b) ours ``generate`` + ``addition``;
+(a) plain ``transformers`` ``generate``, unsteered; (a2) the same with ``load_model``'s change;
+(b) ours ``generate`` + ``addition``;
 (c) steering-vectors ``SteeringVector({5: v}).apply(model.hf)`` + ``generate``;
 (d) repeng ``ControlModel(model.hf, [5])``, ``set_raw_control({5: v})``, ``generate``.
 
-The peers get the chat-formatted text without its leading ``<bos>`` (their tokenizer call adds
+The peers and the plain ``transformers`` rows (a), (d) run on ``model.hf`` as ``transformers``
+ships it: inside ``common.plain_transformers`` our contiguous-unembedding hook is off, so each
+tool is timed as its users get it. The peers get the chat-formatted text without its leading ``<bos>`` (their tokenizer call adds
 one), so every method sees the same tokens.
 
 Compatibility shims (here only; their code is imported, not copied):
@@ -193,7 +198,7 @@ def run_extraction(model, peers, args) -> None:
                 model.hf, model.tokenizer, list(zip(pos_texts, neg_texts)), batch_size=BATCH
             )
 
-        methods["(b) steering-vectors: train_steering_vector"] = steering_vectors
+        methods["(b) steering-vectors: train_steering_vector"] = common.plain(model, steering_vectors)
     if "repeng" in peers:
         repeng = peers["repeng"]
         dataset = [repeng.DatasetEntry(positive=p, negative=n) for p, n in zip(pos_texts, neg_texts)]
@@ -202,8 +207,9 @@ def run_extraction(model, peers, args) -> None:
             with RepengControl(repeng, model.hf, list(range(-5, -18, -1))) as control:
                 return repeng.ControlVector.train(control, model.tokenizer, dataset, batch_size=BATCH)
 
-        methods["(c) repeng: ControlVector.train (PCA)"] = repeng_train
-    methods["(d) transformers forward, output_hidden_states + logits_to_keep=1"] = floor
+        methods["(c) repeng: ControlVector.train (PCA)"] = common.plain(model, repeng_train)
+    methods["(d) transformers forward, output_hidden_states + logits_to_keep=1"] = common.plain(model, floor)
+    methods["(d2) = (d) + contiguous lm_head input (load_model's fix)"] = floor
 
     # Sanity: the directions agree (ours at resid_pre[l + 1] == their block l output).
     directions = ours()
@@ -277,7 +283,8 @@ def run_generation(model, peers, args) -> None:
         )[1]
 
     methods = {
-        "(a) transformers generate, unsteered": plain,
+        "(a) transformers generate, unsteered": common.plain(model, plain),
+        "(a2) = (a) + contiguous lm_head input (load_model's fix)": plain,
         "(b) ours: generate + addition": ours,
     }
     if "steering_vectors" in peers:
@@ -288,7 +295,7 @@ def run_generation(model, peers, args) -> None:
             with vector.apply(model.hf):
                 return hf_generate(model.hf.generate)
 
-        methods["(c) steering-vectors: SteeringVector.apply + generate"] = steering_vectors
+        methods["(c) steering-vectors: SteeringVector.apply + generate"] = common.plain(model, steering_vectors)
     if "repeng" in peers:
         repeng = peers["repeng"]
 
@@ -297,7 +304,7 @@ def run_generation(model, peers, args) -> None:
                 control.set_raw_control({LAYER - 1: direction.clone()})
                 return hf_generate(control.generate)
 
-        methods["(d) repeng: ControlModel.set_raw_control + generate"] = repeng_generate
+        methods["(d) repeng: ControlModel.set_raw_control + generate"] = common.plain(model, repeng_generate)
 
         # The failure the shim fixes: a steered plain forward with a batch of prompts.
         batch = model.tokenizer(texts, padding=True, return_tensors="pt")

@@ -22,7 +22,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,41 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 # ----------------------------------------------------------------------------------------------
 # Model and prompts
 # ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def plain_transformers(model: Any) -> Iterator[None]:
+    """``model.hf`` exactly as ``transformers`` ships it, for the baseline and peer rows.
+
+    ``load_model`` makes one change to the plain model: a pre-hook that gives the unembedding a
+    contiguous input (``refusal_dir.model._contiguous_unembedding_input``). Inside this block
+    that hook is off, so "plain transformers" and the peers are timed as a user would run them,
+    without our fix.
+    """
+    head = model.hf.get_output_embeddings()
+    ours = {
+        key: hook
+        for key, hook in head._forward_pre_hooks.items()
+        if getattr(hook, "refusal_dir_contiguous", False)
+    }
+    if not ours:
+        raise RuntimeError("refusal_dir's contiguous-unembedding hook is not on this model")
+    for key in ours:
+        del head._forward_pre_hooks[key]
+    try:
+        yield
+    finally:
+        head._forward_pre_hooks.update(ours)
+
+
+def plain(model: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run inside :func:`plain_transformers`."""
+
+    def run() -> Any:
+        with plain_transformers(model):
+            return fn()
+
+    return run
 
 
 def bench_model(*, with_bridge: bool = True) -> Any:
