@@ -233,6 +233,11 @@ def run_extraction(model, peers, args) -> None:
             unit="prompts",
         )
     )
+    print()
+    ours_name = "(a) ours: collect_activations x2 + compute_directions"
+    for name in methods:
+        if name != ours_name:
+            print(common.paired_rounds(timings, args.clock, ours_name, name))
     print(
         f"\n{N_PAIRS} pairs ({2 * N_PAIRS} prompts); {args.repeats} interleaved repetitions after "
         f"1 warm-up round; torch threads {torch.get_num_threads()}; ratios from {args.clock} time.\n",
@@ -340,6 +345,10 @@ def run_generation(model, peers, args) -> None:
             unit="tokens",
         )
     )
+    print()
+    for name in methods:
+        if name != "(b) ours: generate + addition":
+            print(common.paired_rounds(timings, args.clock, "(b) ours: generate + addition", name))
     print(
         f"\n{N_PROMPTS} prompts x {NEW_TOKENS} tokens; {args.repeats} interleaved repetitions (the "
         f"sanity run above is the warm-up); torch threads {torch.get_num_threads()}; ratios from "

@@ -169,6 +169,21 @@ def spread(values: Sequence[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}"
 
 
+def paired_rounds(timings: Timings, clock: str, ours: str, other: str) -> str:
+    """How often ``ours`` beat ``other`` within the same interleaved round, and by how much.
+
+    Rounds are paired (the methods ran back to back), so this is steadier than comparing the
+    two medians when the machine's speed drifts; k of n rounds is a sign test.
+    """
+    mine, theirs = timings.get(clock)[ours], timings.get(clock)[other]
+    ratios = sorted(t / m for m, t in zip(mine, theirs))
+    wins = sum(r > 1 for r in ratios)
+    return (
+        f"{ours} faster than {other} in {wins}/{len(ratios)} rounds; per-round speedup median "
+        f"{median(ratios):.3f}x (min {ratios[0]:.3f}x, max {ratios[-1]:.3f}x)"
+    )
+
+
 def add_timing_args(parser: Any) -> None:
     """``--repeats``, ``--threads`` and ``--clock`` for a benchmark's argument parser."""
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after 1 warm-up)")
