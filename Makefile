@@ -35,6 +35,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_extraction.py
 	$(BIN)/python bench/bench_generation.py
+	$(BIN)/python bench/bench_peers.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from refusal_dir import prompts as prompt_sets
 from refusal_dir.activations import Activations, collect_activations
 from refusal_dir.conditional import Condition, conditional_addition, fit_condition
@@ -124,6 +126,27 @@ def mc_formatter(config: Config) -> Callable[[MCQuestion], str]:
 # ----------------------------------------------------------------------------------------------
 
 
+# Settings that change speed and memory only, never results (batched == one at a time, tested):
+# a run that crashed out of memory may resume with fewer rows per call.
+SPEED_ONLY_SETTINGS = ("generation.batch_size",)
+
+
+def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``section.field`` names whose values differ, ignoring :data:`SPEED_ONLY_SETTINGS`."""
+    changed = []
+    for section in sorted(set(previous) | set(current)):
+        old, new = previous.get(section) or {}, current.get(section) or {}
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            if old != new:
+                changed.append(section)
+            continue
+        for name in sorted(set(old) | set(new)):
+            key = f"{section}.{name}"
+            if key not in SPEED_ONLY_SETTINGS and old.get(name) != new.get(name):
+                changed.append(key)
+    return changed
+
+
 def prepare_output_dir(
     output_dir: Path, config: Config, *, fresh: bool = False, overwrite_config: bool = False
 ) -> Path:
@@ -147,11 +170,11 @@ def prepare_output_dir(
             "choose a writable --output-dir"
         ) from error
     if resolved.exists() and not overwrite_config:
-        previous = resolved.read_text()
-        if previous != config.to_yaml():
+        changed = config_changes(yaml.safe_load(resolved.read_text()) or {}, config.to_dict())
+        if changed:
             raise OutputDirError(
-                f"{output_dir} holds results from a different config: pass --fresh to start "
-                "over there, or choose a new --output-dir"
+                f"{output_dir} holds results from a different config ({', '.join(changed)} "
+                "changed): pass --fresh to start over there, or choose a new --output-dir"
             )
     else:
         atomic_write_bytes(resolved, config.to_yaml().encode())

@@ -121,8 +121,10 @@ def test_sweep_resumes_after_an_interruption(tiny_model, extracted, tmp_path: Pa
 
 def test_output_dir_with_another_config_is_refused(tiny_model_dir, tmp_path: Path) -> None:
     prepare_output_dir(tmp_path / "out", _config(tiny_model_dir))
-    with pytest.raises(OutputDirError, match="different config.*--fresh"):
+    with pytest.raises(OutputDirError, match=r"different config \(steering.alphas changed\).*--fresh"):
         prepare_output_dir(tmp_path / "out", _config(tiny_model_dir, **{"steering.alphas": (0.0, 2.0)}))
+    # Rows per generate call change speed and memory only: a crashed run resumes with fewer.
+    prepare_output_dir(tmp_path / "out", _config(tiny_model_dir, **{"generation.batch_size": 4}))
     prepare_output_dir(tmp_path / "out", _config(tiny_model_dir, **{"steering.alphas": (0.0, 2.0)}), fresh=True)
 
 
