@@ -140,7 +140,7 @@ class SteeringSettings:
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 48
-    batch_size: int = 128
+    batch_size: int = 256
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
