@@ -15,7 +15,7 @@ position. An addition restricted to ``positions="generated"`` changes nothing th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -191,17 +191,44 @@ def next_token_logits(
     apply_chat_template: bool = True,
     progress: bool = False,
 ) -> Float[Tensor, "prompts vocab"]:
-    """Logits of the token that would follow each prompt (float32, on the CPU)."""
+    """Logits of the token that would follow each prompt (float32, on the CPU).
+
+    This holds prompts x vocabulary floats (1 MiB per prompt on a 262k vocabulary); to reduce
+    them batch by batch instead, iterate :func:`iter_next_token_logits`.
+    """
+    chunks = iter_next_token_logits(
+        model,
+        prompts,
+        interventions=interventions,
+        batch_size=batch_size,
+        apply_chat_template=apply_chat_template,
+        progress=progress,
+    )
+    return torch.cat([logits for _, logits in chunks])
+
+
+def iter_next_token_logits(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    interventions: Sequence[Intervention] = (),
+    batch_size: int = 16,
+    apply_chat_template: bool = True,
+    progress: bool = False,
+) -> Iterator[tuple[slice, Float[Tensor, "batch vocab"]]]:
+    """``(rows, logits)`` per batch of :func:`next_token_logits`.
+
+    The interventions stay live on the model between the batches this yields: run nothing
+    else through the model while iterating (or exhaust or close the iterator first).
+    """
     _check_prompts(prompts)
     check_rows(interventions, len(prompts))
     texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
-    results = []
-    with steer(model, *interventions) as state:
+    with torch.no_grad(), steer(model, *interventions) as state:
         for rows in tqdm(_batches(len(texts), batch_size), disable=not progress, leave=False):
             state.rows = rows
             logits = _forward_logits(model, model.tokenize(texts[rows]), keep=1)
-            results.append(logits[:, -1].cpu())
-    return torch.cat(results)
+            yield rows, logits[:, -1].cpu()
 
 
 @torch.no_grad()

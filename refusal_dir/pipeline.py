@@ -579,7 +579,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         reference = next_token_logits(ctx.model, ctx.datasets.benign_eval)
         prompts, interventions = per_row(ctx.datasets.benign_eval)
         kl = metrics.kl_divergence(
-            ctx.model, prompts, interventions=interventions, reference_logits=reference.repeat(len(alphas), 1)
+            ctx.model, prompts, interventions=interventions, reference_logits=reference
         )
         return rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval)), samples
     if group == "honesty":

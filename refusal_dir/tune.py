@@ -128,7 +128,7 @@ class Evaluator:
         texts = generate(self.model, benign, interventions=benign_interventions, settings=self.settings, progress=False)
         _, _, helpful = judges.judge_completions(benign, texts, judge=self.judge)
         out["helpfulness"] = self._blocks([float(x) for x in helpful], len(alphas))
-        reference = next_token_logits(self.model, split.benign).repeat(len(alphas), 1)
+        reference = next_token_logits(self.model, split.benign)
         kl = metrics.kl_divergence(self.model, benign, interventions=benign_interventions, reference_logits=reference)
         out["kl"] = self._blocks(kl.per_prompt, len(alphas))
         questions, coefficients = _rows(split.mmlu, alphas)

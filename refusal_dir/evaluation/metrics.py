@@ -36,6 +36,7 @@ from refusal_dir.generation import (
     GenerationSettings,
     continuation_logprobs,
     generate,
+    iter_next_token_logits,
     next_token_logits,
 )
 from refusal_dir.interventions import Intervention, repeat_rows
@@ -463,7 +464,7 @@ def kl_divergence(
     prompts: Sequence[str],
     *,
     interventions: Sequence[Intervention] = (),
-    reference_logits: Float[Tensor, "prompts vocab"] | None = None,
+    reference_logits: Float[Tensor, "reference vocab"] | None = None,
     batch_size: int = 16,
     apply_chat_template: bool = True,
 ) -> KLResult:
@@ -472,44 +473,66 @@ def kl_divergence(
     Computed from float64 log-softmaxes at the last prompt position (the first answer token),
     the capability check of Arditi et al. and heretic. ``reference_logits`` (from
     :func:`next_token_logits` without interventions) saves recomputing the unsteered pass in a
-    sweep. Identical logits give exactly 0; with no interventions and no reference the result
-    is 0 without a second forward pass.
+    sweep; it has one row per prompt, or one row per distinct prompt when ``prompts`` is that
+    list repeated block-wise (a sweep's layout: all prompts at the first coefficient, then all
+    at the second, ...), so row ``i`` is compared with ``reference_logits[i % len]``. Identical
+    logits give exactly 0; with no interventions and no reference the result is 0 without a
+    second forward pass. With a reference given, memory stays bounded by one batch of steered
+logits, however many prompts.
     """
     _check_items(prompts, "prompts")
-    steered = next_token_logits(
-        model,
-        prompts,
-        interventions=interventions,
-        batch_size=batch_size,
-        apply_chat_template=apply_chat_template,
-    )
+    reference: Tensor | None = None
     if reference_logits is not None:
         reference = torch.as_tensor(reference_logits).detach().cpu()
-        if tuple(reference.shape) != tuple(steered.shape):
+        n_ref = reference.shape[0] if reference.ndim == 2 else 0
+        if n_ref == 0 or len(prompts) % n_ref != 0 or not _is_tiled(prompts, n_ref):
             raise DataError(
-                f"reference_logits has shape {tuple(reference.shape)} but the prompts give "
-                f"{tuple(steered.shape)}: pass next_token_logits() of the same prompts"
+                f"reference_logits has shape {tuple(reference.shape)} but there are "
+                f"{len(prompts)} prompts: pass next_token_logits() of the same prompts (or of "
+                "the distinct prompts, when the list repeats them block-wise)"
             )
     elif not interventions:
-        reference = steered
+        return KLResult(value=0.0, n=len(prompts), per_prompt=[0.0] * len(prompts))
     else:
+        # Before the steered pass: its hooks stay live between the batches it yields.
         reference = next_token_logits(
             model, prompts, batch_size=batch_size, apply_chat_template=apply_chat_template
         )
-    per_prompt = kl_from_logits(reference, steered)
-    values = [float(value) for value in per_prompt]
+    values: list[float] = []
+    steered_chunks = iter_next_token_logits(
+        model, prompts, interventions=interventions, batch_size=batch_size,
+        apply_chat_template=apply_chat_template,
+    )
+    for rows, steered in steered_chunks:
+        base = reference[torch.arange(rows.start, rows.stop) % reference.shape[0]]
+        if base.shape[-1] != steered.shape[-1]:
+            raise DataError(
+                f"reference_logits have {base.shape[-1]} logits per row but the model gives "
+                f"{steered.shape[-1]}: pass next_token_logits() of this model"
+            )
+        values += [float(value) for value in kl_from_logits(base, steered)]
     return KLResult(value=sum(values) / len(values), n=len(values), per_prompt=values)
 
 
+def _is_tiled(prompts: Sequence[str], n: int) -> bool:
+    return all(prompts[i] == prompts[i % n] for i in range(n, len(prompts)))
+
+
 def kl_from_logits(
-    reference: Float[Tensor, "n vocab"], other: Float[Tensor, "n vocab"]
+    reference: Float[Tensor, "n vocab"], other: Float[Tensor, "n vocab"], *, chunk: int = 32
 ) -> Float[Tensor, " n"]:
-    """Row-wise KL(softmax(reference) || softmax(other)) in float64; exactly 0 for equal rows."""
-    log_p = torch.log_softmax(reference.double(), dim=-1)
-    log_q = torch.log_softmax(other.double(), dim=-1)
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return terms.sum(dim=-1).clamp_min(0.0)
+    """Row-wise KL(softmax(reference) || softmax(other)) in float64; exactly 0 for equal rows.
+
+    Rows are reduced ``chunk`` at a time, so the float64 temporaries stay bounded.
+    """
+    out = []
+    for start in range(0, reference.shape[0], chunk):
+        log_p = torch.log_softmax(reference[start : start + chunk].double(), dim=-1)
+        log_q = torch.log_softmax(other[start : start + chunk].double(), dim=-1)
+        p = log_p.exp()
+        terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+        out.append(terms.sum(dim=-1).clamp_min(0.0))
+    return torch.cat(out) if out else reference.new_zeros(0, dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -249,6 +249,35 @@ def test_kl_is_positive_under_addition_and_reference_matches(eval_model) -> None
         kl_divergence(eval_model, PROMPTS, interventions=[push], reference_logits=reference[:2])
 
 
+def test_kl_with_one_reference_row_per_distinct_prompt_in_a_sweep(eval_model) -> None:
+    torch.manual_seed(0)
+    vector = torch.randn(eval_model.d_model)
+    alphas = [0.0, 2.0, 5.0]
+    rows = [p for _ in alphas for p in PROMPTS]  # the sweep layout: blocks of all prompts
+    sweep = addition(vector, layer=1, alpha=[a for a in alphas for _ in PROMPTS])
+    reference = next_token_logits(eval_model, PROMPTS)
+    tiled = kl_divergence(eval_model, rows, interventions=[sweep], reference_logits=reference, batch_size=2)
+    repeated = kl_divergence(
+        eval_model, rows, interventions=[sweep], reference_logits=reference.repeat(len(alphas), 1)
+    )
+    assert tiled.per_prompt == pytest.approx(repeated.per_prompt, rel=1e-5, abs=1e-9)  # batch 2 vs 16
+    assert tiled.per_prompt[: len(PROMPTS)] == pytest.approx([0.0] * len(PROMPTS), abs=1e-6)  # alpha 0
+    for block, alpha in enumerate(alphas[1:], start=1):
+        alone = kl_divergence(eval_model, PROMPTS, interventions=[addition(vector, layer=1, alpha=alpha)])
+        got = tiled.per_prompt[block * len(PROMPTS) : (block + 1) * len(PROMPTS)]
+        assert got == pytest.approx(alone.per_prompt, rel=1e-5)
+    with pytest.raises(DataError, match="reference_logits has shape"):  # not block-wise repeats
+        kl_divergence(eval_model, rows[:-1] + [PROMPTS[0]], interventions=[sweep], reference_logits=reference)
+    # The steered pass's hooks are gone afterwards.
+    torch.testing.assert_close(next_token_logits(eval_model, PROMPTS), reference)
+
+
+def test_kl_from_logits_in_chunks_equals_all_at_once() -> None:
+    torch.manual_seed(0)
+    p, q = torch.randn(7, 50), torch.randn(7, 50)
+    torch.testing.assert_close(kl_from_logits(p, q, chunk=2), kl_from_logits(p, q, chunk=100))
+
+
 def test_kl_from_logits_known_value() -> None:
     p = torch.log(torch.tensor([[0.5, 0.5]]))
     q = torch.log(torch.tensor([[0.9, 0.1]]))
