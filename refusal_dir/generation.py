@@ -15,7 +15,7 @@ position. An addition restricted to ``positions="generated"`` changes nothing th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -190,11 +190,14 @@ def next_token_logits(
     batch_size: int = 16,
     apply_chat_template: bool = True,
     progress: bool = False,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "prompts vocab"]:
     """Logits of the token that would follow each prompt (float32, on the CPU).
 
-    This holds prompts x vocabulary floats (1 MiB per prompt on a 262k vocabulary); to reduce
-    them batch by batch instead, iterate :func:`iter_next_token_logits`.
+    The result holds prompts x vocabulary floats (1 MiB per prompt on a 262k vocabulary).
+    ``reduce`` maps each batch's ``batch x vocab`` logits to what is kept (say, the columns of
+    a few answer letters), so that memory stays bounded by one batch; the reduced batches are
+    concatenated along the first dimension.
     """
     chunks = iter_next_token_logits(
         model,
@@ -204,7 +207,7 @@ def next_token_logits(
         apply_chat_template=apply_chat_template,
         progress=progress,
     )
-    return torch.cat([logits for _, logits in chunks])
+    return torch.cat([logits if reduce is None else reduce(logits) for _, logits in chunks])
 
 
 def iter_next_token_logits(
