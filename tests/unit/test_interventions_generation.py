@@ -228,3 +228,10 @@ def test_hook_tensors_are_converted_once_per_device_and_dtype() -> None:
     first = vector.like(act64)
     assert first.dtype == torch.float64 and vector.like(act64) is first  # reused every step
     assert vector.like(act32) is not first and vector.like(act32).dtype == torch.float32
+
+
+def test_next_token_logits_reduced_batch_by_batch_equals_reducing_all(tiny_model) -> None:
+    prompts = ["Hi", "Write a poem about the sea", "What is two plus two?"]
+    full = next_token_logits(tiny_model, prompts, batch_size=2)
+    kept = next_token_logits(tiny_model, prompts, batch_size=2, reduce=lambda logits: logits[:, [5, 1]])
+    torch.testing.assert_close(kept, full[:, [5, 1]])
