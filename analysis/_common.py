@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -122,3 +123,33 @@ def subplot_grid(count: int, *, max_columns: int = 4) -> tuple[int, int]:
 def integer_ticks(count: int) -> dict[str, object]:
     """Axis settings that label integer steps (layers, heads), about 20 labels at most."""
     return {"tickmode": "linear", "tick0": 0, "dtick": max(1, math.ceil(count / 20))}
+
+
+def annotated_heatmap(
+    matrix: Tensor,
+    names: Sequence[str],
+    *,
+    zmin: float,
+    zmax: float,
+    colorscale: str,
+    colorbar_title: str,
+    title: str,
+) -> go.Figure:
+    """A square names x names heatmap with each value written in its cell (2 decimals)."""
+    values = matrix.tolist()
+    figure = go.Figure(
+        go.Heatmap(
+            z=values,
+            x=list(names),
+            y=list(names),
+            zmin=zmin,
+            zmax=zmax,
+            colorscale=colorscale,
+            text=[[f"{value:.2f}" for value in row] for row in values],
+            texttemplate="%{text}",
+            colorbar={"title": colorbar_title},
+        )
+    )
+    figure.update_layout(title=title, template=TEMPLATE, height=420)
+    figure.update_yaxes(autorange="reversed")
+    return figure

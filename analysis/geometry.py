@@ -25,7 +25,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from analysis._common import TEMPLATE, integer_ticks, unit_vector
+from analysis._common import TEMPLATE, annotated_heatmap, integer_ticks, unit_vector
 from refusal_dir import DirectionSet, HookedModel
 from refusal_dir.errors import ConfigError, DirectionMismatchError
 from refusal_dir.interventions import norm_gain
@@ -139,23 +139,10 @@ def cosine_methods_figure(
     result: CosineMatrix, *, title: str = "Cosine between methods"
 ) -> go.Figure:
     """Annotated heatmap of :func:`cosine_across_methods`."""
-    values = result.matrix.tolist()
-    figure = go.Figure(
-        go.Heatmap(
-            z=values,
-            x=list(result.names),
-            y=list(result.names),
-            zmin=-1,
-            zmax=1,
-            colorscale="RdBu_r",
-            text=[[f"{value:.2f}" for value in row] for row in values],
-            texttemplate="%{text}",
-            colorbar={"title": "cosine"},
-        )
+    return annotated_heatmap(
+        result.matrix, result.names, zmin=-1, zmax=1, colorscale="RdBu_r",
+        colorbar_title="cosine", title=title,
     )
-    figure.update_layout(title=title, template=TEMPLATE, height=420)
-    figure.update_yaxes(autorange="reversed")
-    return figure
 
 
 def cosine_between_figure(

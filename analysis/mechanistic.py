@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from analysis._common import TEMPLATE, integer_ticks, layer_list, unit_vector
+from analysis._common import TEMPLATE, annotated_heatmap, integer_ticks, layer_list, unit_vector
 from refusal_dir import (
     DirectionSet,
     HookedModel,
@@ -414,25 +414,10 @@ def important_coordinate_overlap(
 
 def coordinate_overlap_figure(result: CoordinateOverlap, *, title: str | None = None) -> go.Figure:
     """Annotated heatmap of the Jaccard overlaps."""
-    values = result.matrix.tolist()
-    figure = go.Figure(
-        go.Heatmap(
-            z=values,
-            x=list(result.names),
-            y=list(result.names),
-            zmin=0,
-            zmax=1,
-            colorscale="Blues",
-            text=[[f"{value:.2f}" for value in row] for row in values],
-            texttemplate="%{text}",
-            colorbar={"title": "Jaccard"},
-        )
+    return annotated_heatmap(
+        result.matrix, result.names, zmin=0, zmax=1, colorscale="Blues",
+        colorbar_title="Jaccard", title=title or f"Overlap of the top-{result.k} coordinates",
     )
-    figure.update_layout(
-        title=title or f"Overlap of the top-{result.k} coordinates", template=TEMPLATE, height=420
-    )
-    figure.update_yaxes(autorange="reversed")
-    return figure
 
 
 # ----------------------------------------------------------------------------------------------
