@@ -65,39 +65,27 @@ def plain_forward(model, prompts, *, keep_one: bool):
     hidden_states[l] is resid_pre[l]; hidden_states[l + 1] is resid_post[l] except for the last
     layer, where transformers applies the final norm (the cost is what matters here).
     """
-    texts = model.format_prompts(prompts)
-    n_layers, d_model = model.n_layers, model.d_model
-    out = {site: torch.zeros(len(texts), 1, n_layers, d_model) for site in SITES}
-    extra = {"logits_to_keep": 1} if keep_one else {}
-    for start in range(0, len(texts), BATCH):
-        batch = model.tokenize(texts[start : start + BATCH])
-        result = model.hf(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            output_hidden_states=True,
-            use_cache=False,
-            **extra,
-        )
-        hidden = torch.stack([h[:, -1, :] for h in result.hidden_states], dim=1).float()
-        rows = slice(start, start + len(batch))
-        out["resid_pre"][rows, 0] = hidden[:, :n_layers]
-        out["resid_post"][rows, 0] = hidden[:, 1 : n_layers + 1]
-    return out
+    return _hidden_states(model, prompts, model.hf, **({"logits_to_keep": 1} if keep_one else {}))
 
 
 @torch.no_grad()
 def base_forward(model, prompts):
     """Plain transformers base model (``model.hf.model``: no lm_head), output_hidden_states."""
+    return _hidden_states(model, prompts, model.hf.model)
+
+
+def _hidden_states(model, prompts, module, **kwargs):
     texts = model.format_prompts(prompts)
     n_layers, d_model = model.n_layers, model.d_model
     out = {site: torch.zeros(len(texts), 1, n_layers, d_model) for site in SITES}
     for start in range(0, len(texts), BATCH):
         batch = model.tokenize(texts[start : start + BATCH])
-        result = model.hf.model(
+        result = module(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             output_hidden_states=True,
             use_cache=False,
+            **kwargs,
         )
         hidden = torch.stack([h[:, -1, :] for h in result.hidden_states], dim=1).float()
         rows = slice(start, start + len(batch))
