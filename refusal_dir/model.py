@@ -4,7 +4,7 @@ A :class:`HookedModel` holds two views of one set of weights:
 
 * ``bridge``: a TransformerLens ``TransformerBridge`` (the successor of ``HookedTransformer``),
   for users who want hook names, ``run_with_cache``, ``hooks(...)`` and the analysis tools of
-  ``transformer_lens.tools.analysis``;
+  ``transformer_lens.tools.analysis``; booted on first use of ``model.bridge``;
 * ``hf``: the plain ``transformers`` model, sharing every parameter with the bridge (no copy),
   which this package's own caching and generation drive through PyTorch hooks placed at exactly
   the bridge's hook points (tested equal). It skips the bridge's per-component Python overhead
@@ -261,7 +261,7 @@ class HookedModel:
         self.device = device
         self.dtype = dtype
         self._bridge = bridge
-        self._boot_bridge = boot_bridge
+        self._bridge_factory = boot_bridge
         self.layers = decoder_layers(hf)
         self.uses_plain_template = not getattr(tokenizer, "chat_template", None)
         self.chat_template: str = tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
@@ -284,9 +284,9 @@ class HookedModel:
         Booted on first access (about 280 MiB and a few seconds on Gemma 3 270M), so code that
         only uses the fast path never pays for it.
         """
-        if self._bridge is None and self._boot_bridge is not None:
-            self._bridge = self._boot_bridge()
-            self._boot_bridge = None
+        if self._bridge is None and self._bridge_factory is not None:
+            self._bridge = self._bridge_factory()
+            self._bridge_factory = None
         if self._bridge is None:
             raise ConfigError(
                 "this HookedModel was loaded with with_bridge=False: reload it with "
