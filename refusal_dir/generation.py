@@ -149,8 +149,7 @@ def _generate_batches(
             leave=False,
         ):
             batch = model.tokenize(texts[rows]).to(model.device)
-            state.rows = rows
-            state.prompt_length = batch.input_ids.shape[1]
+            state.start(rows, prompt_length=batch.input_ids.shape[1])
             generated = model.hf.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -229,7 +228,7 @@ def iter_next_token_logits(
     texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
     with torch.no_grad(), steer(model, *interventions) as state:
         for rows in tqdm(_batches(len(texts), batch_size), disable=not progress, leave=False):
-            state.rows = rows
+            state.start(rows)
             logits = _forward_logits(model, model.tokenize(texts[rows]), keep=1)
             yield rows, logits[:, -1].cpu()
 
@@ -258,7 +257,7 @@ def continuation_logprobs(
     results = []
     with steer(model, *interventions) as state:
         for rows in _batches(len(texts), batch_size):
-            state.rows = rows
+            state.start(rows)
             prompt_ids = [model._encode(text) for text in texts[rows]]
             cont_ids = [model._encode(text) for text in continuations[rows]]
             if any(len(ids) == 0 for ids in cont_ids):

@@ -66,11 +66,31 @@ class PositionState:
     ``prompt_length`` is the padded prompt width during generation (``None`` outside it: every
     position then counts as a prompt position); ``rows`` selects the batch rows of per-row
     coefficients that the current forward pass covers.
+
+    The offset is derived from the forward passes themselves, never from a ``transformers``
+    keyword (whose name changes between releases): one hook per pass calls :meth:`advance` with
+    the number of positions the pass carries. A pass with more positions than the sequence held
+    so far starts from position 0 (a prefill, or a recompute without a KV cache); a shorter one
+    continues the sequence (a KV-cached decode step). The same rule serves the fast path and the
+    TransformerLens bridge.
     """
 
     offset: int = 0
     prompt_length: int | None = None
     rows: slice = field(default_factory=lambda: slice(None))
+    seen: int = 0
+
+    def start(self, rows: slice, prompt_length: int | None = None) -> None:
+        """Begin a new batch: its rows, its padded prompt width (generation only), offset 0."""
+        self.rows = rows
+        self.prompt_length = prompt_length
+        self.offset = 0
+        self.seen = 0
+
+    def advance(self, seq_len: int) -> None:
+        """Record one forward pass over ``seq_len`` positions (called before its first layer)."""
+        self.offset = 0 if seq_len > self.seen else self.seen
+        self.seen = self.offset + seq_len
 
     def mask(self, seq_len: int, rule: str, device: torch.device) -> Tensor | None:
         """``1 x seq x 1`` mask of the positions a rule covers; ``None`` means all of them."""
@@ -400,7 +420,7 @@ class _Scope:
 
     def on_input(self, module: nn.Module, edit: Edit) -> None:
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if args:
+            if args and isinstance(args[0], Tensor):
                 return (edit(args[0]), *args[1:]), kwargs
             kwargs = dict(kwargs)
             kwargs["hidden_states"] = edit(kwargs["hidden_states"])
@@ -495,10 +515,18 @@ def weights_mode_unit(unit: Tensor, norm: nn.Module) -> Tensor:
     return scaled / scaled.norm().clamp_min(1e-12)
 
 
-def _offset_hook(state: PositionState) -> Callable[..., None]:
+def _hidden_states(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a decoder block receives (its first positional argument, or by name)."""
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def _track_positions(state: PositionState) -> Callable[..., None]:
+    """A pre-hook on the first decoder block: one :meth:`PositionState.advance` per pass."""
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        state.offset = int(cache.get_seq_length()) if cache is not None else 0
+        state.advance(int(_hidden_states(args, kwargs).shape[1]))
 
     return hook
 
@@ -516,8 +544,9 @@ def steer(
     state = state or PositionState()
     scope = _Scope()
     try:
+        # Registered first, so the state is current before any edit of the first block runs.
         scope.handles.append(
-            model.hf.register_forward_pre_hook(_offset_hook(state), with_kwargs=True)
+            model.layers[0].register_forward_pre_hook(_track_positions(state), with_kwargs=True)
         )
         for intervention in interventions:
             _place(model, intervention, scope, state)
@@ -536,17 +565,21 @@ def bridge_hooks(
 ) -> list[tuple[str, Callable[..., Tensor]]]:
     """``(hook_name, fn)`` pairs for ``model.bridge.hooks(fwd_hooks=...)``.
 
-    Without a KV cache offset from the fast path, the position rules here take the sequence
-    offset from the activation's length: a one-position activation after a longer prompt is a
-    generated token (TransformerLens' KV-cached ``generate``).
+    The first pair tracks positions exactly as :func:`steer` does on the fast path (one
+    :meth:`PositionState.advance` per forward pass, at the first block's ``resid_pre``), so the
+    position rules hold under TransformerLens' KV-cached ``generate`` too. For generation, set
+    ``state.prompt_length`` (or call ``state.start(rows, prompt_length)``) before each batch.
     """
     state = state or PositionState()
-    hooks: list[tuple[str, Callable[..., Tensor]]] = []
+
+    def track(act: Tensor, hook: Any) -> Tensor:
+        state.advance(int(act.shape[1]))
+        return act
+
+    hooks: list[tuple[str, Callable[..., Tensor]]] = [(hook_name("resid_pre", 0), track)]
 
     def wrap(edit: Edit) -> Callable[..., Tensor]:
         def fn(act: Tensor, hook: Any) -> Tensor:
-            if state.prompt_length is not None:
-                state.offset = 0 if act.shape[1] > 1 else max(state.offset, state.prompt_length)
             return edit(act)
 
         return fn
