@@ -44,7 +44,7 @@ def reference_tokens(model, vector: torch.Tensor | None, rule: str) -> list[list
         ids = model._encode(text)
         prompt_length = len(ids)
 
-        def add(module, args, kwargs):
+        def add(module, args, kwargs, prompt_length=prompt_length):
             hidden = args[0] if args else kwargs["hidden_states"]
             position = torch.arange(hidden.shape[1])
             covered = {
