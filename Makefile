@@ -9,7 +9,7 @@ RUN_DIR ?= outputs/gemma-3-270m-offline
 # torch is pinned and installed first: an unpinned torch pulls several GB of CUDA packages.
 TORCH ?= torch==2.13.0
 # The oldest versions pyproject.toml allows, for `make test-oldest`.
-OLDEST ?= transformers==5.9.0 transformer-lens==4.3.0 datasets==2.19.0
+OLDEST ?= transformers==5.21.0 transformer-lens==4.3.0 datasets==2.19.0
 # Extra requirements for `make test-latest`, e.g. PROBE="transformers==5.24.0" to try a release
 # beyond the upper bounds.
 PROBE ?=
