@@ -259,7 +259,7 @@ def continuation_logprobs(
         for rows in _batches(len(texts), batch_size):
             state.start(rows)
             prompt_ids = [model._encode(text) for text in texts[rows]]
-            cont_ids = [model._encode(text) for text in continuations[rows]]
+            cont_ids = [model.encode_text(text) for text in continuations[rows]]
             if any(len(ids) == 0 for ids in cont_ids):
                 raise DataError("a continuation tokenized to zero tokens: remove empty ones")
             full = [p + c for p, c in zip(prompt_ids, cont_ids)]

@@ -32,6 +32,12 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from refusal_dir.chat import (
+    GEMMA_CHAT_TEMPLATE,
+    PLAIN_CHAT_TEMPLATE,
+    ChatFormat,
+    FormattedPrompt,
+)
 from refusal_dir.errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -39,24 +45,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "google/gemma-2-2b-it"
 OFFLINE_MODEL = "gemma-3-270m-offline"
 
-#: Used when a model has no chat template of its own. Documented in the README.
-PLAIN_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}User: {{ message['content'] }}\n"
-    "{% else %}Assistant: {{ message['content'] }}\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-#: Google's Gemma turn format, attached to the offline Gemma 3 270M (its GGUF file carries none).
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-
-_SENTINEL = "\u2063INSTRUCTION\u2063"
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
 
 
@@ -253,6 +241,8 @@ class HookedModel:
         boot_bridge: Callable[[], Any] | None = None,
         device: str,
         dtype: torch.dtype,
+        system_prompt: str | None = None,
+        enable_thinking: bool | None = None,
     ) -> None:
         self.hf = hf
         self.tokenizer = tokenizer
@@ -265,7 +255,13 @@ class HookedModel:
         self.layers = decoder_layers(hf)
         self.uses_plain_template = not getattr(tokenizer, "chat_template", None)
         self.chat_template: str = tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
-        self._post_instruction_ids = self._compute_post_instruction_ids()
+        self.chat = ChatFormat(
+            tokenizer,
+            self.chat_template,
+            system_prompt=system_prompt,
+            enable_thinking=enable_thinking,
+            name=repr(model_id),
+        )
         self._stop_ids: list[int] | None = None
 
     # -- shape -----------------------------------------------------------------------------
@@ -295,30 +291,73 @@ class HookedModel:
         return self._bridge
 
     # -- chat formatting ---------------------------------------------------------------------
-    def format_prompts(self, instructions: Sequence[str]) -> list[str]:
-        """Wrap each instruction in the chat template as a user turn awaiting the reply."""
-        if isinstance(instructions, str):
-            raise ConfigError("format_prompts takes a list of instructions, not one string")
-        return [self._render([{"role": "user", "content": text}]) for text in instructions]
+    @property
+    def system_prompt(self) -> str | None:
+        """System prompt of every formatted prompt (``None``: no system message).
 
-    def format_chat(self, instruction: str, response: str) -> str:
-        """A user turn followed by the start of an assistant reply ``response``."""
-        return self._render([{"role": "user", "content": instruction}]) + response
+        Setting it checks that the chat template has a system role (:class:`ConfigError` if
+        not: Gemma 2's template, for one, raises "System role not supported").
+        """
+        return self.chat.system_prompt
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        return str(
-            self.tokenizer.apply_chat_template(
-                messages,
-                chat_template=self.chat_template,
-                add_generation_prompt=True,
-                tokenize=False,
-            )
+    @system_prompt.setter
+    def system_prompt(self, value: str | None) -> None:
+        self.chat = self._chat_format(system_prompt=value, enable_thinking=self.enable_thinking)
+
+    @property
+    def enable_thinking(self) -> bool | None:
+        """Passed to chat templates that read it (Qwen3's); ``None`` keeps the template's default.
+
+        Setting it on a template that never reads ``enable_thinking`` raises
+        :class:`ConfigError`.
+        """
+        return self.chat.enable_thinking
+
+    @enable_thinking.setter
+    def enable_thinking(self, value: bool | None) -> None:
+        self.chat = self._chat_format(system_prompt=self.system_prompt, enable_thinking=value)
+
+    def _chat_format(self, *, system_prompt: str | None, enable_thinking: bool | None) -> ChatFormat:
+        return ChatFormat(
+            self.tokenizer,
+            self.chat_template,
+            system_prompt=system_prompt,
+            enable_thinking=enable_thinking,
+            name=repr(self.model_id),
         )
 
-    def _compute_post_instruction_ids(self) -> list[int]:
-        rendered = self._render([{"role": "user", "content": _SENTINEL}])
-        suffix = rendered.split(_SENTINEL)[-1]
-        return self._encode(suffix) if suffix else []
+    def format_prompts(
+        self, instructions: Sequence[str], *, system: str | None = None
+    ) -> list[str]:
+        """Wrap each instruction in the chat template as a user turn awaiting the reply.
+
+        ``system`` (default: :attr:`system_prompt`) becomes the system message. The results
+        are strings that remember where the instruction is, so :meth:`tokenize` encodes it as
+        text: a ``"<bos>"`` typed in an instruction is five characters, not a BOS token.
+        """
+        if isinstance(instructions, str):
+            raise ConfigError("format_prompts takes a list of instructions, not one string")
+        return [self.chat.format(text, system=system) for text in instructions]
+
+    def format_chat(self, instruction: str, response: str) -> FormattedPrompt:
+        """A user turn followed by the start of an assistant reply ``response`` (both text)."""
+        prompt = self.chat.format(instruction)
+        end = len(prompt) + len(response)
+        return FormattedPrompt(prompt + response, (*prompt.content_spans, (len(prompt), end)))
+
+    @property
+    def reply_prefix(self) -> str:
+        """What the template puts before the reply's first word: ``""`` after a template that
+        ends a line (Gemma's ``"model\\n"``), ``" "`` after the plain template's ``"Assistant:"``."""
+        return self.chat.reply_prefix
+
+    def reply_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` where it starts the reply, as they follow the template."""
+        return self.chat.reply_token_ids(text)
+
+    @property
+    def _post_instruction_ids(self) -> list[int]:
+        return self.chat.post_instruction_ids
 
     @property
     def n_post_instruction_tokens(self) -> int:
@@ -327,7 +366,11 @@ class HookedModel:
 
     # -- tokenization -------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.chat.encode(text)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text: special-token strings in it stay characters."""
+        return self.chat.encode_text(text)
 
     @property
     def pad_token_id(self) -> int:
@@ -339,7 +382,10 @@ class HookedModel:
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         """Tokenize already-formatted texts, left padded, adding no special tokens.
 
-        The chat template writes the BOS token itself, so no second one is added.
+        Exactly the template's tokens reach the model: the template writes the BOS token (or,
+        like Qwen's, none), and nothing is added. Texts from :meth:`format_prompts` keep the
+        instruction as plain text; a plain string is encoded as written, its special-token
+        text included (it counts as formatted by the caller).
         """
         if not texts:
             raise ConfigError("no prompts to tokenize: pass at least one prompt")
@@ -395,12 +441,15 @@ def load_model(
     revision: str | None = None,
     with_bridge: bool = True,
     cache: Path | None = None,
+    system_prompt: str | None = None,
+    enable_thinking: bool | None = None,
 ) -> HookedModel:
     """Load a model by hub id, local directory, or ``"gemma-3-270m-offline"``.
 
     ``dtype`` defaults to bfloat16 on a GPU and float32 on the CPU. The bridge and the fast
     ``transformers`` view share their parameters; the bridge boots on first use of
-    ``model.bridge`` (``with_bridge=False``: never).
+    ``model.bridge`` (``with_bridge=False``: never). ``system_prompt`` and ``enable_thinking``
+    are the chat settings of :class:`HookedModel` (both ``None``: the template's defaults).
     """
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
@@ -419,6 +468,8 @@ def load_model(
         boot_bridge=boot if with_bridge else None,
         device=device,
         dtype=torch_dtype,
+        system_prompt=system_prompt,
+        enable_thinking=enable_thinking,
     )
 
 
