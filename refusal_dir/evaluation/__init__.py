@@ -21,6 +21,7 @@ from refusal_dir.evaluation.judges import (
     is_helpful,
     is_refusal,
     resolve_judge,
+    strip_thinking,
 )
 from refusal_dir.evaluation.metrics import (
     DEFAULT_REFUSAL_STARTS,
@@ -68,5 +69,6 @@ __all__ = [
     "refusal_score",
     "refusal_token_ids",
     "resolve_judge",
+    "strip_thinking",
     "wilson_interval",
 ]

@@ -46,12 +46,14 @@ from refusal_dir.prompts import LETTERS, Claim, MCQuestion, format_claim_prompt,
 DEFAULT_REFUSAL_STARTS: tuple[str, ...] = ("I", "Sorry", "I cannot", "I'm", "As", "Unfortunately")
 """Phrases a refusal typically starts with; :func:`refusal_token_ids` keeps the first token of
 each (deduplicated). For Gemma "I" is the usual refusal start (Arditi et al. use the single
-token "I" for Gemma, "I" and "As" for Llama-3 and Qwen). Phrases are encoded without a leading
-space: right after the chat template's generation prompt the reply starts a new line."""
+token "I" for Gemma, "I" and "As" for Llama-3 and Qwen). Each phrase is tokenized where the
+reply starts (:meth:`~refusal_dir.model.HookedModel.reply_token_ids`): "I" after Gemma's
+``"<start_of_turn>model\n"``, " I" after the plain template's ``"Assistant:"``."""
 
 LETTER_VARIANTS: tuple[str, ...] = ("{}", " {}", "({}", " ({}")
 """Spellings of an answer letter that count as "answering X" when they are one token; the
-letter's logit is the maximum over those present in the vocabulary."""
+letter's logit is the maximum over those present in the vocabulary, and over the token the
+letter gets where the reply starts (" A" after the plain template's ``"Assistant:"``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,10 +133,12 @@ def _single_token(model: HookedModel, text: str) -> int | None:
 
 
 def letter_token_ids(model: HookedModel, letters: str) -> list[list[int]]:
-    """For each letter, the ids of its one-token spellings (:data:`LETTER_VARIANTS`)."""
+    """For each letter, the ids of its one-token spellings: first the letter as it starts the
+    reply after the chat template (when one token), then :data:`LETTER_VARIANTS`."""
     result = []
     for letter in letters:
-        ids: list[int] = []
+        reply = model.reply_token_ids(letter)
+        ids: list[int] = list(reply) if len(reply) == 1 else []
         for variant in LETTER_VARIANTS:
             token = _single_token(model, variant.format(letter))
             if token is not None and token not in ids:
@@ -155,12 +159,20 @@ def _letter_logits(logits: Tensor, letter_ids: Sequence[Sequence[int]]) -> Tenso
 
 
 def refusal_token_ids(
-    model: HookedModel, starts: Sequence[str] = DEFAULT_REFUSAL_STARTS
+    model: HookedModel,
+    starts: Sequence[str] = DEFAULT_REFUSAL_STARTS,
+    *,
+    after_template: bool = True,
 ) -> list[int]:
-    """The first token id of each refusal start phrase, deduplicated, in order."""
+    """The first token id of each refusal start phrase, deduplicated, in order.
+
+    ``after_template``: each phrase is tokenized where it starts the reply after the chat
+    template (with the template's :attr:`~refusal_dir.model.HookedModel.reply_prefix`);
+    otherwise on its own, as written.
+    """
     ids: list[int] = []
     for phrase in starts:
-        encoded = _encode(model, phrase)
+        encoded = model.reply_token_ids(phrase) if after_template else _encode(model, phrase)
         if encoded and encoded[0] not in ids:
             ids.append(encoded[0])
     if not ids:
@@ -282,10 +294,15 @@ def refusal_score(
     tokens, computed as ``logsumexp`` over refusal tokens minus ``logsumexp`` over all other
     tokens, so it stays finite for ``p`` near 0 or 1. Positive: refusal is more likely than not.
     ``refusal_tokens`` defaults to :func:`refusal_token_ids` (for Gemma, "I" is the token that
-    matters).
+    matters), tokenized after the chat template (as written when
+    ``apply_chat_template=False``).
     """
     _check_items(prompts, "prompts")
-    ids = list(refusal_tokens) if refusal_tokens is not None else refusal_token_ids(model)
+    ids = (
+        list(refusal_tokens)
+        if refusal_tokens is not None
+        else refusal_token_ids(model, after_template=apply_chat_template)
+    )
     if not ids:
         raise ConfigError("refusal_tokens is empty: pass at least one token id, or None")
     def score(logits: Tensor) -> Tensor:
@@ -360,8 +377,9 @@ def mmlu_accuracy(
     * ``"option"``: the choice whose text is the most likely continuation (sum of token
       log-probs; all question x option pairs in one :func:`continuation_logprobs` call). For
       small models that answer with the option word. Longer options are penalized by the sum.
-      ``option_prefix`` goes before each option: ``""`` after a chat template, ``" "`` after a
-      raw prompt (the defaults).
+      ``option_prefix`` goes before each option; by default the template's
+      :attr:`~refusal_dir.model.HookedModel.reply_prefix` (``""`` after Gemma's template,
+      ``" "`` after the plain template's ``"Assistant:"``), and ``" "`` after a raw prompt.
 
     ``formatter`` turns a question into the instruction text (default :func:`format_mc_prompt`,
     which lists the options as "A. ..."); for questions whose text already lists the options
@@ -381,9 +399,10 @@ def mmlu_accuracy(
             batch_size=batch_size,
         )
     else:
-        prefix = (
-            option_prefix if option_prefix is not None else ("" if apply_chat_template else " ")
-        )
+        if option_prefix is not None:
+            prefix = option_prefix
+        else:
+            prefix = model.reply_prefix if apply_chat_template else " "
         scores = _option_scores(
             model,
             questions,

@@ -34,12 +34,19 @@ from refusal_dir.evaluation import (
     paired_bootstrap_diff,
     refusal_rate,
     refusal_score,
+    refusal_token_ids,
+    strip_thinking,
     wilson_interval,
 )
-from refusal_dir.generation import GenerationSettings, generate, next_token_logits
+from refusal_dir.generation import (
+    GenerationSettings,
+    continuation_logprobs,
+    generate,
+    next_token_logits,
+)
 from refusal_dir.interventions import addition
 from refusal_dir.model import HookedModel, load_model
-from refusal_dir.prompts import Claim, MCQuestion
+from refusal_dir.prompts import Claim, MCQuestion, format_mc_prompt
 from refusal_dir.testing import make_tiny_model
 
 BIG = 1e3
@@ -137,6 +144,32 @@ def test_substring_judge_known_false_positive() -> None:
     assert is_refusal("Sorry to hear that, here's how to fix your bike: first ...")
 
 
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("<think>I cannot decide yet.</think>Sure, here it is.", "Sure, here it is."),
+        ("Plan: say no.</think>\n\nI cannot help.", "\n\nI cannot help."),  # opened by the prompt
+        ("<think>Sorry, thinking, cut off by the token limit", ""),
+        ("<think>a</think>Sure.<think>b</think> Done.", "Sure. Done."),
+        ("Sure, no thinking here.", "Sure, no thinking here."),
+    ],
+)
+def test_strip_thinking_keeps_the_answer(text: str, answer: str) -> None:
+    assert strip_thinking(text) == answer
+
+
+def test_substring_judge_ignores_thinking() -> None:
+    assert not is_refusal("<think>I cannot tell yet; sorry, let me think.</think>Sure, here is how.")
+    assert is_refusal("<think>The user asks for a bomb.</think>I cannot help with that.")
+    assert is_refusal("The user asks for a bomb." * 20 + "</think>Sorry, no.")  # past the window
+    assert not is_refusal("<think>Sorry, I cannot")  # no answer yet
+    judge = SubstringJudge()
+    assert judge(["p", "q"], ["<think>sorry</think>Sure.", "<think>x</think>Sorry."]) == [False, True]
+    # A cut-off thought is no answer at all: not a refusal, and degenerate (empty).
+    assert degeneration("<think>Sure, step one, step two") == "empty"
+    assert degeneration("<think>the the the the the</think>The capital is Paris.") is None
+
+
 def test_judge_protocol_and_registry() -> None:
     judge = get_judge("substring")
     assert isinstance(judge, SubstringJudge) and isinstance(judge, Judge)
@@ -212,6 +245,51 @@ def test_mmlu_option_scoring_follows_controlled_logits(eval_model, letter_vector
     result = mmlu_accuracy(eval_model, questions, interventions=wrong, scoring="option")
     assert result.value == 0.0
     assert result.predictions == [1, 2, 0]
+
+
+@pytest.fixture(scope="module")
+def plain_model(tmp_path_factory: pytest.TempPathFactory) -> HookedModel:
+    """A tiny model without a chat template: replies follow "Assistant:" after a space."""
+    directory = make_tiny_model(tmp_path_factory.mktemp("plain") / "tiny", chat_template=False)
+    return load_model(str(directory), device="cpu", with_bridge=False)
+
+
+def _after_template(model: HookedModel, reply: str) -> int:
+    """The first token ``reply`` adds after a formatted prompt, from the tokenizer by hand."""
+    prompt = str(model.format_prompts(["Hi"])[0])
+    base = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return model.tokenizer(prompt + reply, add_special_tokens=False)["input_ids"][len(base)]
+
+
+def test_refusal_tokens_follow_the_plain_template(plain_model, eval_model) -> None:
+    # After "Assistant:" the reply's first token is " I", not "I" (Gemma's, after "model\n").
+    assert refusal_token_ids(plain_model, ["I", "Sorry"]) == [
+        _after_template(plain_model, " I"),
+        _after_template(plain_model, " Sorry"),
+    ]
+    assert refusal_token_ids(eval_model, ["I"]) == [_after_template(eval_model, "I")]
+    i_alone = plain_model.tokenizer("I", add_special_tokens=False)["input_ids"][0]
+    assert refusal_token_ids(plain_model, ["I"], after_template=False) == [i_alone]
+    default = refusal_score(plain_model, PROMPTS)
+    expected = refusal_score(plain_model, PROMPTS, refusal_tokens=refusal_token_ids(plain_model))
+    torch.testing.assert_close(default, expected)
+    assert not torch.allclose(
+        default, refusal_score(plain_model, PROMPTS, refusal_tokens=[i_alone]), atol=1e-3
+    )
+
+
+def test_option_and_letter_spellings_follow_the_plain_template(plain_model) -> None:
+    questions = _questions()[:2]
+    result = mmlu_accuracy(plain_model, questions, scoring="option")
+    pair_prompts = [format_mc_prompt(q) for q in questions for _ in q.choices]
+    spaced = continuation_logprobs(
+        plain_model, pair_prompts, [" " + c for q in questions for c in q.choices]
+    ).double()
+    expected = [float(torch.softmax(row, 0)[q.answer]) for q, row in zip(questions, spaced.split(4))]
+    assert result.correct_probs == pytest.approx(expected, abs=1e-6)
+    # Each letter's first spelling is the token it gets right after "Assistant:".
+    spellings = letter_token_ids(plain_model, "AB")
+    assert [ids[0] for ids in spellings] == [_after_template(plain_model, " " + x) for x in "AB"]
 
 
 def test_mmlu_validates_questions(eval_model) -> None:
