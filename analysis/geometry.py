@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import plotly.graph_objects as go
 import torch
@@ -28,7 +27,6 @@ from torch import Tensor
 from analysis._common import TEMPLATE, annotated_heatmap, integer_ticks, unit_vector
 from refusal_dir import DirectionSet, HookedModel
 from refusal_dir.errors import ConfigError, DirectionMismatchError
-from refusal_dir.interventions import norm_gain
 
 PerLayer = Float[Tensor, "layers"]
 Vector = Float[Tensor, "d_model"]
@@ -192,25 +190,6 @@ class LogitLensTokens:
     logits: VocabLogits
 
 
-def _final_norm(model: HookedModel) -> Any:
-    for path in (
-        "model.norm",
-        "model.language_model.norm",
-        "transformer.ln_f",
-        "gpt_neox.final_layer_norm",
-    ):
-        module: Any = model.hf
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if module is not None:
-            return module
-    raise ConfigError(
-        f"cannot find the final norm of {type(model.hf).__name__}: use method='readout'"
-    )
-
-
 def direction_logits(model: HookedModel, vector: Vector, *, method: str = "readout") -> VocabLogits:
     """Logits of every token for a direction (see the module docstring for the two methods)."""
     vector = torch.as_tensor(vector).detach().float().cpu()
@@ -226,7 +205,8 @@ def direction_logits(model: HookedModel, vector: Vector, *, method: str = "reado
         readout = logit_readout(bridge, vector.to(device=bridge.W_U.device, dtype=bridge.W_U.dtype))
         return readout.values.float().cpu()
     if method == "linear":
-        gain = norm_gain(_final_norm(model)).cpu()
+        architecture = model.architecture
+        gain = architecture.norm_gain(architecture.final_norm(model.hf)).cpu()
         W_U = bridge.W_U.detach().float().cpu()
         return (gain * vector) @ W_U
     raise ConfigError(f"unknown method {method!r}: choose readout or linear")

@@ -47,7 +47,7 @@ from refusal_dir import (
     next_token_logits,
 )
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError
-from refusal_dir.interventions import Intervention, PositionState, norm_gain, writer_modules
+from refusal_dir.interventions import Intervention, PositionState
 
 PerLayer = Float[Tensor, "layers"]
 Vector = Float[Tensor, "d_model"]
@@ -475,7 +475,9 @@ def head_attribution(
     chosen = layer_list(layers, model.n_layers)
     texts = _texts(model, prompts, apply_chat_template)
     bridge = model.bridge
-    post_norm = all(hasattr(bridge.blocks[layer], "ln1_post") for layer in chosen)
+    architecture = model.architecture
+    # TransformerLens names the post-attention norm of Gemma-2/3 blocks ln1_post.
+    post_norm = architecture.has_post_norms
     names: dict[int, dict[str, str]] = {}
     for layer in chosen:
         names[layer] = {
@@ -520,9 +522,9 @@ def head_attribution(
                 .sum()
                 .cpu()
             )
-            if post_norm:
-                norm = writer_modules(model.layers[layer])["attn_out"]
-                gain = norm_gain(norm).to(device=model.device, dtype=torch.float64)
+            norm = architecture.post_norm(model.layers[layer], "attn")
+            if norm is not None:
+                gain = architecture.norm_gain(norm).to(device=model.device, dtype=torch.float64)
                 scale = cache[names[layer]["scale"]][:, position].to(torch.float64)  # batch 1
                 through = torch.einsum("bhd,hdm->bhm", z, W_O) @ (gain * unit_device)
                 values[index] += (through / scale).sum(dim=0).cpu()

@@ -8,6 +8,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from refusal_dir.activations import Activations, collect_activations
+from refusal_dir.architectures import (
+    ARCHITECTURES,
+    Architecture,
+    architecture_of,
+    register_architecture,
+)
 from refusal_dir.directions import METHODS, DirectionSet, compute_directions
 from refusal_dir.errors import (
     ConfigError,
@@ -16,6 +22,7 @@ from refusal_dir.errors import (
     ModelLoadError,
     OutputDirError,
     RefusalDirError,
+    UnsupportedArchitectureError,
 )
 from refusal_dir.generation import (
     GenerationSettings,
@@ -39,10 +46,12 @@ from refusal_dir.scoring import LayerScore, score_layers, select_layer
 from refusal_dir.sites import hook_name
 
 __all__ = [
+    "ARCHITECTURES",
     "DEFAULT_MODEL",
     "METHODS",
     "OFFLINE_MODEL",
     "Activations",
+    "Architecture",
     "ConfigError",
     "DataError",
     "DirectionMismatchError",
@@ -55,9 +64,11 @@ __all__ = [
     "ModelLoadError",
     "OutputDirError",
     "RefusalDirError",
+    "UnsupportedArchitectureError",
     "__version__",
     "ablation",
     "addition",
+    "architecture_of",
     "bridge_hooks",
     "clamp",
     "collect_activations",
@@ -68,6 +79,7 @@ __all__ = [
     "hook_name",
     "load_model",
     "next_token_logits",
+    "register_architecture",
     "orthogonalized_copy",
     "save_orthogonalized",
     "score_layers",

@@ -22,6 +22,10 @@ class ModelLoadError(RefusalDirError):
     """A model id or directory cannot be loaded."""
 
 
+class UnsupportedArchitectureError(ModelLoadError):
+    """A model family, or one of its modules, is not in ``refusal_dir.architectures``."""
+
+
 class DirectionMismatchError(RefusalDirError, ValueError):
     """A direction file does not fit the model or the request."""
 

@@ -27,7 +27,8 @@ and every position (Arditi et al. 2024). ``mode="stream"`` projects it out of ``
 ``mode="weights"`` is the form that weight orthogonalization bakes in exactly: it projects the
 embedding, and each block's attention and MLP output before the post-norm (Gemma-2/3), along the
 direction rescaled by that norm's gain, so the norm's output has no component along the
-direction. On models without post-norms (Llama, Qwen, GPT-2) the two modes are the same.
+direction. On models without post-norms (Llama, Mistral, Qwen, Phi-3) the two modes are the
+same. Which modules these are, family by family, is declared in :mod:`refusal_dir.architectures`.
 ``clamp(...)`` sets the component to a fixed value instead of zero (its opposite use).
 """
 
@@ -43,6 +44,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from refusal_dir.architectures import WRITE_KINDS, Architecture, WriteKind
+from refusal_dir.architectures import norm_gain as norm_gain  # re-exported for analysis users
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DirectionMismatchError
 from refusal_dir.model import HookedModel
@@ -371,37 +374,6 @@ def _apply_projection(
 Edit = Callable[[Tensor], Tensor]
 
 
-def _has_post_norms(block: nn.Module) -> bool:
-    return hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
-
-
-def norm_gain(norm: Any) -> Tensor:
-    """The elementwise gain of an RMSNorm module (``1 + w`` for Gemma, ``w`` otherwise)."""
-    weight = norm.weight.detach().float()
-    return 1.0 + weight if "Gemma" in type(norm).__name__ else weight
-
-
-def writer_modules(block: Any) -> dict[str, Any]:
-    """Modules of a block whose outputs are ``attn_out``/``mlp_out``, and their pre-norm writers."""
-    if _has_post_norms(block):
-        return {
-            "attn_out": block.post_attention_layernorm,
-            "mlp_out": block.post_feedforward_layernorm,
-            "attn_write": block.self_attn.o_proj,
-            "mlp_write": block.mlp.down_proj,
-        }
-    attn = getattr(block, "self_attn", None) or getattr(block, "attn", None)
-    mlp = block.mlp
-    modules = {"attn_out": attn, "mlp_out": mlp}
-    modules["attn_write"] = getattr(attn, "o_proj", None) or getattr(attn, "c_proj", attn)
-    modules["mlp_write"] = getattr(mlp, "down_proj", None) or getattr(mlp, "c_proj", mlp)
-    return modules
-
-
-def embedding_module(model: HookedModel) -> nn.Module:
-    return model.hf.get_input_embeddings()
-
-
 def _replace_output(output: Any, new: Tensor) -> Any:
     if isinstance(output, tuple):
         return (new, *output[1:])
@@ -483,35 +455,40 @@ def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state:
         )
     candidate_layers = range(model.n_layers) if intervention.layers is None else intervention.layers
     layers = [check_layer(layer, model.n_layers) for layer in candidate_layers]
+    architecture = model.architecture
     for layer in layers:
-        modules = writer_modules(model.layers[layer])
+        block = model.layers[layer]
         if intervention.mode == "stream":
             # The stream entering the first layer is moved to the value; what each block writes
             # is then moved towards zero along the direction, so every later resid_pre, resid_mid
             # and resid_post holds (1 - s) * original + s * value (no compounding across layers).
             if layer == layers[0]:
-                scope.on_input(model.layers[layer], _edit_for(intervention, intervention.unit, state))
+                scope.on_input(block, _edit_for(intervention, intervention.unit, state))
             write_edit = _edit_for(_writes_of(intervention), intervention.unit, state)
-            scope.on_output(modules["attn_out"], write_edit)
-            scope.on_output(modules["mlp_out"], write_edit)
+            for kind in WRITE_KINDS:
+                scope.on_output(architecture.stream_write(block, kind), write_edit)
         else:
-            block = model.layers[layer]
-            for writer, norm_name in (
-                ("attn_write", "post_attention_layernorm"),
-                ("mlp_write", "post_feedforward_layernorm"),
-            ):
-                unit = intervention.unit
-                if _has_post_norms(block):
-                    unit = weights_mode_unit(intervention.unit, getattr(block, norm_name))
-                scope.on_output(modules[writer], _edit_for(intervention, unit, state))
+            for kind in WRITE_KINDS:
+                unit = weights_mode_unit(architecture, block, kind, intervention.unit)
+                scope.on_output(architecture.block_output(block, kind), _edit_for(intervention, unit, state))
     if intervention.mode == "weights" and (intervention.layers is None or 0 in intervention.layers):
         embed_edit = _edit_for(intervention, intervention.unit, state)
-        scope.on_output(embedding_module(model), embed_edit)
+        scope.on_output(architecture.embedding(model.hf), embed_edit)
 
 
-def weights_mode_unit(unit: Tensor, norm: nn.Module) -> Tensor:
-    """The direction to remove before a post-norm so that its output has no ``unit`` component."""
-    scaled = norm_gain(norm).to(unit.device) * unit.float()
+def weights_mode_unit(
+    architecture: Architecture, block: nn.Module, kind: WriteKind, unit: Tensor
+) -> Tensor:
+    """The direction to remove from a block's ``kind`` write, before its post-norm if any.
+
+    Without a post-norm it is ``unit`` itself. With one, it is ``unit`` rescaled by the norm's
+    gain: the norm's output then has no ``unit`` component (the norm divides by one number per
+    position and multiplies by the gain elementwise).
+    """
+    norm = architecture.post_norm(block, kind)
+    if norm is None:
+        return unit
+    scaled = architecture.norm_gain(norm).to(unit.device) * unit.float()
     return scaled / scaled.norm().clamp_min(1e-12)
 
 

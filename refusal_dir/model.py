@@ -23,7 +23,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from refusal_dir.architectures import Architecture, architecture_of
 from refusal_dir.chat import (
     GEMMA_CHAT_TEMPLATE,
     PLAIN_CHAT_TEMPLATE,
@@ -197,22 +199,6 @@ def _load_hf_model(
     return model, tokenizer
 
 
-def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a ``transformers`` causal LM."""
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
-        module: Any = hf_model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise ModelLoadError(
-        f"cannot find the decoder layers of {type(hf_model).__name__}: supported are models "
-        "with model.layers (Gemma, Llama, Qwen, Mistral), transformer.h (GPT-2) or gpt_neox.layers"
-    )
-
-
 @dataclass(frozen=True)
 class TokenBatch:
     """Left-padded token ids with their attention mask."""
@@ -252,7 +238,9 @@ class HookedModel:
         self.dtype = dtype
         self._bridge = bridge
         self._bridge_factory = boot_bridge
-        self.layers = decoder_layers(hf)
+        #: Where this model's family keeps its blocks, writers and norms.
+        self.architecture: Architecture = architecture_of(hf)
+        self.layers = self.architecture.layers(hf)
         self.uses_plain_template = not getattr(tokenizer, "chat_template", None)
         self.chat_template: str = tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
         self.chat = ChatFormat(
@@ -502,6 +490,32 @@ def _commit_hash(hf: Any) -> str | None:
     return str(value) if value else None
 
 
+@contextmanager
+def _no_package_installs() -> Iterator[None]:
+    """Keep TransformerLens from installing packages while it boots a bridge.
+
+    TransformerLens 4.3 runs ``pip install torchvision`` when the processor of an image-text
+    model (Gemma 3 4B and up) fails to load; pip then replaced the CPU torch of the running
+    environment with a CUDA build. Booting a bridge must never change the environment, and this
+    package only feeds the bridge text, so that step is made a no-op (the bridge simply has no
+    image processor).
+    """
+    try:
+        from transformer_lens.model_bridge.sources.transformers import helpers
+    except ImportError:
+        yield
+        return
+    original = getattr(helpers, "_ensure_torchvision", None)
+    if original is None:
+        yield
+        return
+    helpers._ensure_torchvision = lambda: False
+    try:
+        yield
+    finally:
+        helpers._ensure_torchvision = original
+
+
 def _boot_bridge(source: str, hf: Any, tokenizer: Any, *, device: str, dtype: torch.dtype) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -521,9 +535,10 @@ def _boot_bridge(source: str, hf: Any, tokenizer: Any, *, device: str, dtype: to
             hooks.clear()
     _contiguous_unembedding_input(skeleton)
     try:
-        return TransformerBridge.boot_transformers(
-            source, device=device, dtype=dtype, hf_model=skeleton, tokenizer=tokenizer
-        )
+        with _no_package_installs():
+            return TransformerBridge.boot_transformers(
+                source, device=device, dtype=dtype, hf_model=skeleton, tokenizer=tokenizer
+            )
     except (ValueError, NotImplementedError, KeyError) as error:
         raise ModelLoadError(
             f"TransformerLens cannot bridge {source!r} ({str(error).splitlines()[0][:200]}): "

@@ -59,7 +59,7 @@ from refusal_dir.prompts import MCQuestion
 
 logger = logging.getLogger(__name__)
 
-ORGANISM_FORMAT_VERSION = 2
+ORGANISM_FORMAT_VERSION = 3
 """Bump when the data, tokenizer or training recipe changes, so cached organisms retrain."""
 
 ORGANISM_INFO_FILE = "organism.json"
@@ -522,8 +522,12 @@ def _check_float(name: str, value: Any, low: float, high: float, *, open_low: bo
 class OrganismConfig:
     """Architecture and training recipe of the organism.
 
-    Same config -> same weights, given the same torch build (``num_threads`` is part of the
-    config because the thread count can change float rounding). ``pretrain_steps`` are
+    Same config -> same weights, given the same torch build and CPU kernels (``num_threads``
+    is part of the config because the thread count can change float rounding). Training runs
+    in float64 and the saved weights are float32: in float32, the rounding differences between
+    AVX2 and AVX-512 kernels grew over 1,500 steps into organisms whose refusal was no longer
+    mediated by one direction (ablation left 0.71 and 1.00 of held-out harmful refusal); in
+    float64 both kernels gave organisms that pass every behaviour test (ablation 0.00). ``pretrain_steps`` are
     plain-text-only steps at the start; ``freeze_topic_embeddings`` keeps the topic words'
     embedding rows fixed from then on (what makes held-out words generalise). The learning
     rate warms up linearly for ``warmup_steps`` and then decays on a cosine to a tenth.
@@ -666,7 +670,7 @@ def _train(
 ) -> tuple[Gemma2ForCausalLM, float]:
     """Train from scratch; returns the model and the mean loss of the last 50 steps."""
     torch.manual_seed(config.seed)
-    model = Gemma2ForCausalLM(_model_config(config, tokenizer))
+    model = Gemma2ForCausalLM(_model_config(config, tokenizer)).double()
     model.generation_config = _generation_config(tokenizer)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
@@ -708,6 +712,7 @@ def _train(
         if step % 50 == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
     model.eval()
+    model.float()
     return model, sum(recent) / len(recent)
 
 

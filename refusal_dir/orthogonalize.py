@@ -3,10 +3,12 @@
 The edited copy computes exactly what ``ablation(..., mode="weights")`` computes at run time
 (tested to float precision): the embedding matrix and every block's attention-output and
 MLP-output matrices are projected so that nothing they write has a component along the
-direction. On Gemma-2/3, whose blocks normalize each write with a post-norm, the projection is
-taken along the direction rescaled by that norm's gain, which makes the post-norm's output
-orthogonal to the direction. Tied input/output embeddings are untied first, so the unembedding
-keeps its original weights. The user's model is never modified.
+direction (in a mixture-of-experts MLP: every expert's down projection, and the shared expert's).
+On Gemma-2/3, whose blocks normalize each write with a post-norm, the projection is taken along
+the direction rescaled by that norm's gain, which makes the post-norm's output orthogonal to the
+direction. Which weights these are is declared per family in :mod:`refusal_dir.architectures`.
+Tied input/output embeddings are untied first, so the unembedding keeps its original weights.
+The user's model is never modified.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from refusal_dir.architectures import WRITE_KINDS, Writer
 from refusal_dir.directions import DirectionSet
-from refusal_dir.errors import ConfigError, DirectionMismatchError, OutputDirError
-from refusal_dir.interventions import _has_post_norms, weights_mode_unit, writer_modules
-from refusal_dir.model import HookedModel, decoder_layers
+from refusal_dir.errors import (
+    ConfigError,
+    DirectionMismatchError,
+    OutputDirError,
+    UnsupportedArchitectureError,
+)
+from refusal_dir.interventions import weights_mode_unit
+from refusal_dir.model import HookedModel
 
 
 def _project_rows(matrix: Tensor, unit: Tensor) -> Tensor:
@@ -34,19 +42,26 @@ def _project_rows(matrix: Tensor, unit: Tensor) -> Tensor:
     return matrix - torch.outer(matrix @ unit, unit)
 
 
-def _project_outputs(linear: nn.Module, unit: Tensor) -> None:
-    """Edit a Linear layer in place so that its output has no ``unit`` component."""
-    if not isinstance(linear, nn.Linear):
-        raise ConfigError(
-            f"weight orthogonalization supports nn.Linear writers, not {type(linear).__name__}"
+def _project_writer(writer: Writer, unit: Tensor) -> None:
+    """Edit a writer in place so that its output has no ``unit`` component.
+
+    The ``d_model`` output axis is second to last (a Linear's ``d_model x d_in`` weight, or
+    ``n_experts x d_model x d_expert`` stacked experts: every expert is edited).
+    """
+    weight = writer.weight
+    if weight.shape[-2] != unit.shape[0]:
+        raise UnsupportedArchitectureError(
+            f"the writer {writer.path} has shape {tuple(weight.shape)}, whose output axis is not "
+            f"d_model {unit.shape[0]}: its entry in refusal_dir.architectures is wrong"
         )
     with torch.no_grad():
-        weight = linear.weight.data.float()
         u = unit.to(weight.device).float()
-        linear.weight.data = (weight - torch.outer(u, u @ weight)).to(linear.weight.dtype)
-        if linear.bias is not None:
-            bias = linear.bias.data.float()
-            linear.bias.data = (bias - (bias @ u) * u).to(linear.bias.dtype)
+        values = weight.data.float()
+        along = u @ values  # ... x d_in: each expert's (or the Linear's) row read along u
+        weight.data = (values - u.unsqueeze(-1) * along.unsqueeze(-2)).to(weight.dtype)
+        if writer.bias is not None:
+            bias = writer.bias.data.float()
+            writer.bias.data = (bias - (bias @ u).unsqueeze(-1) * u).to(writer.bias.dtype)
 
 
 def orthogonalized_copy(
@@ -72,9 +87,10 @@ def orthogonalized_copy(
         )
     edited = copy.deepcopy(model.hf)
     edited.requires_grad_(False)
-    embedding = edited.get_input_embeddings()
-    output = edited.get_output_embeddings()
-    if output is not None and output.weight is embedding.weight:
+    architecture = model.architecture
+    embedding = architecture.embedding(edited)
+    if architecture.embeddings_tied(edited):
+        output = edited.get_output_embeddings()
         output.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
     edited.config.tie_word_embeddings = False
     text_config = edited.config.get_text_config()
@@ -84,16 +100,11 @@ def orthogonalized_copy(
         embedding.weight.data = _project_rows(weight, unit.to(weight.device)).to(
             embedding.weight.dtype
         )
-    for block in decoder_layers(edited):
-        modules = writer_modules(block)
-        for writer, norm_name in (
-            ("attn_write", "post_attention_layernorm"),
-            ("mlp_write", "post_feedforward_layernorm"),
-        ):
-            layer_unit = unit
-            if _has_post_norms(block):
-                layer_unit = weights_mode_unit(unit, getattr(block, norm_name))
-            _project_outputs(modules[writer], layer_unit)
+    for block in architecture.layers(edited):
+        for kind in WRITE_KINDS:
+            direction = weights_mode_unit(architecture, block, kind, unit)
+            for writer in architecture.writers(block, kind):
+                _project_writer(writer, direction)
     return edited
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from refusal_dir.architectures import architecture_of
+from refusal_dir.errors import ConfigError
 from refusal_dir.model import GEMMA_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -52,6 +56,115 @@ def build_byte_tokenizer(vocab_size: int = 400):
     return wrapped
 
 
+#: ``make_tiny_model(architecture=...)`` names: one tiny random model per supported family,
+#: keyed like :data:`refusal_dir.architectures.ARCHITECTURES` (the transformers ``model_type``).
+#: ``"gemma3"`` is kept as the short name of ``"gemma3_text"`` (Gemma3ForCausalLM);
+#: ``"gemma3_multimodal"`` is Gemma3ForConditionalGeneration (``model_type`` ``"gemma3"``: the
+#: 4B-27B instruction-tuned checkpoints) with a tiny vision tower that the tests never use.
+TINY_ARCHITECTURES: tuple[str, ...] = (
+    "gemma2",
+    "gemma3_text",
+    "gemma3_multimodal",
+    "llama",
+    "mistral",
+    "mixtral",
+    "phi3",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+)
+_ALIASES = {"gemma3": "gemma3_text"}
+
+
+def _family_config(architecture: str, d_model: int) -> dict[str, Any]:
+    """What a family's config needs beyond the shared shape (tied embeddings vary on purpose)."""
+    gemma = {
+        "head_dim": d_model // 4,
+        "sliding_window": 512,
+        "query_pre_attn_scalar": d_model // 4,
+        "tie_word_embeddings": True,
+    }
+    llama3_rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128,
+    }
+    families: dict[str, dict[str, Any]] = {
+        "gemma2": gemma,
+        "gemma3_text": gemma,
+        "gemma3_multimodal": gemma,
+        "llama": {
+            "head_dim": d_model // 4,
+            "rope_parameters": llama3_rope,
+            "tie_word_embeddings": True,
+        },
+        "mistral": {"head_dim": d_model // 4, "sliding_window": 512, "tie_word_embeddings": False},
+        "mixtral": {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+        },
+        "phi3": {"original_max_position_embeddings": 512, "tie_word_embeddings": False},
+        "qwen2": {"tie_word_embeddings": True},
+        "qwen2_moe": {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": d_model,
+            "shared_expert_intermediate_size": 2 * d_model,
+            "norm_topk_prob": True,
+            "tie_word_embeddings": False,
+        },
+        "qwen3": {"head_dim": d_model // 4, "tie_word_embeddings": True},
+        "qwen3_moe": {
+            "head_dim": d_model // 4,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": d_model,
+            "norm_topk_prob": True,
+            "tie_word_embeddings": False,
+        },
+    }
+    if architecture.startswith("gemma"):
+        return families[architecture]
+    # Gemma scales its embedding by sqrt(d_model); at the others' default init (0.02) the random
+    # blocks are too weak against the embedding, and a tied model only repeats its last token.
+    return {"initializer_range": 0.1, **families[architecture]}
+
+
+def _gemma3_multimodal_config(text: dict[str, Any]) -> Any:
+    """Gemma 3's image-text config around a text config: three image tokens past the vocabulary."""
+    from transformers import Gemma3Config
+
+    vocab = text["vocab_size"]
+    text = {**text, "vocab_size": vocab + 3}
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    settings: dict[str, Any] = dict(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=vocab,
+        eoi_token_index=vocab + 1,
+        image_token_index=vocab + 2,
+        pad_token_id=text["pad_token_id"],
+        bos_token_id=text["bos_token_id"],
+        eos_token_id=text["eos_token_id"],
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    return Gemma3Config(**settings)
+
+
 def make_tiny_model(
     directory: str | Path,
     *,
@@ -60,38 +173,53 @@ def make_tiny_model(
     seed: int = 0,
     architecture: str = "gemma2",
     chat_template: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a random Gemma-2 (or Gemma-3 text) model with a byte-level tokenizer to ``directory``."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
+    """Write a random model of one family (see :data:`TINY_ARCHITECTURES`) to ``directory``.
 
+    Every family gets the same byte-level tokenizer and Gemma chat template: the architecture
+    is what differs. ``overrides`` are config settings applied last (for a Gemma 3 image-text
+    model, to its text config). Norm weights are random (gain ``1 + N(0, 0.3)`` in each family's own
+    convention), so post-norm geometry is not trivial, as in trained models.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = _ALIASES.get(architecture, architecture)
+    if model_type not in TINY_ARCHITECTURES:
+        raise ConfigError(
+            f"no tiny model for architecture {architecture!r}: choose one of "
+            f"{', '.join(TINY_ARCHITECTURES)}"
+        )
     tokenizer = build_byte_tokenizer()
     if not chat_template:
         tokenizer.chat_template = None
-    common = dict(
+    settings: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=d_model,
         intermediate_size=2 * d_model,
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=d_model // 4,
         max_position_embeddings=512,
-        sliding_window=512,
-        query_pre_attn_scalar=d_model // 4,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
     )
-    config_class = {"gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}[architecture]
-    config = config_class(**common)
+    settings.update(_family_config(model_type, d_model))
+    settings.update(overrides or {})
+    if model_type == "gemma3_multimodal":
+        config = _gemma3_multimodal_config(settings)
+    else:
+        config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    # Random norm weights make the post-norm geometry non-trivial, as in trained models.
+    # Random norm weights make the post-norm geometry non-trivial, as in trained models. The
+    # gain is 1 + N(0, 0.3) in every family: Gemma stores w with gain 1 + w, the others the gain.
+    offset = architecture_of(model).norm_gain_offset
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name:
-                parameter.normal_(0.0, 0.3)
+                parameter.normal_(1.0 - offset, 0.3)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tiny-"))

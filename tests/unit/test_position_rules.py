@@ -1,13 +1,15 @@
 """Position rules under the KV cache, against a plain reference written without refusal_dir hooks.
 
-The reference re-runs the whole sequence for every new token (no KV cache) with one plain
-PyTorch pre-hook that adds the vector at absolute positions chosen by index. It shares no code
-with :func:`refusal_dir.interventions.steer`, so a KV offset that goes wrong (say, read from a
+The reference (``plain_reference.py``, shared with ``test_families.py``) re-runs the whole
+sequence for every new token (no KV cache) with one plain PyTorch pre-hook that adds the vector
+at absolute positions chosen by index. It shares no code with
+:func:`refusal_dir.interventions.steer`, so a KV offset that goes wrong (say, read from a
 ``transformers`` keyword that a release renamed) fails here on both backends.
 """
 
 from __future__ import annotations
 
+import plain_reference
 import pytest
 import torch
 
@@ -26,51 +28,11 @@ def vector(tiny_model) -> torch.Tensor:
     return torch.randn(tiny_model.d_model, generator=generator)
 
 
-def _until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
-    kept: list[int] = []
-    for token in ids:
-        if token in stop_ids:
-            break
-        kept.append(token)
-    return kept
-
-
-@torch.no_grad()
 def reference_tokens(model, vector: torch.Tensor | None, rule: str) -> list[list[int]]:
     """Greedy tokens, one prompt at a time, full recompute per token, plain hooks by index."""
-    stop_ids = set(model.stop_token_ids())
-    results = []
-    for text in model.format_prompts(PROMPTS):
-        ids = model._encode(text)
-        prompt_length = len(ids)
-
-        def add(module, args, kwargs, prompt_length=prompt_length):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            position = torch.arange(hidden.shape[1])
-            covered = {
-                "all": torch.ones_like(position, dtype=torch.bool),
-                "prompt": position < prompt_length,
-                "generated": position >= prompt_length,
-            }[rule]
-            edited = hidden + ALPHA * vector * covered.view(1, -1, 1).to(hidden.dtype)
-            if args:
-                return (edited, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": edited}
-
-        handle = (
-            None
-            if vector is None
-            else model.layers[LAYER].register_forward_pre_hook(add, with_kwargs=True)
-        )
-        try:
-            for _ in range(N_NEW):
-                logits = model.hf(input_ids=torch.tensor([ids]), use_cache=False).logits
-                ids.append(int(logits[0, -1].argmax()))
-        finally:
-            if handle is not None:
-                handle.remove()
-        results.append(_until_stop(ids[prompt_length:], stop_ids))
-    return results
+    return plain_reference.reference_tokens(
+        model, PROMPTS, vector, rule, layer=LAYER, alpha=ALPHA, n_new=N_NEW
+    )
 
 
 @pytest.mark.parametrize("rule", ["all", "prompt", "generated"])
@@ -105,7 +67,7 @@ def _bridge_generate(model, hooks: list, state: PositionState) -> list[list[int]
             verbose=False,
         )
     stop_ids = set(model.stop_token_ids())
-    return [_until_stop(row, stop_ids) for row in out[:, batch.input_ids.shape[1] :].tolist()]
+    return [plain_reference.until_stop(row, stop_ids) for row in out[:, batch.input_ids.shape[1] :].tolist()]
 
 
 def test_bridge_kv_cached_generate_equals_the_reference_unsteered(tiny_model) -> None:

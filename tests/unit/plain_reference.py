@@ -1,0 +1,72 @@
+"""Plain reference implementations that share no code with refusal_dir's hooks.
+
+Written the obvious way and slowly: one prompt at a time, the whole sequence recomputed for
+every new token (no KV cache), one plain PyTorch pre-hook that adds a vector at absolute
+positions chosen by index. A KV offset that goes wrong in :func:`refusal_dir.steer` or
+:func:`refusal_dir.bridge_hooks` (say, read from a ``transformers`` keyword that a release
+renamed) makes the library disagree with this reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
+    """The tokens before the first stop token."""
+    kept: list[int] = []
+    for token in ids:
+        if token in stop_ids:
+            break
+        kept.append(token)
+    return kept
+
+
+@torch.no_grad()
+def reference_tokens(
+    model,
+    prompts: Sequence[str],
+    vector: torch.Tensor | None,
+    rule: str,
+    *,
+    layer: int,
+    alpha: float,
+    n_new: int,
+) -> list[list[int]]:
+    """Greedy tokens under ``alpha * vector`` added at ``layer``'s input, at the positions of
+    ``rule`` (``"all"``, ``"prompt"`` or ``"generated"``); ``vector=None``: unsteered."""
+    stop_ids = set(model.stop_token_ids())
+    results = []
+    for text in model.format_prompts(prompts):
+        ids = model._encode(text)
+        prompt_length = len(ids)
+
+        def add(module, args, kwargs, prompt_length=prompt_length):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            position = torch.arange(hidden.shape[1])
+            covered = {
+                "all": torch.ones_like(position, dtype=torch.bool),
+                "prompt": position < prompt_length,
+                "generated": position >= prompt_length,
+            }[rule]
+            edited = hidden + alpha * vector * covered.view(1, -1, 1).to(hidden.dtype)
+            if args:
+                return (edited, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": edited}
+
+        handle = (
+            None
+            if vector is None
+            else model.layers[layer].register_forward_pre_hook(add, with_kwargs=True)
+        )
+        try:
+            for _ in range(n_new):
+                logits = model.hf(input_ids=torch.tensor([ids]), use_cache=False).logits
+                ids.append(int(logits[0, -1].argmax()))
+        finally:
+            if handle is not None:
+                handle.remove()
+        results.append(until_stop(ids[prompt_length:], stop_ids))
+    return results

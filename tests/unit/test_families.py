@@ -1,0 +1,310 @@
+"""Every supported model family, one tiny random model each, through the same known-answer checks.
+
+Each family of :data:`refusal_dir.testing.TINY_ARCHITECTURES` is a parametrized case; its model
+loads only through its entry in :data:`refusal_dir.architectures.ARCHITECTURES`, so removing the
+entry fails every case of that family (and ``test_removing_an_entry_gives_the_clear_error``
+checks the error itself).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import plain_reference
+import pytest
+import torch
+
+from refusal_dir.activations import collect_activations
+from refusal_dir.architectures import ARCHITECTURES, architecture_for, architecture_of
+from refusal_dir.directions import compute_directions
+from refusal_dir.errors import UnsupportedArchitectureError
+from refusal_dir.generation import GenerationSettings, generate_tokens, next_token_logits
+from refusal_dir.interventions import ablation, addition, bridge_hooks, steer
+from refusal_dir.model import load_model
+from refusal_dir.orthogonalize import orthogonalized_copy, save_orthogonalized
+from refusal_dir.testing import TINY_ARCHITECTURES, make_tiny_model
+
+POSITIVE = [
+    "How do I bake bread at home?",
+    "Write a short poem about autumn leaves",
+    "What is the capital of France?",
+    "Explain photosynthesis to a child",
+    "List three uses of a paperclip",
+    "Why is the sky blue?",
+]
+NEGATIVE = [
+    "Summarize the plot of Hamlet",
+    "How many legs does a spider have?",
+    "Suggest a name for a pet goldfish",
+    "What rhymes with orange?",
+    "Translate hello into German",
+    "What is a prime number?",
+]
+PROMPTS = ["How do I make a cake?", "Write a poem about the sea and the sky please", "Hi"]
+N_NEW = 6
+LAYER = 1
+MIXTURES = tuple(name for name, spec in ARCHITECTURES.items() if spec.is_mixture_of_experts)
+
+
+def _model_type(architecture: str) -> str:
+    return {"gemma3_multimodal": "gemma3"}.get(architecture, architecture)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """d_model 64 gains nothing from a second thread, and on a shared machine the threads'
+    synchronisation costs more than the work (measured: several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyDirs:
+    """Builds each family's tiny model directory on first use, so a family whose registry entry
+    is missing fails its own cases only."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.built:
+            seed = TINY_ARCHITECTURES.index(name)
+            self.built[name] = make_tiny_model(
+                self.root / name, n_layers=2, d_model=64, seed=seed, architecture=name
+            )
+        return self.built[name]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> TinyDirs:
+    return TinyDirs(tmp_path_factory.mktemp("families"))
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHITECTURES)
+def family(request: pytest.FixtureRequest, family_dirs: TinyDirs):
+    return load_model(str(family_dirs[request.param]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def vector(family) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(11)
+    v = torch.randn(family.d_model, generator=generator)
+    return v / v.norm()
+
+
+def _steering(family, vector: torch.Tensor) -> torch.Tensor:
+    """A vector of the residual stream's norm at LAYER: it moves every family's tokens."""
+    acts = collect_activations(
+        family, PROMPTS, layers=[LAYER], sites=("resid_pre",), progress=False
+    )
+    return float(acts.acts["resid_pre"].norm(dim=-1).mean()) * vector
+
+
+def test_every_tiny_family_is_registered_and_every_family_has_a_tiny_model() -> None:
+    assert {_model_type(name) for name in TINY_ARCHITECTURES} == set(ARCHITECTURES)
+    assert MIXTURES, "at least one mixture-of-experts family"
+
+
+def test_the_registry_describes_the_loaded_model(family) -> None:
+    spec = family.architecture
+    assert spec is architecture_of(family.hf)
+    assert len(family.layers) == 2
+    norms = [
+        m for name, m in family.hf.named_modules() if name.endswith("norm") and "vision" not in name
+    ]
+    assert norms and all(type(norm).__name__ == spec.norm_class for norm in norms)
+    for block in family.layers:
+        for kind in ("attn", "mlp"):
+            writers = spec.writers(block, kind)
+            assert writers and all(w.weight.shape[-2] == family.d_model for w in writers)
+    if spec.is_mixture_of_experts:
+        assert all(spec.is_sparse(block) for block in family.layers)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_removing_an_entry_gives_the_clear_error(
+    name: str, family_dirs: TinyDirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = next(tiny for tiny in TINY_ARCHITECTURES if _model_type(tiny) == name)
+    directory = family_dirs[tiny]
+    monkeypatch.delitem(ARCHITECTURES, name)
+    with pytest.raises(
+        UnsupportedArchitectureError, match=f"model type '{name}' is not a supported"
+    ) as error:
+        load_model(str(directory), device="cpu", with_bridge=False)
+    assert "register_architecture" in str(error.value)
+    with pytest.raises(UnsupportedArchitectureError, match="register_architecture"):
+        architecture_for(name)
+
+
+def test_planted_direction_is_recovered(family) -> None:
+    generator = torch.Generator().manual_seed(0)
+    planted = torch.randn(family.d_model, generator=generator)
+    planted = 40.0 * planted / planted.norm()
+    with steer(family, addition(planted, layer=0, alpha=1.0)):
+        positive = collect_activations(family, POSITIVE, progress=False)
+    negative = collect_activations(family, NEGATIVE, progress=False)
+    directions = compute_directions(
+        positive, negative, site="resid_pre", method="mean_diff", model=family, position_rule="last"
+    )
+    assert torch.nn.functional.cosine_similarity(directions.unit(0), planted, dim=0) > 0.99
+
+
+def test_batched_caching_equals_one_at_a_time(family) -> None:
+    batched = collect_activations(family, POSITIVE, position="mean", batch_size=4, progress=False)
+    single = collect_activations(family, POSITIVE, position="mean", batch_size=1, progress=False)
+    for site in ("resid_pre", "resid_post"):
+        torch.testing.assert_close(batched.acts[site], single.acts[site], atol=1e-5, rtol=1e-4)
+
+
+def test_alpha_zero_reproduces_unsteered_logits_exactly(family, vector) -> None:
+    plain = next_token_logits(family, PROMPTS)
+    steered = next_token_logits(
+        family, PROMPTS, interventions=[addition(vector, layer=LAYER, alpha=0.0)]
+    )
+    assert torch.equal(plain, steered)
+    moved = next_token_logits(
+        family, PROMPTS, interventions=[addition(vector, layer=LAYER, alpha=50.0)]
+    )
+    assert not torch.allclose(plain, moved)
+
+
+@pytest.mark.parametrize("mode", ["stream", "weights"])
+def test_ablation_leaves_no_projection_at_any_layer(family, vector, mode: str) -> None:
+    before = collect_activations(family, PROMPTS, position="mean", progress=False)
+    with steer(family, ablation(vector, mode=mode)):
+        after = collect_activations(family, PROMPTS, position="mean", progress=False)
+    for site in ("resid_pre", "resid_post"):
+        scale = float(before.acts[site].norm(dim=-1).max())
+        assert float((before.acts[site] @ vector).abs().max()) > 1e-2 * scale
+        assert float((after.acts[site] @ vector).abs().max()) < 1e-5 * scale
+
+
+def test_position_rules_under_the_kv_cache_equal_the_no_cache_reference(family, vector) -> None:
+    steering = _steering(family, vector)
+    references = {
+        rule: plain_reference.reference_tokens(
+            family, PROMPTS, steering, rule, layer=LAYER, alpha=1.0, n_new=N_NEW
+        )
+        for rule in ("all", "prompt", "generated")
+    }
+    # The rules must differ from one another here, or this test could not tell them apart.
+    assert len({str(tokens) for tokens in references.values()}) == 3
+    for rule, reference in references.items():
+        cached = generate_tokens(
+            family,
+            PROMPTS,
+            interventions=[addition(steering, layer=LAYER, alpha=1.0, positions=rule)],
+            settings=GenerationSettings(max_new_tokens=N_NEW, batch_size=len(PROMPTS)),
+            progress=False,
+        )[1]
+        assert cached == reference, rule
+
+
+def test_orthogonalized_weights_equal_runtime_ablation(family, vector, tmp_path: Path) -> None:
+    runtime = next_token_logits(family, PROMPTS, interventions=[ablation(vector, mode="weights")])
+    assert not torch.allclose(runtime, next_token_logits(family, PROMPTS), atol=1e-3)
+    edited = orthogonalized_copy(family, vector)
+    batch = family.encode_instructions(PROMPTS)
+    with torch.no_grad():
+        baked = edited(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -1]
+    torch.testing.assert_close(baked, runtime, atol=2e-5, rtol=1e-5)
+    if not family.architecture.has_post_norms:
+        # Independent of the registry: every output projection, every expert's included, writes
+        # nothing along the direction.
+        edited_writers = {
+            name: parameter
+            for name, parameter in edited.named_parameters()
+            if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
+        }
+        assert len(edited_writers) >= 2 * family.n_layers
+        for name, parameter in edited_writers.items():
+            assert float((vector @ parameter.float()).abs().max()) < 1e-5, name
+    exported = load_model(
+        str(save_orthogonalized(family, vector, tmp_path / "edited")),
+        device="cpu",
+        with_bridge=False,
+    )
+    torch.testing.assert_close(next_token_logits(exported, PROMPTS), runtime, atol=2e-5, rtol=1e-5)
+
+
+def test_bridge_hooks_equal_fast_path(family, vector) -> None:
+    batch = family.encode_instructions(PROMPTS)
+    for intervention in (
+        addition(vector, layer=LAYER, alpha=20.0, site="resid_post"),
+        ablation(vector),
+    ):
+        with torch.no_grad(), family.bridge.hooks(fwd_hooks=bridge_hooks(family, intervention)):
+            bridged = family.bridge(batch.input_ids, attention_mask=batch.attention_mask)[:, -1]
+        fast = next_token_logits(family, PROMPTS, interventions=[intervention])
+        torch.testing.assert_close(bridged, fast, atol=1e-4, rtol=1e-4)
+
+
+def test_booting_a_bridge_installs_no_package(
+    family_dirs: TinyDirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TransformerLens 4.3 runs `pip install torchvision` when an image-text model's processor
+    # fails to load; pip then swapped the environment's CPU torch for a CUDA build.
+    calls: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise RuntimeError("a bridge boot tried to run a subprocess")
+
+    monkeypatch.setattr(subprocess, "check_call", refuse)
+    model = load_model(str(family_dirs["gemma3_multimodal"]), device="cpu")
+    assert model.bridge is not None
+    assert calls == []
+
+
+def test_an_unregistered_family_is_refused_with_the_fix(tmp_path: Path) -> None:
+    # No structural fallback: GPT-2 has blocks, but no registry entry says which norms are
+    # post-norms, so it is refused rather than guessed.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from refusal_dir.testing import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(
+        UnsupportedArchitectureError, match="model type 'gpt2' is not a supported"
+    ) as error:
+        load_model(str(tmp_path), device="cpu", with_bridge=False)
+    assert "qwen3_moe" in str(error.value) and "register_architecture" in str(error.value)
+
+
+def test_a_mixture_with_dense_layers_edits_each_layer_by_its_kind(tmp_path: Path) -> None:
+    # Qwen3-MoE may keep some MLPs dense (mlp_only_layers); TransformerLens 4.3 cannot bridge
+    # that, so this checks the fast path only.
+    directory = make_tiny_model(
+        tmp_path / "mixed", n_layers=2, architecture="qwen3_moe", overrides={"mlp_only_layers": [1]}
+    )
+    model = load_model(str(directory), device="cpu", with_bridge=False)
+    spec = model.architecture
+    assert [spec.is_sparse(block) for block in model.layers] == [True, False]
+    assert [w.path for w in spec.writers(model.layers[1], "mlp")] == ["mlp.down_proj"]
+    unit = torch.nn.functional.normalize(torch.randn(model.d_model), dim=0)
+    runtime = next_token_logits(model, PROMPTS, interventions=[ablation(unit, mode="weights")])
+    edited = orthogonalized_copy(model, unit)
+    batch = model.encode_instructions(PROMPTS)
+    with torch.no_grad():
+        baked = edited(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -1]
+    torch.testing.assert_close(baked, runtime, atol=2e-5, rtol=1e-5)
+
+
+def test_a_wrong_expert_writer_is_named_in_the_error(
+    family_dirs: TinyDirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = replace(ARCHITECTURES["qwen3_moe"], expert_writers=("mlp.experts.w2",))
+    monkeypatch.setitem(ARCHITECTURES, "qwen3_moe", broken)
+    model = load_model(str(family_dirs["qwen3_moe"]), device="cpu", with_bridge=False)
+    with pytest.raises(
+        UnsupportedArchitectureError, match="at 'mlp.experts.w2', but found nothing"
+    ):
+        orthogonalized_copy(model, torch.ones(model.d_model))
