@@ -15,7 +15,7 @@ position. An addition restricted to ``positions="generated"`` changes nothing th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -206,7 +206,10 @@ def next_token_logits(
         apply_chat_template=apply_chat_template,
         progress=progress,
     )
-    return torch.cat([logits if reduce is None else reduce(logits) for _, logits in chunks])
+    try:
+        return torch.cat([logits if reduce is None else reduce(logits) for _, logits in chunks])
+    finally:
+        chunks.close()  # leaves the steer() scope now, also when reduce raised
 
 
 def iter_next_token_logits(
@@ -217,7 +220,7 @@ def iter_next_token_logits(
     batch_size: int = 16,
     apply_chat_template: bool = True,
     progress: bool = False,
-) -> Iterator[tuple[slice, Float[Tensor, "batch vocab"]]]:
+) -> Generator[tuple[slice, Float[Tensor, "batch vocab"]], None, None]:
     """``(rows, logits)`` per batch of :func:`next_token_logits`.
 
     The interventions stay live on the model between the batches this yields: run nothing

@@ -525,14 +525,17 @@ logits, however many prompts.
         model, prompts, interventions=interventions, batch_size=batch_size,
         apply_chat_template=apply_chat_template,
     )
-    for rows, steered in steered_chunks:
-        base = reference[torch.arange(rows.start, rows.stop) % reference.shape[0]]
-        if base.shape[-1] != steered.shape[-1]:
-            raise DataError(
-                f"reference_logits have {base.shape[-1]} logits per row but the model gives "
-                f"{steered.shape[-1]}: pass next_token_logits() of this model"
-            )
-        values += [float(value) for value in kl_from_logits(base, steered)]
+    try:
+        for rows, steered in steered_chunks:
+            base = reference[torch.arange(rows.start, rows.stop) % reference.shape[0]]
+            if base.shape[-1] != steered.shape[-1]:
+                raise DataError(
+                    f"reference_logits have {base.shape[-1]} logits per row but the model gives "
+                    f"{steered.shape[-1]}: pass next_token_logits() of this model"
+                )
+            values += [float(value) for value in kl_from_logits(base, steered)]
+    finally:
+        steered_chunks.close()  # leaves the steer() scope now, also after an error
     return KLResult(value=sum(values) / len(values), n=len(values), per_prompt=values)
 
 
