@@ -30,6 +30,45 @@ def _fail(field_name: str, message: str) -> None:
     raise ConfigError(f"config field {field_name}: {message}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "int | None": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or null"),
+    "float": (_is_number, "a number"),
+    "tuple[str, ...]": (
+        lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
+        "a list of strings",
+    ),
+    "tuple[float, ...]": (
+        lambda v: isinstance(v, (list, tuple)) and all(_is_number(x) for x in v),
+        "a list of numbers",
+    ),
+}
+
+
+def _check_types(section: str, settings: Any) -> None:
+    """Reject values of the wrong type (YAML reads ``no`` as a bool but ``"no"`` as text)."""
+    for item in fields(settings):
+        check, expected = _CHECKS[str(item.type)]
+        value = getattr(settings, item.name)
+        if check(value):
+            continue
+        hint = ""
+        if isinstance(value, str) and expected.startswith("a number"):
+            try:
+                float(value)
+                hint = " (YAML reads 1e-2 as text: write 1.0e-2)"
+            except ValueError:
+                pass
+        _fail(f"{section}.{item.name}", f"must be {expected}, got {value!r} ({type(value).__name__}){hint}")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     name: str = "google/gemma-2-2b-it"
@@ -38,6 +77,7 @@ class ModelSettings:
     revision: str | None = None
 
     def __post_init__(self) -> None:
+        _check_types("model", self)
         if not self.name:
             _fail("model.name", "must be a hub id, a local directory or gemma-3-270m-offline")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -57,6 +97,7 @@ class DataSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_types("data", self)
         if not 0 < self.heldout_fraction < 1:
             _fail("data.heldout_fraction", f"must be in (0, 1), got {self.heldout_fraction}")
         if self.max_eval_prompts is not None and self.max_eval_prompts < 1:
@@ -77,6 +118,7 @@ class ExtractionSettings:
     selection_candidates: int = 6
 
     def __post_init__(self) -> None:
+        _check_types("extraction", self)
         if self.selection not in ("effect", "separation"):
             _fail("extraction.selection", f"{self.selection!r} is not one of effect, separation")
         if self.selection_candidates < 1:
@@ -114,6 +156,7 @@ class SteeringSettings:
     layer: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types("steering", self)
         object.__setattr__(self, "methods", tuple(self.methods))
         try:
             alphas = tuple(float(a) for a in self.alphas)
@@ -143,6 +186,7 @@ class GenerationConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
+        _check_types("generation", self)
         if self.max_new_tokens < 1:
             _fail("generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -159,6 +203,7 @@ class EvaluationSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_types("evaluation", self)
         if self.mmlu_scoring not in ("letter", "option"):
             _fail("evaluation.mmlu_scoring", f"{self.mmlu_scoring!r} is not one of letter, option")
         if self.mmlu_prompt not in ("standard", "as_is"):
@@ -224,6 +269,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         section_type: Any = type(getattr(Config(), name))
         known = {f.name for f in dataclasses.fields(section_type)}
         values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of fields, got {values!r}")
         unknown = set(values) - known
         if unknown:
             raise ConfigError(
@@ -243,7 +290,10 @@ def load_config(path: str | Path | None = None) -> Config:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist: pass an existing --config file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path} ({error}): pass a UTF-8 YAML file") from error
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        first = str(error).replace("\n", " ")[:200]
+        raise ConfigError(f"config file {path} is not valid YAML ({first}): fix it or pass another --config") from error
     return config_from_dict(raw)
