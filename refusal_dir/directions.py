@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -29,11 +29,14 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import Tensor
 
 from refusal_dir.activations import Activations
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
+from refusal_dir.outdir import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 PairActs = Float[Tensor, "n d_model"]
 Direction = Float[Tensor, " d_model"]
@@ -41,6 +44,8 @@ Direction = Float[Tensor, " d_model"]
 FORMAT_VERSION = 1
 TENSORS_FILE = "directions.safetensors"
 META_FILE = "directions.json"
+#: Largest raw norm a direction file may hold (residual-stream mean differences are far smaller).
+MAX_NORM = 1e6
 
 
 def _package_version() -> str:
@@ -122,6 +127,107 @@ class DirectionMeta:
     name: str = "refusal"
     created: str = ""
     format_version: int = FORMAT_VERSION
+    weights_sample: tuple[float, ...] = ()
+    """A few weights of the model, spread over its matrices (:func:`weights_sample`)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", tuple(self.positions))
+        object.__setattr__(self, "weights_sample", tuple(float(x) for x in self.weights_sample))
+
+
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "model_id": (str,),
+    "model_revision": (str, type(None)),
+    "d_model": (int,),
+    "n_layers": (int,),
+    "site": (str,),
+    "position": (str,),
+    "positions": (list,),
+    "method": (str,),
+    "prompt_set_hash": (str,),
+    "package_version": (str,),
+    "name": (str,),
+    "created": (str,),
+    "format_version": (int,),
+    "weights_sample": (list,),
+}
+
+
+def _meta_from_json(raw: Any) -> DirectionMeta:
+    """A DirectionMeta from parsed JSON, every field type-checked (TypeError names the field)."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+    for name, value in raw.items():
+        allowed = _META_TYPES.get(name)
+        if allowed is None:
+            raise TypeError(f"unknown field {name!r}")
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise TypeError(f"field {name!r} has the wrong type ({type(value).__name__})")
+    positions = raw.get("positions", [])
+    if not positions or not all(isinstance(p, str) for p in positions):
+        raise TypeError("field 'positions' must be a non-empty list of names")
+    sample = raw.get("weights_sample", [])
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in sample):
+        raise TypeError("field 'weights_sample' must be a list of finite numbers")
+    if raw.get("d_model", 0) < 1 or raw.get("n_layers", 0) < 1:
+        raise TypeError("fields 'd_model' and 'n_layers' must be >= 1")
+    return DirectionMeta(**raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which model: a sample of its weights
+# ----------------------------------------------------------------------------------------------
+
+_SAMPLE_MATRICES = 16
+_SAMPLE_PER_MATRIX = 16
+#: Two sampled weights agree when they differ by at most two bfloat16 steps, so that float32,
+#: bfloat16 and float16 loads of one checkpoint match; the weights match when most samples agree.
+_SAMPLE_RTOL = 2.0**-7
+_SAMPLE_AGREEMENT = 0.75
+
+
+@torch.no_grad()
+def weights_sample(model: Any) -> tuple[float, ...]:
+    """256 weights spread over the model's matrices: which weights a direction set belongs to.
+
+    Evenly spaced elements of up to 16 evenly spaced weight matrices (the embedding first).
+    Rounding-tolerant comparison (:func:`same_weights`) makes the sample independent of the
+    dtype the model was loaded in. Empty for objects without ``hf`` weights.
+    """
+    hf = getattr(model, "hf", None)
+    if hf is None or not hasattr(hf, "parameters"):
+        return ()
+    matrices: list[Tensor] = []
+    seen: set[int] = set()
+    for parameter in hf.parameters():
+        if parameter.ndim == 2 and id(parameter) not in seen:
+            seen.add(id(parameter))
+            matrices.append(parameter)
+    if not matrices:
+        return ()
+    step = max(1, len(matrices) // _SAMPLE_MATRICES)
+    values: list[float] = []
+    for matrix in matrices[::step][:_SAMPLE_MATRICES]:
+        flat = matrix.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, _SAMPLE_PER_MATRIX).round().long()
+        values += [float(v) for v in flat[index.to(flat.device)].float().cpu()]
+    return tuple(values)
+
+
+def same_weights(recorded: tuple[float, ...], current: tuple[float, ...]) -> bool:
+    """Whether two :func:`weights_sample` results come from the same weights (dtype-tolerant)."""
+    if len(recorded) != len(current) or not recorded:
+        return False
+    close = sum(
+        abs(a - b) <= _SAMPLE_RTOL * max(abs(a), abs(b)) + 1e-8 for a, b in zip(recorded, current)
+    )
+    return close >= _SAMPLE_AGREEMENT * len(recorded)
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A short hash of :func:`weights_sample` (exact: used in resume keys, same dtype)."""
+    text = json.dumps([float(torch.tensor(x).to(torch.bfloat16)) for x in weights_sample(model)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -203,7 +309,9 @@ class DirectionSet:
     @classmethod
     def from_raw(cls, raw: Tensor, meta: DirectionMeta) -> DirectionSet:
         norms = raw.norm(dim=-1)
-        units = raw / norms.clamp_min(1e-12).unsqueeze(-1)
+        # A zero vector stays zero; any other is divided by its own norm (exactly unit length).
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)
+        units = torch.where((norms > 0).unsqueeze(-1), raw / safe, torch.zeros_like(raw))
         return cls(units.float(), norms.float(), meta)
 
     def __mul__(self, factor: float) -> DirectionSet:
@@ -230,67 +338,113 @@ class DirectionSet:
 
     # -- compatibility ---------------------------------------------------------------------------
     def check_fits(self, model: Any) -> None:
-        """Raise DirectionMismatchError unless this set was made for a model of this shape."""
+        """Raise DirectionMismatchError unless this set was made for this model.
+
+        Checks the shape and, when the set recorded one, the sample of the weights it was
+        extracted from (same-shape directions of another model, or of another fine-tune, are
+        refused; another dtype of the same checkpoint is accepted).
+        """
         problems = []
         if model.d_model != self.d_model:
             problems.append(f"d_model {self.d_model} vs the model's {model.d_model}")
         if model.n_layers != self.n_layers:
             problems.append(f"{self.n_layers} layers vs the model's {model.n_layers}")
+        if not problems and self.meta.weights_sample:
+            current = weights_sample(model)
+            if current and not same_weights(self.meta.weights_sample, current):
+                problems.append("same shape, but other weights")
         if problems:
             raise DirectionMismatchError(
                 f"these directions were made for {self.meta.model_id!r} and do not fit "
                 f"{model.model_id!r} ({'; '.join(problems)}): extract directions for this model "
                 "with `refusal-dir extract`"
             )
+        if not self.meta.weights_sample:
+            logger.warning(
+                "direction set made for %r records no weights sample (an older file): "
+                "cannot check that it belongs to %r", self.meta.model_id, model.model_id,
+            )
+
+    def check_values(self) -> None:
+        """Raise DirectionMismatchError unless every direction is finite and unit (or zero)
+        and every norm finite, >= 0 and at most :data:`MAX_NORM`."""
+        where = f"direction set {self.meta.name!r} for {self.meta.model_id!r}"
+        if not bool(torch.isfinite(self.directions).all()) or not bool(torch.isfinite(self.norms).all()):
+            raise DirectionMismatchError(f"{where} holds NaN or infinite values: re-run `refusal-dir extract`")
+        if bool((self.norms < -1e-4).any()) or bool((self.norms > MAX_NORM).any()):
+            raise DirectionMismatchError(
+                f"{where} holds norms outside [0, {MAX_NORM:g}] (largest {float(self.norms.abs().max()):.3g}): "
+                "re-run `refusal-dir extract`"
+            )
+        lengths = self.directions.double().norm(dim=-1)
+        bad = ~((lengths - 1).abs() <= 1e-3) & ~(lengths <= 1e-6)
+        if bool(bad.any()):
+            position, layer = (int(i) for i in bad.nonzero()[0])
+            raise DirectionMismatchError(
+                f"{where}: the direction at layer {layer}, position "
+                f"{self.meta.positions[position]!r} has length {float(lengths[position, layer]):.4g}, "
+                "not 1 (directions are stored as unit vectors): re-run `refusal-dir extract`"
+            )
 
     # -- file format -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``directions.safetensors`` and ``directions.json`` atomically into ``directory``."""
+        """Write ``directions.safetensors`` and ``directions.json`` atomically into ``directory``.
+
+        ``directions.json`` is written last and carries a checksum of itself and of the tensor
+        file, so a file edited or torn afterwards is refused by :meth:`load`.
+        """
+        self.check_values()
         directory = Path(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            meta = asdict(self.meta)
-            meta["positions"] = list(self.meta.positions)
-            atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2).encode())
-            tensors = {"directions": self.directions.contiguous(), "norms": self.norms.contiguous()}
-            with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
-                temporary = Path(handle.name)
-            save_file(tensors, str(temporary), metadata={"format_version": str(FORMAT_VERSION)})
-            os.replace(temporary, directory / TENSORS_FILE)
         except OSError as error:
             raise OutputDirError(
                 f"cannot write directions to {directory} ({error.strerror or error}): "
                 "choose a writable --output-dir"
             ) from error
+        tensors = {"directions": self.directions.contiguous(), "norms": self.norms.contiguous()}
+        payload = save(tensors, metadata={"format_version": str(FORMAT_VERSION)})
+        meta = _meta_to_json(self.meta)
+        meta["checksum"] = _checksum(meta, payload)
+        atomic_write_bytes(directory / TENSORS_FILE, payload)
+        atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2).encode())
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, *, model: Any | None = None) -> DirectionSet:
-        """Read a DirectionSet; with ``model``, refuse one that does not fit it."""
+        """Read a DirectionSet, checking its checksum and values; with ``model``, refuse one
+        that does not fit it (:meth:`check_fits`)."""
         directory = Path(directory)
         meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
-        if not meta_path.exists() or not tensor_path.exists():
+        if not meta_path.is_file() or not tensor_path.is_file():
             raise DirectionMismatchError(
                 f"{directory} holds no direction set ({META_FILE} and {TENSORS_FILE} expected): "
                 "pass the directory written by `refusal-dir extract`"
             )
         try:
-            raw_meta = json.loads(meta_path.read_text())
-            raw_meta["positions"] = tuple(raw_meta["positions"])
-            meta = DirectionMeta(**raw_meta)
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            payload = tensor_path.read_bytes()
+            raw_meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+            checksum = raw_meta.pop("checksum", None) if isinstance(raw_meta, dict) else None
+            meta = _meta_from_json(raw_meta)
+        except (ValueError, TypeError, OSError) as error:  # JSON, UTF-8, field types
             raise DirectionMismatchError(
-                f"{meta_path} is corrupt or not a refusal_dir direction file ({error}): "
-                "re-run `refusal-dir extract`"
+                f"{meta_path} is corrupt or not a refusal_dir direction file "
+                f"({str(error).splitlines()[0][:160]}): re-run `refusal-dir extract`"
             ) from error
+        if checksum is not None and checksum != _checksum(raw_meta, payload):
+            raise DirectionMismatchError(
+                f"{directory} was changed after it was written (checksum mismatch in {META_FILE}): "
+                "re-run `refusal-dir extract`"
+            )
         try:
-            tensors = load_file(str(tensor_path))
+            tensors = load(payload)
             directions, norms = tensors["directions"], tensors["norms"]
         except (SafetensorError, KeyError, OSError, ValueError) as error:
             raise DirectionMismatchError(
                 f"{tensor_path} is corrupt ({error}): re-run `refusal-dir extract`"
             ) from error
         loaded = cls(directions.float(), norms.float(), meta)
+        loaded.check_values()
         if model is not None:
             loaded.check_fits(model)
         return loaded
@@ -299,12 +453,18 @@ class DirectionSet:
         return replace(self, meta=replace(self.meta, **changes))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(data)
-        temporary = Path(handle.name)
-    os.replace(temporary, path)
+def _meta_to_json(meta: DirectionMeta) -> dict[str, Any]:
+    record = asdict(meta)
+    record["positions"] = list(meta.positions)
+    record["weights_sample"] = list(meta.weights_sample)
+    return record
+
+
+def _checksum(meta: dict[str, Any], payload: bytes) -> str:
+    """sha256 of the metadata's canonical JSON (without its checksum) and the tensor file."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    digest.update(payload)
+    return digest.hexdigest()
 
 
 def prompt_set_hash(*texts: list[str]) -> str:
@@ -345,7 +505,8 @@ def compute_directions(
         for layer in range(n_layers):
             pos, neg = pos_acts[:, p, layer], neg_acts[:, p, layer]
             raw = METHODS[method](pos, neg)
-            unit = raw / raw.norm().clamp_min(1e-12)
+            length = raw.norm()
+            unit = raw / length if length > 0 else torch.zeros_like(raw)
             units[p, layer] = unit.float()
             norms[p, layer] = float(mean_diff(pos, neg) @ unit)
     meta = DirectionMeta(
@@ -361,5 +522,6 @@ def compute_directions(
         package_version=_package_version(),
         name=name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        weights_sample=weights_sample(model),
     )
     return DirectionSet(units, norms, meta)
