@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_dir.config import Config, load_config
-from refusal_dir.errors import ConfigError, DataError, OutputDirError, RefusalDirError
+from refusal_dir.errors import ConfigError, DataError, RefusalDirError
 
 logger = logging.getLogger("refusal_dir")
 
@@ -176,15 +176,17 @@ def _load(config: Config) -> Any:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from refusal_dir import pipeline
+    from refusal_dir import outdir, pipeline
     from refusal_dir.scoring import format_score_table
 
     config = _config(args)
-    output_dir = Path(args.output_dir)
-    pipeline.prepare_output_dir(output_dir, config, overwrite_config=True)
+    output_dir = outdir.check_output_dir(args.output_dir)
     datasets = pipeline.load_datasets(config)
     model = _load(config)
-    extraction = pipeline.extract(model, config, datasets, output_dir, progress=not args.quiet)
+    pipeline.check_prompt_lengths(model, pipeline.extraction_prompts(datasets, config), max_new_tokens=0)
+    with pipeline.open_output_dir(output_dir, config, overwrite_config=True) as output_dir:
+        extraction = pipeline.extract(model, config, datasets, output_dir, progress=not args.quiet)
+        pipeline.record_config(output_dir, config)
     _out(f"model {model.model_id}: {model.n_layers} layers, d_model {model.d_model}")
     _out(f"steering set {extraction.selected_key} (held-out pairs scored per layer):")
     _out(format_score_table(extraction.scores[extraction.selected_key], selected=extraction.selected))
@@ -224,27 +226,32 @@ def _steer_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _model_and_directions(args: argparse.Namespace, config: Config) -> tuple[Any, Any, dict[str, Any], int]:
-    """Load the steering directions, then the model they were made for (or --model)."""
+    """Load and check the steering directions, then the model they were made for (or --model)."""
     from refusal_dir.pipeline import load_selected
 
+    if not str(args.directions_dir).strip():
+        raise DataError("--directions-dir is empty: pass the output of `refusal-dir extract`")
     directions, selected = load_selected(Path(args.directions_dir))
     if args.model is None:
         config = config.with_overrides({"model.name": directions.meta.model_id})
-    model = _load(config)
-    directions.check_fits(model)
     layer = args.layer if args.layer is not None else selected.get("layer")
     if layer is None:
         raise ConfigError("this direction set has no selected layer: pass --layer")
+    directions.unit(int(layer), selected.get("position"))  # layer and position exist in the set
+    model = _load(config)
+    directions.check_fits(model)
     return model, directions, selected, int(layer)
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from refusal_dir.generation import GenerationSettings, generate
     from refusal_dir.interventions import Intervention, ablation, addition
+    from refusal_dir.pipeline import check_prompt_lengths
 
     prompts = _steer_prompts(args)
     config = _config(args)
     model, directions, selected, layer = _model_and_directions(args, config)
+    check_prompt_lengths(model, {"--prompt/--prompts-file": prompts}, max_new_tokens=args.max_new_tokens)
     position = selected.get("position")
     intervention: Intervention
     if args.ablate:
@@ -289,80 +296,115 @@ def _write_figures(output_dir: Path, rows: list[dict[str, Any]], extraction: Any
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from refusal_dir import pipeline
+    from refusal_dir import outdir, pipeline
 
     config = _config(args)
     reporter = _StageReporter(args.quiet)
     command = "refusal-dir " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    output_dir = Path(args.output_dir)
     rows, extraction = pipeline.run(
-        config, Path(args.output_dir), fresh=args.fresh, progress=not args.quiet,
+        config, output_dir, fresh=args.fresh, progress=not args.quiet,
         command=command, on_stage=reporter,
     )
     if not args.no_figures:
         reporter("writing figures")
-        _write_figures(Path(args.output_dir), rows, extraction)
+        with outdir.lock_output_dir(output_dir):
+            _write_figures(output_dir, rows, extraction)
     _out(pipeline.results_table(rows))
-    _out(f"wrote {Path(args.output_dir) / 'report.md'}, results.json and results.csv")
+    _out(f"wrote {output_dir / 'report.md'}, results.json and results.csv")
     return 0
 
 
-def _model_and_extraction(
-    args: argparse.Namespace, config: Config, reporter: _StageReporter
-) -> tuple[Config, Any, Any]:
-    """A saved extraction (``--directions-dir``) and the model it was made for (or --model)."""
+def _saved_extraction(args: argparse.Namespace, config: Config) -> tuple[Config, Path, Any]:
+    """The extraction in ``--directions-dir`` (every file checked, no model needed yet) and the
+    config naming the model it was made for (unless --model was given)."""
     from refusal_dir import pipeline
 
-    directions_dir = Path(args.directions_dir)
-    directions_dir = directions_dir / "directions" if (directions_dir / "directions").is_dir() else directions_dir
-    if not (directions_dir / "selected.json").exists():
-        raise DataError(f"{directions_dir} has no selected.json: pass the output of `refusal-dir extract`")
+    directions_dir = pipeline.extraction_directory(Path(args.directions_dir))
+    extraction = pipeline.load_extraction(directions_dir)
     if args.model is None:
-        direction_set, _ = pipeline.load_selected(directions_dir)
-        config = config.with_overrides({"model.name": direction_set.meta.model_id})
+        config = config.with_overrides({"model.name": extraction.steering_set.meta.model_id})
+    return config, directions_dir, extraction
+
+
+def _checked_model(config: Config, extraction: Any, reporter: _StageReporter) -> Any:
+    from refusal_dir import pipeline
+
     reporter("loading model")
     model = _load(config)
-    return config, model, pipeline.load_extraction(directions_dir, model=model)
+    pipeline.check_extraction_fits(extraction, model)
+    pipeline.check_steering_layer(config, model)
+    return model
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from refusal_dir import pipeline
+    from refusal_dir import outdir, pipeline
 
-    config = _config(args)
+    config, directions_dir, extraction = _saved_extraction(args, _config(args))
     reporter = _StageReporter(args.quiet)
-    output_dir = pipeline.prepare_output_dir(Path(args.output_dir), config, fresh=args.fresh)
+    output_dir = outdir.check_output_dir(args.output_dir, fresh=args.fresh, protect=[directions_dir])
+    if not args.fresh:
+        pipeline.check_resumable(output_dir, config)
     datasets = pipeline.load_datasets(config)
-    config, model, extraction = _model_and_extraction(args, config, reporter)
-    ctx = pipeline.SweepContext(model, config, datasets, extraction, not args.quiet)
-    rows = pipeline.sweep(ctx, output_dir, on_group=lambda m, g: reporter(f"sweep: {m} / {g}"))
+    model = _checked_model(config, extraction, reporter)
+    pipeline.check_prompt_lengths(
+        model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
+    )
     command = "refusal-dir " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    pipeline.write_report(rows, output_dir, extraction=extraction, model_id=model.model_id, command=command)
-    _write_figures(output_dir, rows, extraction)
+    with pipeline.open_output_dir(output_dir, config, fresh=args.fresh, protect=[directions_dir]) as output_dir:
+        ctx = pipeline.SweepContext(model, config, datasets, extraction, not args.quiet, directions_dir=directions_dir)
+        rows = pipeline.sweep(ctx, output_dir, on_group=lambda m, g: reporter(f"sweep: {m} / {g}"))
+        pipeline.write_report(rows, output_dir, extraction=extraction, model_id=model.model_id, command=command)
+        _write_figures(output_dir, rows, extraction)
     _out(pipeline.results_table(rows))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from refusal_dir import outdir
+    from refusal_dir.model import resolve_model_source
     from refusal_dir.orthogonalize import save_orthogonalized
 
     config = _config(args)
+    protect = [Path(args.directions_dir)]
+    if args.model is not None and Path(args.model).expanduser().is_dir():
+        protect.append(Path(resolve_model_source(args.model)))
+    outdir.check_output_dir(args.output_dir, kind="model", fresh=True, protect=protect)
     model, directions, selected, layer = _model_and_directions(args, config)
-    path = save_orthogonalized(model, directions, args.output_dir, direction_layer=layer, position=selected.get("position"))
+    path = save_orthogonalized(
+        model, directions, args.output_dir, direction_layer=layer,
+        position=selected.get("position"), protect=protect,
+    )
     _out(f"wrote {path}: directional ablation of the layer-{layer} direction baked into the weights")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from refusal_dir import pipeline, tune
-    from refusal_dir.directions import atomic_write_bytes
-    from refusal_dir.generation import GenerationSettings
+    from refusal_dir import outdir, pipeline, tune
 
-    config = _config(args)
     limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop)
     if args.n_layers < 1:
         raise ConfigError(f"--n-layers must be >= 1, got {args.n_layers}")
+    config, _, extraction = _saved_extraction(args, _config(args))
+    output_dir = outdir.check_output_dir(args.output_dir)
     reporter = _StageReporter(args.quiet)
     datasets = pipeline.load_datasets(config)
-    config, model, extraction = _model_and_extraction(args, config, reporter)
+    model = _checked_model(config, extraction, reporter)
+    pipeline.check_prompt_lengths(
+        model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
+    )
+    with outdir.claim_output_dir(output_dir) as output_dir:
+        return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
+
+
+def _tune(
+    args: argparse.Namespace, config: Config, limits: Any, datasets: Any, model: Any,
+    extraction: Any, output_dir: Path, reporter: _StageReporter,
+) -> int:
+    from refusal_dir import pipeline, tune
+    from refusal_dir.generation import GenerationSettings
+    from refusal_dir.outdir import atomic_write_bytes
+
     if extraction.effects:
         ranked = [e.layer for e in sorted(extraction.effects, key=lambda e: e.steering_score, reverse=True)]
     else:
@@ -383,11 +425,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         mmlu_formatter=formatter, bootstrap_resamples=config.evaluation.bootstrap_resamples,
         on_event=reporter,
     )
-    output_dir = Path(args.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputDirError(f"cannot write to {output_dir} ({error}): choose a writable --output-dir") from error
     payload = {
         "limits": {"max_mmlu_drop": limits.max_mmlu_drop, "max_kl": limits.max_kl, "max_helpfulness_drop": limits.max_helpfulness_drop},
         "layers": layers,
@@ -409,6 +446,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """--quiet also silences the weight-loading progress bars of transformers and the hub."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # pragma: no cover
+        return
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 COMMANDS = {
     "extract": cmd_extract,
     "steer": cmd_steer,
@@ -423,10 +475,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The hub client logs every retry twice (about 45 lines offline); the load error says it all.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    if getattr(args, "quiet", False):
+        _quiet_libraries()
     try:
+        for name in ("output_dir", "directions_dir"):
+            if getattr(args, name, None) is not None and not getattr(args, name).strip():
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} is empty: name a directory (an empty path means the current one)")
         return COMMANDS[args.command](args)
     except RefusalDirError as error:
-        _err(f"refusal-dir {args.command}: error: {error}")
+        _err(f"refusal-dir {args.command}: error: {_one_line(error)}")
+        return 2
+    except OSError as error:  # disk full, read-only or vanished paths met outside the checks
+        from refusal_dir.outdir import os_error_message
+
+        _err(f"refusal-dir {args.command}: error: {os_error_message(error)}")
         return 2
     except KeyboardInterrupt:
         _err(f"refusal-dir {args.command}: interrupted; finished parts are kept: re-run the same command to resume")

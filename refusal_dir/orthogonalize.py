@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from refusal_dir import outdir
 from refusal_dir.architectures import WRITE_KINDS, Writer
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import (
     ConfigError,
     DirectionMismatchError,
-    OutputDirError,
     UnsupportedArchitectureError,
 )
 from refusal_dir.interventions import weights_mode_unit
@@ -115,23 +114,26 @@ def save_orthogonalized(
     *,
     direction_layer: int | None = None,
     position: str | int | None = None,
+    protect: Iterable[str | Path] = (),
 ) -> Path:
-    """Write the orthogonalized model as a standard model directory (loads with transformers)."""
-    output_dir = Path(output_dir)
+    """Write the orthogonalized model as a standard model directory (loads with transformers).
+
+    The model is written beside ``output_dir`` and swapped in when complete. An existing
+    ``output_dir`` is replaced only when it is empty or an earlier export (it carries the
+    refusal_dir marker), never when it holds other files, is the current directory or a parent
+    of it, or holds a path in ``protect`` (the directions being read).
+    """
+    output_dir = outdir.check_output_dir(output_dir, kind="model", fresh=True, protect=protect)
     edited = orthogonalized_copy(
         model, directions, direction_layer=direction_layer, position=position
     )
+    staging = outdir.staging_dir(output_dir.parent, output_dir.name)
     try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=".orthogonalized-"))
-    except OSError as error:
-        raise OutputDirError(
-            f"cannot write to {output_dir.parent} ({error.strerror or error}): choose a "
-            "writable output directory"
-        ) from error
-    try:
-        edited.save_pretrained(staging)
-        model.tokenizer.save_pretrained(staging)
+        try:
+            edited.save_pretrained(staging)
+            model.tokenizer.save_pretrained(staging)
+        except OSError as error:
+            raise outdir.write_error(output_dir, error) from error
         note: dict[str, Any] = {
             "source_model": model.model_id,
             "source_revision": model.revision,
@@ -145,11 +147,10 @@ def save_orthogonalized(
                 "position": directions.meta.position,
                 "prompt_set_hash": directions.meta.prompt_set_hash,
             }
-        (staging / "refusal_dir_edit.json").write_text(json.dumps(note, indent=2))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
+        outdir.atomic_write_text(staging / "refusal_dir_edit.json", json.dumps(note, indent=2))
+        outdir.write_marker(staging, "model")
+        outdir.check_output_dir(output_dir, kind="model", fresh=True, protect=protect)
+        outdir.swap_in(staging, output_dir)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return output_dir

@@ -12,19 +12,27 @@ OUT/results.json, results.csv   tidy rows: method, layer, alpha, metric, value, 
 OUT/report.md                   the results table (figures: OUT/figures/*.html via the CLI)
 ```
 
-A crash or Ctrl-C loses at most the (method, metric group) in progress: the next run with the
-same output directory and config resumes from the finished parts.
+A crash, Ctrl-C or kill loses at most the (method, metric group) in progress: the next run with
+the same output directory and config resumes from the finished parts. A part is reused only
+when it was written under the same *resume key* (``OUT/resume.json``): the config (less
+speed-only settings), the model id and a sample of its weights, the directions (their path
+and content) and the content of every prompt set; anything else is refused with one line.
+Saved directions are reused by ``run`` only when extracted under the same config, weights and
+pairs. Output-directory safety (marker, lock, atomic writes, what ``--fresh`` deletes) is in
+:mod:`refusal_dir.outdir`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +43,22 @@ from refusal_dir import prompts as prompt_sets
 from refusal_dir.activations import Activations, collect_activations
 from refusal_dir.conditional import Condition, conditional_addition, fit_condition
 from refusal_dir.config import Config
-from refusal_dir.directions import DirectionSet, atomic_write_bytes, compute_directions
-from refusal_dir.errors import ConfigError, DataError, OutputDirError
+from refusal_dir.directions import DirectionSet, compute_directions, weights_fingerprint
+from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.evaluation import judges, metrics, stats
 from refusal_dir.evaluation.selection import LayerEffect, layer_effects, select_by_effect
 from refusal_dir.generation import GenerationSettings, generate, next_token_logits
 from refusal_dir.interventions import Intervention, ablation, addition
 from refusal_dir.model import HookedModel, load_model
+from refusal_dir.outdir import (
+    atomic_write_bytes,
+    check_output_dir,
+    claim_output_dir,
+    lock_output_dir,
+    staging_dir,
+    swap_in,
+    write_error,
+)
 from refusal_dir.prompts import Claim, MCQuestion, PairSet
 from refusal_dir.scoring import LayerScore, score_layers, select_layer
 
@@ -63,6 +80,22 @@ class Datasets:
     mmlu: list[MCQuestion]
     honesty_pairs: PairSet | None
     claims: list[Claim]
+
+    def content_hashes(self) -> dict[str, str | None]:
+        """A short content hash of every prompt set (what the results depend on)."""
+
+        def digest(value: Any) -> str:
+            text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=repr)
+            return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+        return {
+            "refusal_pairs": self.refusal_pairs.content_hash(),
+            "harmful_eval": digest(self.harmful_eval),
+            "benign_eval": digest(self.benign_eval),
+            "mmlu": digest([[q.question, list(q.choices), q.answer] for q in self.mmlu]),
+            "honesty_pairs": self.honesty_pairs.content_hash() if self.honesty_pairs else None,
+            "claims": digest([[c.text, c.label] for c in self.claims]),
+        }
 
 
 def _instructions(source: str, shipped: Callable[[], list[str]], *, field: str = "instruction") -> list[str]:
@@ -147,42 +180,163 @@ def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[st
     return changed
 
 
-def prepare_output_dir(
-    output_dir: Path, config: Config, *, fresh: bool = False, overwrite_config: bool = False
-) -> Path:
-    """Create the output directory, refusing one that holds results of another config.
+def _short(error: BaseException) -> str:
+    text = str(error).strip().replace("\n", " ")
+    return text[:160] or type(error).__name__
 
-    ``fresh`` deletes the directory first; ``overwrite_config`` (extraction only) replaces the
-    recorded config instead of comparing with it.
-    """
-    output_dir = Path(output_dir)
-    resolved = output_dir / "config.resolved.yaml"
-    if fresh and output_dir.exists():
-        shutil.rmtree(output_dir)
+
+def check_resumable(output_dir: Path, config: Config) -> None:
+    """Refuse (read-only, before anything is loaded) a directory holding another config's results."""
+    resolved = Path(output_dir) / "config.resolved.yaml"
+    if not resolved.is_file():
+        return
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
+        previous = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise OutputDirError(
-            f"cannot write to output directory {output_dir} ({error.strerror or error}): "
-            "choose a writable --output-dir"
+            f"{resolved} is corrupt ({_short(error)}): pass --fresh to start over there, or "
+            "choose a new --output-dir"
         ) from error
-    if resolved.exists() and not overwrite_config:
-        changed = config_changes(yaml.safe_load(resolved.read_text()) or {}, config.to_dict())
-        if changed:
-            raise OutputDirError(
-                f"{output_dir} holds results from a different config ({', '.join(changed)} "
-                "changed): pass --fresh to start over there, or choose a new --output-dir"
-            )
-    else:
-        atomic_write_bytes(resolved, config.to_yaml().encode())
-    return output_dir
+    if not isinstance(previous, dict):
+        raise OutputDirError(
+            f"{resolved} is corrupt (not a mapping of sections): pass --fresh to start over "
+            "there, or choose a new --output-dir"
+        )
+    changed = config_changes(previous, config.to_dict())
+    if changed:
+        raise OutputDirError(
+            f"{output_dir} holds results from a different config ({', '.join(changed)} "
+            "changed): pass --fresh to start over there, or choose a new --output-dir"
+        )
+
+
+def record_config(output_dir: Path, config: Config) -> None:
+    atomic_write_bytes(Path(output_dir) / "config.resolved.yaml", config.to_yaml().encode())
+
+
+@contextlib.contextmanager
+def open_output_dir(
+    output_dir: Path,
+    config: Config,
+    *,
+    fresh: bool = False,
+    overwrite_config: bool = False,
+    protect: Iterable[Path | str] = (),
+) -> Iterator[Path]:
+    """Claim the output directory for a run and hold its lock until the block ends.
+
+    Validates it (:func:`refusal_dir.outdir.check_output_dir`), refuses one that holds
+    results of another config, then with ``fresh`` empties it (a refusal-dir directory only).
+    Call it after every other input was validated. ``overwrite_config`` (extraction) skips
+    the config comparison and leaves recording the config to the caller.
+    """
+    with claim_output_dir(output_dir, fresh=fresh, protect=protect) as directory:
+        if not overwrite_config:
+            if not fresh:
+                check_resumable(directory, config)
+            if not (directory / "config.resolved.yaml").exists():
+                record_config(directory, config)
+        yield directory
+
+
+def prepare_output_dir(
+    output_dir: Path,
+    config: Config,
+    *,
+    fresh: bool = False,
+    overwrite_config: bool = False,
+    protect: Iterable[Path | str] = (),
+) -> Path:
+    """:func:`open_output_dir` without holding the lock afterwards (each stage takes it again)."""
+    with open_output_dir(
+        output_dir, config, fresh=fresh, overwrite_config=overwrite_config, protect=protect
+    ) as directory:
+        return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before the expensive stages
+# ----------------------------------------------------------------------------------------------
+
+
+def check_steering_layer(config: Config, model: HookedModel) -> None:
+    layer = config.steering.layer
+    if layer is not None and not 0 <= layer < model.n_layers:
+        raise ConfigError(
+            f"steering.layer {layer} is out of range: the model has layers 0..{model.n_layers - 1}"
+        )
+
+
+def context_length(model: HookedModel) -> int | None:
+    """Tokens the model can attend to (its position embeddings and tokenizer limit), if known."""
+    limits = []
+    text_config = model.hf.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+            break
+    tokenizer_limit = getattr(model.tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 10**9:
+        limits.append(tokenizer_limit)
+    return min(limits) if limits else None
+
+
+def check_prompt_lengths(
+    model: HookedModel, prompt_sets: Mapping[str, Sequence[str]], *, max_new_tokens: int
+) -> None:
+    """Refuse prompts whose chat-formatted tokens plus ``max_new_tokens`` exceed the context.
+
+    Nothing is truncated: a longer prompt would be run past the positions the model was
+    trained on and give garbage without an error.
+    """
+    limit = context_length(model)
+    if limit is None:
+        return
+    for name, prompts in prompt_sets.items():
+        if not prompts:
+            continue
+        texts = model.format_prompts(list(prompts))
+        encoded = model.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        for index, ids in enumerate(encoded):
+            if len(ids) + max_new_tokens > limit:
+                raise DataError(
+                    f"{name} item {index + 1} is {len(ids)} tokens long with the chat template; "
+                    f"with {max_new_tokens} new tokens that exceeds the model's context of "
+                    f"{limit} tokens: shorten or remove it"
+                )
+
+
+def evaluation_prompts(datasets: Datasets, config: Config) -> dict[str, list[str]]:
+    """Every evaluation prompt by set name, as the model sees it (questions formatted)."""
+    formatter = mc_formatter(config)
+    prompts = {
+        f"data.harmful_eval ({config.data.harmful_eval})": datasets.harmful_eval,
+        f"data.benign_eval ({config.data.benign_eval})": datasets.benign_eval,
+        f"data.mmlu ({config.data.mmlu})": [formatter(q) for q in datasets.mmlu],
+    }
+    if config.evaluation.honesty:
+        prompts["true/false claims"] = [prompt_sets.format_claim_prompt(c) for c in datasets.claims]
+    return prompts
+
+
+def extraction_prompts(datasets: Datasets, config: Config) -> dict[str, list[str]]:
+    prompts = {
+        f"data.refusal_pairs ({config.data.refusal_pairs})": datasets.refusal_pairs.positives
+        + datasets.refusal_pairs.negatives
+    }
+    if datasets.honesty_pairs is not None:
+        prompts[f"data.honesty_pairs ({config.data.honesty_pairs})"] = (
+            datasets.honesty_pairs.positives + datasets.honesty_pairs.negatives
+        )
+    return prompts
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(path, error) from error
     atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
 
 
@@ -264,10 +418,42 @@ def _extract_family(
     return sets, scores
 
 
+def extraction_key(config: Config, model: HookedModel, datasets: Datasets) -> str:
+    """What an extraction depends on: its settings, the model's weights and the pairs."""
+    settings = config.to_dict()
+    record = {
+        "model": settings["model"],
+        "data": {k: settings["data"][k] for k in ("refusal_pairs", "honesty_pairs", "heldout_fraction", "seed")},
+        "extraction": settings["extraction"],
+        "honesty": config.evaluation.honesty,
+        "weights": weights_fingerprint(model),
+        "pairs": datasets.refusal_pairs.content_hash(),
+        "honesty_pairs": datasets.honesty_pairs.content_hash() if datasets.honesty_pairs else None,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def extract(
     model: HookedModel, config: Config, datasets: Datasets, output_dir: Path, *, progress: bool = True
 ) -> Extraction:
-    """Compute, score and save every direction set; select the steering (position, layer)."""
+    """Compute, score and save every direction set; select the steering (position, layer).
+
+    The sets are written to a staging directory and swapped in as ``OUT/directions`` at the
+    end, so an interrupted extraction leaves the previous directions (if any) as they were.
+    """
+    output_dir = Path(output_dir)
+    with lock_output_dir(output_dir):
+        result = _extract(model, config, datasets, progress=progress)
+        staging = staging_dir(output_dir, "directions")
+        try:
+            save_extraction(result, staging, key=extraction_key(config, model, datasets))
+            swap_in(staging, output_dir / "directions")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress: bool) -> Extraction:
     sets, scores = _extract_family(
         model, datasets.refusal_pairs, config, name="refusal", prefix="", progress=progress
     )
@@ -305,20 +491,22 @@ def extract(
             scores[honesty_key], n_layers=model.n_layers,
             max_layer_fraction=config.extraction.max_layer_fraction,
         )
-    result = Extraction(sets, scores, key, selected, honesty_key, honesty_selected, tuple(effects))
-    save_extraction(result, output_dir / "directions")
-    return result
+    return Extraction(sets, scores, key, selected, honesty_key, honesty_selected, tuple(effects))
 
 
-def save_extraction(extraction: Extraction, directory: Path) -> None:
-    for key, direction_set in extraction.sets.items():
-        direction_set.save(directory / key)
+def save_extraction(extraction: Extraction, directory: Path, *, key: str | None = None) -> None:
+    """Write every set, ``scores.csv``, ``layer_effects.csv`` and, last, ``selected.json``.
+
+    ``key`` (:func:`extraction_key`) is recorded in ``selected.json`` for ``run`` to check.
+    """
+    for name, direction_set in extraction.sets.items():
+        direction_set.save(directory / name)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["set", *LayerScore.__dataclass_fields__])
     writer.writeheader()
-    for key, rows in extraction.scores.items():
+    for name, rows in extraction.scores.items():
         for score in rows:
-            writer.writerow({"set": key, **score.as_row()})
+            writer.writerow({"set": name, **score.as_row()})
     atomic_write_bytes(directory / "scores.csv", buffer.getvalue().encode())
     if extraction.effects:
         buffer = io.StringIO()
@@ -327,65 +515,171 @@ def save_extraction(extraction: Extraction, directory: Path) -> None:
         writer.writeheader()
         writer.writerows(effect_rows)
         atomic_write_bytes(directory / "layer_effects.csv", buffer.getvalue().encode())
-    selected = {
+    selected: dict[str, Any] = {
         "set": extraction.selected_key,
         **extraction.selected.as_row(),
         "rule": "effect" if extraction.effects else "separation",
     }
     if extraction.honesty_key and extraction.honesty_selected:
         selected["honesty"] = {"set": extraction.honesty_key, **extraction.honesty_selected.as_row()}
+    if key is not None:
+        selected["extraction_key"] = key
     _write_json(directory / "selected.json", selected)
 
 
-def load_extraction(directory: Path, *, model: HookedModel) -> Extraction:
-    """Read back what :func:`save_extraction` wrote (used when a run resumes)."""
-    selected = json.loads((directory / "selected.json").read_text())
-    scores: dict[str, list[LayerScore]] = {}
-    with open(directory / "scores.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            probe = row["probe_accuracy"]
-            scores.setdefault(row["set"], []).append(
-                LayerScore(
-                    position=row["position"],
-                    layer=int(row["layer"]),
-                    separation_accuracy=float(row["separation_accuracy"]),
-                    auroc=float(row["auroc"]),
-                    effect_size=float(row["effect_size"]),
-                    probe_accuracy=float(probe) if probe else None,
-                )
-            )
-    sets = {key: DirectionSet.load(directory / key, model=model) for key in scores}
+def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            missing = [name for name in required if name not in (reader.fieldnames or [])]
+    except FileNotFoundError as error:
+        raise DataError(f"{path} is missing: re-run `refusal-dir extract`") from error
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path} is unreadable ({_short(error)}): re-run `refusal-dir extract`") from error
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {', '.join(missing)}: re-run `refusal-dir extract`")
+    if not rows:
+        raise DataError(f"{path} has no rows: re-run `refusal-dir extract`")
+    return rows
 
-    def pick(record: dict[str, Any]) -> LayerScore:
-        return next(
-            s for s in scores[record["set"]]
-            if s.layer == record["layer"] and s.position == record["position"]
+
+def _parse_rows(path: Path, rows: list[dict[str, str]], parse: Callable[[dict[str, str]], Any]) -> list[Any]:
+    parsed = []
+    for number, row in enumerate(rows, start=2):
+        try:
+            parsed.append(parse(row))
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{path} line {number} is malformed ({_short(error)}): re-run `refusal-dir extract`") from error
+    return parsed
+
+
+def _score(row: dict[str, str]) -> tuple[str, LayerScore]:
+    probe = row["probe_accuracy"]
+    return row["set"], LayerScore(
+        position=row["position"],
+        layer=int(row["layer"]),
+        separation_accuracy=float(row["separation_accuracy"]),
+        auroc=float(row["auroc"]),
+        effect_size=float(row["effect_size"]),
+        probe_accuracy=float(probe) if probe else None,
+    )
+
+
+def _effect(row: dict[str, str]) -> LayerEffect:
+    return LayerEffect(
+        position=row["position"],
+        layer=int(row["layer"]),
+        separation_accuracy=float(row["separation_accuracy"]),
+        ablation_kl=float(row["ablation_kl"]),
+        bypass=float(row["bypass"]),
+        induce=float(row["induce"]),
+    )
+
+
+def _selection_record(record: Any, where: str, directory: Path, *, need_layer: bool = True) -> dict[str, Any]:
+    """Validate one selection record: ``set`` names a direction set inside ``directory``."""
+    fix = "re-run `refusal-dir extract`"
+    if not isinstance(record, dict):
+        raise DataError(f"{where} must hold a JSON object, not {type(record).__name__}: {fix}")
+    missing = [k for k in ("set", "layer", "position") if k not in record]
+    if missing:
+        raise DataError(f"{where} lacks the key(s) {', '.join(missing)}: {fix}")
+    name, layer, position = record["set"], record["layer"], record["position"]
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or Path(name).is_absolute()
+    ):
+        raise DataError(f"{where}: set {name!r} must name a direction set inside {directory}: {fix}")
+    if not (directory / name).is_dir():
+        raise DataError(f"{where}: set {name!r} is not a folder of {directory}: {fix}")
+    layer_ok = (layer is None and not need_layer) or (isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0)
+    if not layer_ok:
+        raise DataError(f"{where}: layer {layer!r} must be an integer >= 0: {fix}")
+    if not isinstance(position, str):
+        raise DataError(f"{where}: position {position!r} must be a name: {fix}")
+    return record
+
+
+def read_selected(directory: Path) -> dict[str, Any]:
+    """``directory/selected.json``, validated (one-line :class:`DataError` when it is not)."""
+    path = Path(directory) / "selected.json"
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as error:
+        raise DataError(f"{path.parent} has no selected.json: pass the output of `refusal-dir extract`") from error
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path} is corrupt ({_short(error)}): re-run `refusal-dir extract`") from error
+    _selection_record(record, str(path), path.parent)
+    if record.get("honesty") is not None:
+        _selection_record(record["honesty"], f"{path} (honesty)", path.parent)
+    return record
+
+
+def load_extraction(directory: Path, *, model: HookedModel | None = None) -> Extraction:
+    """Read back what :func:`save_extraction` wrote, validating every file.
+
+    With ``model``, every set must fit it (:meth:`DirectionSet.check_fits`); without, only the
+    files are checked (call :func:`check_extraction_fits` once the model is loaded).
+    """
+    directory = Path(directory)
+    selected = read_selected(directory)
+    scores: dict[str, list[LayerScore]] = {}
+    score_path = directory / "scores.csv"
+    score_rows = _read_csv(score_path, ["set", "position", "layer", "separation_accuracy", "auroc", "effect_size", "probe_accuracy"])
+    for name, score in _parse_rows(score_path, score_rows, _score):
+        scores.setdefault(name, []).append(score)
+    for name in scores:
+        _selection_record({"set": name, "layer": 0, "position": ""}, str(score_path), directory)
+    sets = {name: DirectionSet.load(directory / name, model=model) for name in scores}
+
+    def pick(record: dict[str, Any], where: str) -> LayerScore:
+        chosen = next(
+            (s for s in scores.get(record["set"], []) if s.layer == record["layer"] and s.position == record["position"]),
+            None,
         )
+        if chosen is None:
+            raise DataError(
+                f"{where}: set {record['set']!r} layer {record['layer']} position "
+                f"{record['position']!r} has no row in scores.csv: re-run `refusal-dir extract`"
+            )
+        return chosen
 
     honesty = selected.get("honesty")
     effects: list[LayerEffect] = []
-    if (directory / "layer_effects.csv").exists():
-        with open(directory / "layer_effects.csv", newline="") as handle:
-            for row in csv.DictReader(handle):
-                effects.append(
-                    LayerEffect(
-                        position=row["position"],
-                        layer=int(row["layer"]),
-                        separation_accuracy=float(row["separation_accuracy"]),
-                        ablation_kl=float(row["ablation_kl"]),
-                        bypass=float(row["bypass"]),
-                        induce=float(row["induce"]),
-                    )
-                )
+    effects_path = directory / "layer_effects.csv"
+    if effects_path.exists() or selected.get("rule") == "effect":
+        effect_rows = _read_csv(effects_path, ["position", "layer", "separation_accuracy", "ablation_kl", "bypass", "induce"])
+        effects = _parse_rows(effects_path, effect_rows, _effect)
+    where = str(directory / "selected.json")
     return Extraction(
         sets=sets,
         scores=scores,
         selected_key=selected["set"],
-        selected=pick(selected),
+        selected=pick(selected, where),
         honesty_key=honesty["set"] if honesty else None,
-        honesty_selected=pick(honesty) if honesty else None,
+        honesty_selected=pick(honesty, where) if honesty else None,
         effects=tuple(effects),
     )
+
+
+def check_extraction_fits(extraction: Extraction, model: HookedModel) -> None:
+    for direction_set in extraction.sets.values():
+        direction_set.check_fits(model)
+
+
+def extraction_directory(path: Path) -> Path:
+    """The folder holding ``selected.json``: ``path`` itself or its ``directions`` folder."""
+    path = Path(path)
+    if str(path).strip() == "":
+        raise DataError("--directions-dir is empty: pass the output of `refusal-dir extract`")
+    if (path / "directions" / "selected.json").exists() or (path / "directions").is_dir():
+        return path / "directions"
+    return path
 
 
 def load_selected(directions_dir: Path, *, model: HookedModel | None = None) -> tuple[DirectionSet, dict[str, Any]]:
@@ -396,12 +690,8 @@ def load_selected(directions_dir: Path, *, model: HookedModel | None = None) -> 
     """
     directions_dir = Path(directions_dir)
     for candidate in (directions_dir, directions_dir / "directions"):
-        selected_path = candidate / "selected.json"
-        if selected_path.exists():
-            try:
-                selected = json.loads(selected_path.read_text())
-            except json.JSONDecodeError as error:
-                raise DataError(f"{selected_path} is corrupt ({error}): re-run `refusal-dir extract`") from error
+        if (candidate / "selected.json").exists():
+            selected = read_selected(candidate)
             return DirectionSet.load(candidate / selected["set"], model=model), selected
     direction_set = DirectionSet.load(directions_dir, model=model)
     return direction_set, {"set": directions_dir.name, "layer": None, "position": direction_set.meta.positions[-1]}
@@ -492,6 +782,8 @@ class SweepContext:
     datasets: Datasets
     extraction: Extraction
     progress: bool = True
+    #: Where the directions were read from (``evaluate --directions-dir``); None: the run's own.
+    directions_dir: Path | None = None
 
     _conditions: dict[tuple[int, str], Condition] = field(default_factory=dict)
 
@@ -615,15 +907,106 @@ def _honesty_rows(ctx: SweepContext, method: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _extraction_digest(extraction: Extraction) -> str:
+    """A content hash of the directions a sweep steers with and of what was selected."""
+    digest = hashlib.sha256()
+    for name in sorted(extraction.sets):
+        digest.update(name.encode())
+        digest.update(extraction.sets[name].directions.numpy().tobytes())
+        digest.update(extraction.sets[name].norms.numpy().tobytes())
+    chosen = [extraction.selected_key, extraction.selected.as_row(), extraction.honesty_key]
+    if extraction.honesty_selected is not None:
+        chosen.append(extraction.honesty_selected.as_row())
+    digest.update(json.dumps(chosen, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def results_config_digest(config: Config) -> str:
+    """Hash of the config less :data:`SPEED_ONLY_SETTINGS` (what the results depend on)."""
+    settings = config.to_dict()
+    for key in SPEED_ONLY_SETTINGS:
+        section, _, name = key.partition(".")
+        settings[section].pop(name, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_key(ctx: SweepContext) -> dict[str, Any]:
+    """Everything a sweep part depends on; a part is reused only under the same key."""
+    directions = str(ctx.directions_dir.resolve()) if ctx.directions_dir is not None else "directions"
+    return {
+        "config": results_config_digest(ctx.config),
+        "model_id": ctx.model.model_id,
+        "weights": weights_fingerprint(ctx.model),
+        "directions_dir": directions,
+        "directions": _extraction_digest(ctx.extraction),
+        "data": ctx.datasets.content_hashes(),
+    }
+
+
+def _key_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _key_changes(previous: Any, current: dict[str, Any]) -> list[str]:
+    if not isinstance(previous, dict):
+        return ["resume key"]
+    changed = []
+    for name, value in current.items():
+        if name == "data" and isinstance(previous.get("data"), dict):
+            changed += [f"data {k}" for k in value if previous["data"].get(k) != value[k]]
+        elif previous.get(name) != value:
+            changed.append({"weights": "model weights", "directions": "direction content"}.get(name, name))
+    return changed or ["resume key"]
+
+
+def _read_part(path: Path) -> dict[str, Any]:
+    try:
+        part = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as error:
+        raise OutputDirError(
+            f"sweep part {path} is corrupt ({_short(error)}): delete it to recompute that part, "
+            "or pass --fresh"
+        ) from error
+    if not isinstance(part, dict) or not isinstance(part.get("rows"), list) or not all(
+        isinstance(row, dict) and set(RESULT_FIELDS) <= set(row) for row in part["rows"]
+    ):
+        raise OutputDirError(
+            f"sweep part {path} is corrupt (not a part written by refusal-dir): delete it to "
+            "recompute that part, or pass --fresh"
+        )
+    return part
+
+
+def _check_parts(parts: Path, key: dict[str, Any], digest: str, output_dir: Path) -> None:
+    """Refuse parts written under another resume key (another config, model, directions or data)."""
+    stale = []
+    for path in sorted(parts.glob("*.json")):
+        if _read_part(path).get("key") != digest:
+            stale.append(path.name)
+    if not stale:
+        return
+    try:
+        previous = json.loads((output_dir / "resume.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    raise OutputDirError(
+        f"{output_dir} holds sweep parts computed under another run ({', '.join(_key_changes(previous, key))} "
+        f"changed; {len(stale)} part(s)): pass --fresh to start over there, or choose a new --output-dir"
+    )
+
+
 def sweep(
     ctx: SweepContext,
     output_dir: Path,
     *,
     on_group: Callable[[str, str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every (method, metric group), skipping the ones already finished in ``output_dir``."""
-    parts = output_dir / "sweep" / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
+    """Run every (method, metric group), reusing the ones already finished in ``output_dir``.
+
+    Holds the directory's lock. Finished parts are reused only when they were written under
+    this sweep's :func:`resume_key`; otherwise the sweep is refused before anything is computed.
+    """
+    output_dir = Path(output_dir)
     layer = ctx.config.steering.layer
     if layer is None:
         layer = ctx.extraction.selected.layer
@@ -631,19 +1014,29 @@ def sweep(
         raise ConfigError(f"steering.layer {layer} is out of range: the model has layers 0..{ctx.model.n_layers - 1}")
     position = ctx.extraction.selected.position
     groups = [g for g in METRIC_GROUPS if g != "honesty" or ctx.config.evaluation.honesty]
-    rows: list[dict[str, Any]] = []
-    for method in ctx.config.steering.methods:
-        for group in groups:
-            part = parts / f"{method}__{group}.json"
-            if part.exists():
-                rows += json.loads(part.read_text())["rows"]
-                continue
-            if on_group is not None:
-                on_group(method, group)
-            group_rows, samples = _group_rows(ctx, method, group, layer, position)
-            _write_json(part, {"rows": group_rows, "samples": samples})
-            rows += group_rows
-    write_results(rows, output_dir)
+    with lock_output_dir(output_dir):
+        parts = output_dir / "sweep" / "parts"
+        try:
+            parts.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise write_error(parts, error) from error
+        key = resume_key(ctx)
+        digest = _key_digest(key)
+        _check_parts(parts, key, digest, output_dir)
+        _write_json(output_dir / "resume.json", {**key, "digest": digest})
+        rows: list[dict[str, Any]] = []
+        for method in ctx.config.steering.methods:
+            for group in groups:
+                part = parts / f"{method}__{group}.json"
+                if part.exists():
+                    rows += _read_part(part)["rows"]
+                    continue
+                if on_group is not None:
+                    on_group(method, group)
+                group_rows, samples = _group_rows(ctx, method, group, layer, position)
+                _write_json(part, {"key": digest, "rows": group_rows, "samples": samples})
+                rows += group_rows
+        write_results(rows, output_dir)
     return rows
 
 
@@ -741,8 +1134,16 @@ def run(
     on_stage: Callable[[str], None] | None = None,
     model: HookedModel | None = None,
 ) -> tuple[list[dict[str, Any]], Extraction]:
-    """extract -> select layer -> sweep -> report, resuming from finished parts."""
-    output_dir = prepare_output_dir(Path(output_dir), config, fresh=fresh)
+    """extract -> select layer -> sweep -> report, resuming from finished parts.
+
+    Every input is validated (the output directory, the config against the one recorded there,
+    the prompt sets, the model, the steering layer, the prompt lengths) before the directory is
+    claimed, locked and, with ``fresh``, emptied.
+    """
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, fresh=fresh)
+    if not fresh:
+        check_resumable(output_dir, config)
     datasets = load_datasets(config)
     notify = on_stage or (lambda stage: None)
     notify("loading model")
@@ -753,13 +1154,35 @@ def run(
             dtype=config.model.dtype,
             revision=config.model.revision,
         )
-    if (output_dir / "directions" / "selected.json").exists():
-        notify("loading saved directions")
-        extraction = load_extraction(output_dir / "directions", model=model)
-    else:
-        notify("extracting directions")
-        extraction = extract(model, config, datasets, output_dir, progress=progress)
-    ctx = SweepContext(model, config, datasets, extraction, progress)
-    rows = sweep(ctx, output_dir, on_group=lambda method, group: notify(f"sweep: {method} / {group}"))
-    write_report(rows, output_dir, extraction=extraction, model_id=model.model_id, command=command)
+    check_steering_layer(config, model)
+    check_prompt_lengths(model, extraction_prompts(datasets, config), max_new_tokens=0)
+    check_prompt_lengths(
+        model, evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
+    )
+    with open_output_dir(output_dir, config, fresh=fresh) as output_dir:
+        if (output_dir / "directions" / "selected.json").exists():
+            notify("loading saved directions")
+            extraction = load_saved_extraction(output_dir, config, model, datasets)
+        else:
+            notify("extracting directions")
+            extraction = extract(model, config, datasets, output_dir, progress=progress)
+        ctx = SweepContext(model, config, datasets, extraction, progress)
+        rows = sweep(ctx, output_dir, on_group=lambda method, group: notify(f"sweep: {method} / {group}"))
+        write_report(rows, output_dir, extraction=extraction, model_id=model.model_id, command=command)
     return rows, extraction
+
+
+def load_saved_extraction(output_dir: Path, config: Config, model: HookedModel, datasets: Datasets) -> Extraction:
+    """A run's own saved directions, refused unless extracted under this config, model and pairs."""
+    directory = Path(output_dir) / "directions"
+    try:
+        recorded = read_selected(directory).get("extraction_key")
+        if recorded == extraction_key(config, model, datasets):
+            return load_extraction(directory, model=model)
+    except (DataError, DirectionMismatchError) as error:
+        raise OutputDirError(f"{error}; or pass --fresh to start this run over") from error
+    raise OutputDirError(
+        f"{directory} was extracted under another config, model or pair set than this run "
+        "(or by an interrupted re-extraction): pass --fresh to start over there, or choose a "
+        "new --output-dir"
+    )
