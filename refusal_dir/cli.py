@@ -446,6 +446,18 @@ def _tune(
     return 0
 
 
+def _quiet_hub() -> None:
+    """Offline, the hub client logs every retry twice (about 45 lines) before the load fails;
+    the load error says it all. Its own logging setup, run on import, would reset a level set
+    earlier, so it is imported and told here."""
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # pragma: no cover
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        return
+    hub_logging.set_verbosity_error()
+
+
 def _quiet_libraries() -> None:
     """--quiet also silences the weight-loading progress bars of transformers and the hub."""
     try:
@@ -475,8 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # The hub client logs every retry twice (about 45 lines offline); the load error says it all.
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    _quiet_hub()
     if getattr(args, "quiet", False):
         _quiet_libraries()
     try:

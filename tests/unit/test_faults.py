@@ -670,16 +670,25 @@ def test_an_output_path_that_is_a_file_is_one_line(capsys, base: Base, tmp_path:
 
 HUB_OFFLINE = """
 import logging, sys
-import transformers
+from refusal_dir import model as model_module
 
-def offline(*args, **kwargs):
-    log = logging.getLogger("huggingface_hub.utils._http")
-    for attempt in range(1, 6):
-        log.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/x/config.json")
-        log.warning("Retrying in %ds [Retry %d/5].", attempt, attempt)
-    raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.")
+original = model_module._load_hf_model
 
-transformers.AutoTokenizer.from_pretrained = offline
+def noisy_load(*args, **kwargs):
+    # transformers (and with it huggingface_hub) is first imported here, as in a real run.
+    import transformers
+
+    def offline(*args, **kwargs):
+        log = logging.getLogger("huggingface_hub.utils._http")
+        for attempt in range(1, 6):
+            log.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/x/config.json")
+            log.warning("Retrying in %ds [Retry %d/5].", attempt, attempt)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.")
+
+    transformers.AutoTokenizer.from_pretrained = offline
+    return original(*args, **kwargs)
+
+model_module._load_hf_model = noisy_load
 from refusal_dir.cli import main
 sys.exit(main(["extract", "--model", "some-org/some-model", "--output-dir", sys.argv[1], "--quiet"]))
 """
