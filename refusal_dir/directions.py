@@ -209,7 +209,9 @@ def weights_sample(model: Any) -> tuple[float, ...]:
     values: list[float] = []
     for matrix in matrices[::step][:_SAMPLE_MATRICES]:
         flat = matrix.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, _SAMPLE_PER_MATRIX).round().long()
+        # Integer arithmetic: a float32 linspace rounds the last index of a 168M-element matrix
+        # (Gemma 3 270M's embedding) one past the end.
+        index = torch.arange(_SAMPLE_PER_MATRIX) * (flat.numel() - 1) // (_SAMPLE_PER_MATRIX - 1)
         values += [float(v) for v in flat[index.to(flat.device)].float().cpu()]
     return tuple(values)
 

@@ -285,3 +285,17 @@ def test_activations_select_subset(tiny_model) -> None:
     subset = acts.select([1, 3])
     assert isinstance(subset, Activations) and subset.n_prompts == 2
     torch.testing.assert_close(subset.acts["resid_post"][1], acts.acts["resid_post"][3])
+
+
+def test_weights_sample_indexes_inside_a_matrix_past_float32_precision() -> None:
+    # 2**24 + 4 elements: a float32 linspace rounds the last index to the element count
+    # (the real Gemma 3 270M embedding, 262144 x 640, failed the same way).
+    from types import SimpleNamespace
+
+    from refusal_dir.directions import weights_sample
+
+    matrix = torch.zeros(2**22 + 1, 4, dtype=torch.int8)
+    matrix[0, 0], matrix[-1, -1] = 5, 7
+
+    sample = weights_sample(SimpleNamespace(hf=SimpleNamespace(parameters=lambda: [matrix])))
+    assert sample[0] == 5 and sample[-1] == 7
