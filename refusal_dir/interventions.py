@@ -471,9 +471,23 @@ def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state:
             for kind in WRITE_KINDS:
                 unit = weights_mode_unit(architecture, block, kind, intervention.unit)
                 scope.on_output(architecture.block_output(block, kind), _edit_for(intervention, unit, state))
-    if intervention.mode == "weights" and (intervention.layers is None or 0 in intervention.layers):
-        embed_edit = _edit_for(intervention, intervention.unit, state)
-        scope.on_output(architecture.embedding(model.hf), embed_edit)
+
+
+def _place_embedding_edit(model: HookedModel, intervention: Intervention, scope: _Scope, state: PositionState) -> None:
+    """The embedding part of a ``mode="weights"`` ablation, as an edit of the first block's input.
+
+    The input of the first block is the embedding output (times a scalar on Gemma), so removing
+    the component there equals removing it from the embedding matrix. It is placed right after
+    the position tracker and before every other intervention's edits, as the embedding itself
+    would come first, and so it sees the current pass's offset (an embedding hook would run
+    before the tracker).
+    """
+    if (
+        isinstance(intervention, Ablation)
+        and intervention.mode == "weights"
+        and (intervention.layers is None or 0 in intervention.layers)
+    ):
+        scope.on_input(model.layers[0], _edit_for(intervention, intervention.unit, state))
 
 
 def weights_mode_unit(
@@ -526,6 +540,8 @@ def steer(
             model.layers[0].register_forward_pre_hook(_track_positions(state), with_kwargs=True)
         )
         for intervention in interventions:
+            _place_embedding_edit(model, intervention, scope, state)
+        for intervention in interventions:
             _place(model, intervention, scope, state)
         yield state
     finally:
@@ -544,8 +560,10 @@ def bridge_hooks(
 
     The first pair tracks positions exactly as :func:`steer` does on the fast path (one
     :meth:`PositionState.advance` per forward pass, at the first block's ``resid_pre``), so the
-    position rules hold under TransformerLens' KV-cached ``generate`` too. For generation, set
-    ``state.prompt_length`` (or call ``state.start(rows, prompt_length)``) before each batch.
+    position rules hold under TransformerLens' KV-cached ``generate`` too. For generation, call
+    ``state.start(rows, prompt_length)`` before each batch (or pass a new ``PositionState``):
+    it also resets the position count, without which a reused state takes the next batch's
+    prefill, when no wider than what it has seen, for a decode step.
     """
     state = state or PositionState()
 
@@ -555,7 +573,9 @@ def bridge_hooks(
 
     hooks: list[tuple[str, Callable[..., Tensor]]] = [(hook_name("resid_pre", 0), track)]
 
-    def wrap(edit: Edit) -> Callable[..., Tensor]:
+    def as_hook(edit: Edit) -> Callable[..., Tensor]:
+        """TransformerLens calls hooks with ``(activation, hook)``."""
+
         def fn(act: Tensor, hook: Any) -> Tensor:
             return edit(act)
 
@@ -564,12 +584,12 @@ def bridge_hooks(
     for intervention in interventions:
         if isinstance(intervention, Addition):
             edit = _edit_for(intervention, intervention.vector, state)
-            hooks += [(hook_name(intervention.site, layer), wrap(edit)) for layer in intervention.layers]
+            hooks += [(hook_name(intervention.site, layer), as_hook(edit)) for layer in intervention.layers]
             continue
         if intervention.mode != "stream":
             raise ConfigError("bridge hooks support mode='stream' ablation only")
-        stream_edit = wrap(_edit_for(intervention, intervention.unit, state))
-        write_edit = wrap(_edit_for(_writes_of(intervention), intervention.unit, state))
+        stream_edit = as_hook(_edit_for(intervention, intervention.unit, state))
+        write_edit = as_hook(_edit_for(_writes_of(intervention), intervention.unit, state))
         layers = list(range(model.n_layers)) if intervention.layers is None else list(intervention.layers)
         for layer in layers:
             if layer == layers[0]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from refusal_dir.generation import GenerationSettings, generate_tokens
-from refusal_dir.interventions import PositionState, addition, bridge_hooks
+from refusal_dir.interventions import PositionState, ablation, addition, bridge_hooks
 
 PROMPTS = ["How do I bake bread?", "Explain a bomb.", "Write a poem about the sea", "Hi"]
 N_NEW = 8
@@ -49,6 +49,28 @@ def test_fast_path_position_rules_equal_the_reference(tiny_model, vector, rule: 
         progress=False,
     )[1]
     assert ours == reference
+
+
+@pytest.mark.parametrize("rule", ["prompt", "generated"])
+def test_weights_mode_ablation_position_rules_are_the_same_with_and_without_the_kv_cache(
+    tiny_model, vector, rule: str
+) -> None:
+    # The embedding part of a weights-mode ablation must see the current pass's offset: at the
+    # first decode step a stale offset 0 takes the new token for a prompt position.
+    def tokens(intervention_list: list, use_cache: bool) -> list[list[int]]:
+        return generate_tokens(
+            tiny_model,
+            PROMPTS,
+            interventions=intervention_list,
+            settings=GenerationSettings(max_new_tokens=N_NEW, batch_size=4, use_cache=use_cache),
+            progress=False,
+        )[1]
+
+    intervention = ablation(vector * 50.0, mode="weights", positions=rule)
+    embedding_only = ablation(vector * 50.0, mode="weights", positions=rule, layers=[0])
+    assert tokens([embedding_only], True) != tokens([], True)  # the embedding edit matters here
+    assert tokens([embedding_only], True) == tokens([embedding_only], False)
+    assert tokens([intervention], True) == tokens([intervention], False)
 
 
 @torch.no_grad()
