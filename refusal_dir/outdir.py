@@ -154,8 +154,11 @@ def owner_kind(directory: Path) -> str | None:
         return None
     if LEGACY_EXPORT_NOTE in names:
         return "model"
+    # An unmarked directory of an earlier version: only our own names, and at least one of the
+    # files every command of that version wrote (a folder that merely holds "directions/" or
+    # "figures/" may be the user's).
     ours = {n for n in names if n in RESULT_NAMES or n.startswith(TEMP_PREFIX)}
-    if ours == names and names & {"config.resolved.yaml", "directions", "tune.json"}:
+    if ours == names and names & {"config.resolved.yaml", "tune.json"}:
         return "results"
     return None
 
@@ -229,6 +232,11 @@ def check_output_dir(
     if owner != kind:
         what = "an exported model" if owner == "model" else "run results"
         raise OutputDirError(f"{flag} {path} holds {what}, not {'a model' if kind == 'model' else 'results'}: choose another {flag}")
+    if fresh and read_marker(path) is None:
+        raise OutputDirError(
+            f"{flag} {path} has no {MARKER_NAME} marker (an earlier version's output): --fresh "
+            f"deletes only marked directories; delete it yourself or choose a new {flag}"
+        )
     return path
 
 

@@ -190,6 +190,30 @@ def test_fresh_refuses_a_directory_refusal_dir_did_not_write(capsys, base: Base,
         assert snapshot(tmp_path / "mine") == user
 
 
+def test_unmarked_folders_with_our_names_are_not_adopted(capsys, base: Base, tmp_path: Path) -> None:
+    # A user's folder holding only "directions/" and "figures/" is not an earlier output.
+    mine = tmp_path / "mine"
+    (mine / "directions").mkdir(parents=True)
+    (mine / "figures").mkdir()
+    (mine / "directions" / "keep.txt").write_text("mine")
+    (mine / "figures" / "plot.png").write_text("mine")
+    user = snapshot(mine)
+    for fresh in (["--fresh"], []):
+        code, err = cli(capsys, *evaluate_args(base, mine, *fresh))
+        assert_one_line(code, err, outdir.MARKER_NAME)
+        assert snapshot(mine) == user
+    code, err = cli(capsys, "extract", "--config", base.config, "--output-dir", mine, "--quiet")
+    assert_one_line(code, err, outdir.MARKER_NAME)
+    assert snapshot(mine) == user
+    # An earlier version's output (unmarked, but with its config file) resumes; --fresh is refused.
+    legacy = base.copy(tmp_path / "legacy", keep_parts=5)
+    (legacy / outdir.MARKER_NAME).unlink()
+    before = snapshot(legacy)
+    code, err = cli(capsys, "run", "--config", base.config, "--output-dir", legacy, "--fresh", "--quiet")
+    assert_one_line(code, err, "no " + outdir.MARKER_NAME)
+    assert snapshot(legacy) == before
+
+
 def test_fresh_never_deletes_the_directions_it_reads(capsys, base: Base, tmp_path: Path) -> None:
     run = base.copy(tmp_path / "run", keep_parts=5)
     before = snapshot(run)
