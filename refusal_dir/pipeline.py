@@ -937,10 +937,22 @@ def resume_key(ctx: SweepContext) -> dict[str, Any]:
         "config": results_config_digest(ctx.config),
         "model_id": ctx.model.model_id,
         "weights": weights_fingerprint(ctx.model),
+        "chat": _chat_digest(ctx.model),
         "directions_dir": directions,
         "directions": _extraction_digest(ctx.extraction),
         "data": ctx.datasets.content_hashes(),
     }
+
+
+def _chat_digest(model: Any) -> str:
+    """The prompt format: chat template, system prompt, thinking switch, vocabulary size."""
+    chat = {
+        "template": model.chat_template,
+        "system_prompt": model.system_prompt,
+        "enable_thinking": model.enable_thinking,
+        "vocabulary": len(model.tokenizer),
+    }
+    return hashlib.sha256(json.dumps(chat, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _key_digest(key: dict[str, Any]) -> str:
@@ -955,7 +967,9 @@ def _key_changes(previous: Any, current: dict[str, Any]) -> list[str]:
         if name == "data" and isinstance(previous.get("data"), dict):
             changed += [f"data {k}" for k in value if previous["data"].get(k) != value[k]]
         elif previous.get(name) != value:
-            changed.append({"weights": "model weights", "directions": "direction content"}.get(name, name))
+            changed.append(
+                {"weights": "model weights", "directions": "direction content", "chat": "chat template"}.get(name, name)
+            )
     return changed or ["resume key"]
 
 

@@ -829,3 +829,15 @@ def test_sigkill_mid_sweep_then_resume_matches_an_uninterrupted_run(capsys, base
     assert cli(capsys, "run", "--config", slow, "--output-dir", run, "--no-figures", "--quiet")[0] == 0
     assert base.results(run) == base.results(reference)
     assert not leftovers(run)
+
+
+def test_the_resume_key_changes_with_the_prompt_format(tiny_model_dir: Path) -> None:
+    # A hub revision that changes only the chat template must not resume old parts silently.
+    from refusal_dir.chat import PLAIN_CHAT_TEMPLATE
+    from refusal_dir.pipeline import _chat_digest
+
+    model = load_model(str(tiny_model_dir), device="cpu", with_bridge=False)
+    digest = _chat_digest(model)
+    assert _chat_digest(load_model(str(tiny_model_dir), device="cpu", with_bridge=False)) == digest
+    model.chat_template = PLAIN_CHAT_TEMPLATE
+    assert _chat_digest(model) != digest
