@@ -341,8 +341,20 @@ def remove_leftovers(directory: Path) -> None:
                     (Path(root) / name).unlink()
         for name in list(dirs):
             if name.startswith(TEMP_PREFIX) and name.endswith(STAGING_SUFFIX):
+                _restore_set_aside(Path(root) / name)
                 shutil.rmtree(Path(root) / name, ignore_errors=True)
                 dirs.remove(name)
+
+
+def _restore_set_aside(leftover: Path) -> None:
+    """Put back a directory that :func:`swap_in` set aside when a crash kept its successor out."""
+    if "-old-" not in leftover.name:
+        return
+    for kept in leftover.iterdir():
+        target = leftover.parent / kept.name
+        if not target.exists() and not target.is_symlink():
+            with contextlib.suppress(OSError):
+                os.replace(kept, target)
 
 
 @contextlib.contextmanager
@@ -387,7 +399,12 @@ def staging_dir(parent: Path, name: str) -> Path:
     """A new empty directory in ``parent`` to build ``name`` in (see :func:`swap_in`)."""
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{name}-", suffix=STAGING_SUFFIX))
+        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{name}-", suffix=STAGING_SUFFIX))
+        # mkdtemp makes it private (0700); the swapped-in directory gets the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
+        return staging
     except OSError as error:
         raise write_error(parent / name, error) from error
 
@@ -396,7 +413,9 @@ def swap_in(staging: Path, target: Path) -> None:
     """Move the finished ``staging`` directory to ``target``, replacing what was there.
 
     The old ``target`` is renamed aside first and deleted only once the new one is in place;
-    a crash in between leaves it as ``.refusal_dir-<name>-*.partial`` beside the target.
+    an error or Ctrl-C in between puts it back; a kill in between leaves it as
+    ``.refusal_dir-<name>-old-*.partial`` beside the target, and the next run's
+    :func:`remove_leftovers` puts it back.
     """
     old: Path | None = None
     try:
@@ -404,10 +423,12 @@ def swap_in(staging: Path, target: Path) -> None:
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}-old-", suffix=STAGING_SUFFIX))
             os.replace(target, old / target.name)
         os.replace(staging, target)
-    except OSError as error:
+    except BaseException as error:  # Ctrl-C too: never leave the target missing
         if old is not None and not target.exists() and (old / target.name).exists():
             os.replace(old / target.name, target)
-        raise write_error(target, error) from error
+        if isinstance(error, OSError):
+            raise write_error(target, error) from error
+        raise
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -841,3 +841,34 @@ def test_the_resume_key_changes_with_the_prompt_format(tiny_model_dir: Path) -> 
     assert _chat_digest(load_model(str(tiny_model_dir), device="cpu", with_bridge=False)) == digest
     model.chat_template = PLAIN_CHAT_TEMPLATE
     assert _chat_digest(model) != digest
+
+
+def test_an_interrupted_swap_in_keeps_the_previous_directory(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    with outdir.claim_output_dir(out) as claimed:
+        (claimed / "directions").mkdir()
+        (claimed / "directions" / "old.txt").write_text("previous directions")
+    staging = outdir.staging_dir(out, "directions")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert staging.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    real_replace = os.replace
+
+    def interrupt_the_second(source, destination):  # the first rename sets the old copy aside
+        if Path(source) == staging:
+            raise KeyboardInterrupt("Ctrl-C between the two renames")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(outdir.os, "replace", interrupt_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        outdir.swap_in(staging, out / "directions")
+    monkeypatch.setattr(outdir.os, "replace", real_replace)
+    assert (out / "directions" / "old.txt").read_text() == "previous directions"
+    # A kill at the same point leaves the old copy set aside; the next run puts it back.
+    aside = out / f"{outdir.TEMP_PREFIX}directions-old-x{outdir.STAGING_SUFFIX}"
+    aside.mkdir()
+    real_replace(out / "directions", aside / "directions")
+    with outdir.claim_output_dir(out):
+        pass
+    assert (out / "directions" / "old.txt").read_text() == "previous directions"
+    assert not aside.exists()
