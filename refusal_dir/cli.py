@@ -296,20 +296,21 @@ def _write_figures(output_dir: Path, rows: list[dict[str, Any]], extraction: Any
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir, pipeline
+    from refusal_dir import pipeline
 
     config = _config(args)
     reporter = _StageReporter(args.quiet)
     command = "refusal-dir " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     output_dir = Path(args.output_dir)
-    rows, extraction = pipeline.run(
-        config, output_dir, fresh=args.fresh, progress=not args.quiet,
-        command=command, on_stage=reporter,
-    )
-    if not args.no_figures:
+
+    def figures(directory: Path, rows: list[dict[str, Any]], extraction: Any) -> None:
         reporter("writing figures")
-        with outdir.lock_output_dir(output_dir):
-            _write_figures(output_dir, rows, extraction)
+        _write_figures(directory, rows, extraction)
+
+    rows, _ = pipeline.run(
+        config, output_dir, fresh=args.fresh, progress=not args.quiet,
+        command=command, on_stage=reporter, finish=None if args.no_figures else figures,
+    )
     _out(pipeline.results_table(rows))
     _out(f"wrote {output_dir / 'report.md'}, results.json and results.csv")
     return 0
@@ -371,6 +372,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         protect.append(Path(resolve_model_source(args.model)))
     outdir.check_output_dir(args.output_dir, kind="model", fresh=True, protect=protect)
     model, directions, selected, layer = _model_and_directions(args, config)
+    if Path(model.model_id).expanduser().is_dir():  # also when the directions named the model
+        protect.append(Path(model.model_id))
     path = save_orthogonalized(
         model, directions, args.output_dir, direction_layer=layer,
         position=selected.get("position"), protect=protect,

@@ -1147,8 +1147,12 @@ def run(
     command: str = "refusal-dir run",
     on_stage: Callable[[str], None] | None = None,
     model: HookedModel | None = None,
+    finish: Callable[[Path, list[dict[str, Any]], Extraction], None] | None = None,
 ) -> tuple[list[dict[str, Any]], Extraction]:
     """extract -> select layer -> sweep -> report, resuming from finished parts.
+
+    ``finish(output_dir, rows, extraction)`` runs last, still holding the directory's lock
+    (the CLI writes its figures there).
 
     Every input is validated (the output directory, the config against the one recorded there,
     the prompt sets, the model, the steering layer, the prompt lengths) before the directory is
@@ -1183,6 +1187,8 @@ def run(
         ctx = SweepContext(model, config, datasets, extraction, progress)
         rows = sweep(ctx, output_dir, on_group=lambda method, group: notify(f"sweep: {method} / {group}"))
         write_report(rows, output_dir, extraction=extraction, model_id=model.model_id, command=command)
+        if finish is not None:
+            finish(output_dir, rows, extraction)
     return rows, extraction
 
 

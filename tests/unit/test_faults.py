@@ -267,6 +267,18 @@ def test_export_never_replaces_user_files(capsys, base: Base, tmp_path: Path) ->
     assert not leftovers(tmp_path)
 
 
+def test_export_never_replaces_the_model_its_directions_name(capsys, base: Base, tmp_path: Path) -> None:
+    # Directions extracted from an earlier export name it as their model: exporting them into
+    # that same directory would replace the weights being read.
+    exported = tmp_path / "model"
+    assert cli(capsys, "export", "--directions-dir", base.out, "--output-dir", exported, "--quiet")[0] == 0
+    assert cli(capsys, "extract", "--config", base.config, "--model", exported, "--output-dir", tmp_path / "dirs", "--quiet")[0] == 0
+    before = snapshot(exported)
+    code, err = cli(capsys, "export", "--directions-dir", tmp_path / "dirs", "--output-dir", exported, "--quiet")
+    assert_one_line(code, err, "which this command reads")
+    assert snapshot(exported) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # Silent wrong results
 # ----------------------------------------------------------------------------------------------
