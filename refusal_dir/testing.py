@@ -114,7 +114,7 @@ def _family_config(architecture: str, d_model: int) -> dict[str, Any]:
         "qwen2_moe": {
             "num_experts": 4,
             "num_experts_per_tok": 2,
-            "moe_intermediate_size": d_model,
+            "moe_intermediate_size": d_model // 2,  # not d_model: a transposed expert layout must not fit
             "shared_expert_intermediate_size": 2 * d_model,
             "norm_topk_prob": True,
             "tie_word_embeddings": False,
@@ -124,7 +124,7 @@ def _family_config(architecture: str, d_model: int) -> dict[str, Any]:
             "head_dim": d_model // 4,
             "num_experts": 4,
             "num_experts_per_tok": 2,
-            "moe_intermediate_size": d_model,
+            "moe_intermediate_size": d_model // 2,
             "norm_topk_prob": True,
             "tie_word_embeddings": False,
         },
