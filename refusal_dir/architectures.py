@@ -157,7 +157,8 @@ class Architecture:
 
     def stream_write(self, block: nn.Module, kind: WriteKind) -> nn.Module:
         """The module whose output is added to the stream: TransformerLens' ``attn_out``/``mlp_out``."""
-        return self.post_norm(block, kind) or self.block_output(block, kind)
+        post_norm = self.post_norm(block, kind)
+        return self.block_output(block, kind) if post_norm is None else post_norm
 
     def is_sparse(self, block: nn.Module) -> bool:
         """Whether this block's MLP is a mixture of experts (MoE families may mix in dense ones)."""

@@ -309,10 +309,6 @@ def lock_output_dir(directory: Path | str) -> Iterator[Path]:
         handle.close()  # closing releases the flock
 
 
-def is_locked_here(directory: Path | str) -> bool:
-    return _resolve(directory) in _HELD
-
-
 # ----------------------------------------------------------------------------------------------
 # Claiming a directory for a run
 # ----------------------------------------------------------------------------------------------
