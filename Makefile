@@ -10,8 +10,8 @@ RUN_DIR ?= outputs/gemma-3-270m-offline
 TORCH ?= torch==2.13.0
 # The oldest versions pyproject.toml allows, for `make test-oldest`.
 OLDEST ?= transformers==5.21.0 transformer-lens==4.3.0 datasets==2.19.0
-# Extra requirements for `make test-latest`, e.g. PROBE="transformers==5.24.0" to try a release
-# beyond the upper bounds.
+# Extra requirements for `make test-latest`, installed over the newest allowed versions, e.g.
+# PROBE="transformers==5.24.0" to try a release beyond the upper bounds (pip warns of the conflict).
 PROBE ?=
 
 .PHONY: setup run test test-fast test-latest test-oldest lock lint bench clean
@@ -42,7 +42,8 @@ test-latest:
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q $(TORCH)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" $(PROBE)
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" $(TORCH)
+	$(if $(PROBE),.venv-latest/bin/python -m pip install -q $(PROBE) $(TORCH))
 	.venv-latest/bin/python -m pip freeze | grep -iE '^(torch|transformers|transformer.lens|datasets)=='
 	.venv-latest/bin/python -m pytest -q -m "not slow" tests/unit -p no:cacheprovider
 
