@@ -36,25 +36,26 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests/unit
 
-# The fast suite on the newest versions pyproject.toml allows (no constraints.txt), in a venv of
-# its own, so that a breaking release is found here first. torch stays at $(TORCH).
-test-latest:
-	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
-	.venv-latest/bin/python -m pip install -q --upgrade pip
-	.venv-latest/bin/python -m pip install -q $(TORCH)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" $(TORCH)
-	$(if $(PROBE),.venv-latest/bin/python -m pip install -q $(PROBE) $(TORCH))
-	.venv-latest/bin/python -m pip freeze | grep -iE '^(torch|transformers|transformer.lens|datasets)=='
-	.venv-latest/bin/python -m pytest -q -m "not slow" tests/unit -p no:cacheprovider
+# The fast suite in a new venv of its own: $(call fast-suite,VENV,PIP ARGUMENTS,EXTRA).
+# torch is installed first and held at $(TORCH); EXTRA is installed over the rest.
+define fast-suite
+	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(TORCH)
+	$(1)/bin/python -m pip install -q $(2) $(TORCH)
+	$(if $(3),$(1)/bin/python -m pip install -q $(3) $(TORCH))
+	$(1)/bin/python -m pip freeze | grep -iE '^(torch|transformers|transformer.lens|datasets)=='
+	$(1)/bin/python -m pytest -q -m "not slow" tests/unit -p no:cacheprovider
+endef
 
-# The fast suite on the oldest versions pyproject.toml allows.
+# The newest versions pyproject.toml allows (no constraints.txt), so that a breaking release is
+# found here first.
+test-latest:
+	$(call fast-suite,.venv-latest,--upgrade --upgrade-strategy eager -e ".[dev]",$(PROBE))
+
+# The oldest versions pyproject.toml allows.
 test-oldest:
-	rm -rf .venv-oldest && $(PYTHON) -m venv .venv-oldest
-	.venv-oldest/bin/python -m pip install -q --upgrade pip
-	.venv-oldest/bin/python -m pip install -q $(TORCH)
-	.venv-oldest/bin/python -m pip install -q -e ".[dev]" $(OLDEST)
-	.venv-oldest/bin/python -m pip freeze | grep -iE '^(torch|transformers|transformer.lens|datasets)=='
-	.venv-oldest/bin/python -m pytest -q -m "not slow" tests/unit -p no:cacheprovider
+	$(call fast-suite,.venv-oldest,-e ".[dev]" $(OLDEST))
 
 # Rewrite constraints.txt from the current venv (after a green `make test` on newer versions).
 lock: setup
