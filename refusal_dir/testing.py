@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from refusal_dir.architectures import architecture_of
+from refusal_dir.chat import GEMMA_CHAT_TEMPLATE
 from refusal_dir.errors import ConfigError
-from refusal_dir.model import GEMMA_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
