@@ -197,7 +197,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         chosen = next(e for e in extraction.effects if e.layer == s.layer and e.position == s.position)
         _out("candidate effects on held-out pairs (ablation KL on harmless, bypass, induce):")
         _out(effects_table(extraction.effects, selected=chosen))
-        rule = f"largest bypass + induce among layers with ablation KL <= {config.extraction.max_kl}"
+        rule = (extraction.selection or {}).get("description", "effect")
     else:
         rule = "best held-out separation"
     _out(

@@ -115,16 +115,19 @@ class ExtractionSettings:
     max_layer_fraction: float = 0.8
     selection: str = "effect"
     max_kl: float = 0.1
-    selection_candidates: int = 6
+    selection_candidates: int | None = None
+    selection_prompts: int = 16
 
     def __post_init__(self) -> None:
         _check_types("extraction", self)
         if self.selection not in ("effect", "separation"):
             _fail("extraction.selection", f"{self.selection!r} is not one of effect, separation")
-        if self.selection_candidates < 1:
-            _fail("extraction.selection_candidates", f"must be >= 1, got {self.selection_candidates}")
-        if not self.max_kl > 0:
-            _fail("extraction.max_kl", f"must be > 0, got {self.max_kl}")
+        if self.selection_candidates is not None and self.selection_candidates < 1:
+            _fail("extraction.selection_candidates", f"must be null or >= 1, got {self.selection_candidates}")
+        if self.selection_prompts < 1:
+            _fail("extraction.selection_prompts", f"must be >= 1, got {self.selection_prompts}")
+        if not 0 < self.max_kl < float("inf"):
+            _fail("extraction.max_kl", f"must be a positive number, got {self.max_kl}")
         object.__setattr__(self, "sites", tuple(self.sites))
         object.__setattr__(self, "methods", tuple(self.methods))
         for site in self.sites:

@@ -157,7 +157,8 @@ class Ablation:
     batched call sweeps them.
     """
 
-    unit: Float[Tensor, " d_model"]
+    unit: Float[Tensor, " d_model"] | Float[Tensor, "rows d_model"]
+    """One direction, or one per row (``rows x d_model``, stream mode only)."""
     layers: tuple[int, ...] | None = None
     value: float | Tensor = 0.0
     strength: float | Tensor = 1.0
@@ -255,7 +256,14 @@ def clamp(
         raise ConfigError(f"unknown ablation mode {mode!r}: choose stream or weights")
     if isinstance(directions, DirectionSet) and direction_layer is None:
         raise ConfigError("ablation with a DirectionSet needs direction_layer=")
-    unit_vector = _direction_vector(directions, direction_layer or 0, position, "unit")
+    if isinstance(directions, Tensor) and directions.ndim == 2:
+        # One direction per row: a batch compares several directions in one pass.
+        if mode != "stream":
+            raise ConfigError("one direction per row needs mode='stream'")
+        rows = directions.float()
+        unit_vector = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    else:
+        unit_vector = _direction_vector(directions, direction_layer or 0, position, "unit")
     target = _as_alpha(value)
     if mode == "weights" and not (isinstance(target, float) and target == 0.0):
         raise ConfigError("mode='weights' supports ablation (value 0) only: use mode='stream'")
@@ -274,16 +282,19 @@ _PER_ROW_FIELDS = {Addition: ("alpha",), Ablation: ("value", "strength")}
 
 def _per_row(intervention: Intervention) -> dict[str, Tensor]:
     names = _PER_ROW_FIELDS[type(intervention)]
-    return {name: getattr(intervention, name) for name in names if isinstance(getattr(intervention, name), Tensor)}
+    fields = {name: getattr(intervention, name) for name in names if isinstance(getattr(intervention, name), Tensor)}
+    if isinstance(intervention, Ablation) and intervention.unit.ndim == 2:
+        fields["unit"] = intervention.unit
+    return fields
 
 
 def check_rows(interventions: Sequence[Intervention], n_rows: int) -> None:
     """Raise ConfigError unless every per-row coefficient list has exactly ``n_rows`` values."""
     for intervention in interventions:
         for name, values in _per_row(intervention).items():
-            if values.numel() != n_rows:
+            if values.shape[0] != n_rows:
                 raise ConfigError(
-                    f"{values.numel()} per-row values of {name} for {n_rows} prompts: give one "
+                    f"{values.shape[0]} per-row values of {name} for {n_rows} prompts: give one "
                     "value per prompt"
                 )
 
@@ -293,7 +304,7 @@ def repeat_rows(interventions: Sequence[Intervention], counts: Sequence[int]) ->
     check_rows(interventions, len(counts))
     repeats = torch.tensor(list(counts))
     return [
-        replace(intervention, **{name: values.repeat_interleave(repeats) for name, values in _per_row(intervention).items()})  # type: ignore[arg-type]
+        replace(intervention, **{name: values.repeat_interleave(repeats, dim=0) for name, values in _per_row(intervention).items()})  # type: ignore[arg-type]
         for intervention in interventions
     ]
 
@@ -360,7 +371,17 @@ def _apply_projection(
     state: PositionState,
 ) -> Tensor:
     direction = unit.like(act)
-    component = (act @ direction).unsqueeze(-1)
+    if direction.ndim == 2:  # one direction per row
+        direction = direction[state.rows]
+        if direction.shape[0] != act.shape[0]:
+            raise ConfigError(
+                f"{unit.tensor.shape[0]} per-row directions do not fit a batch of {act.shape[0]} "
+                "rows: give one direction per prompt"
+            )
+        direction = direction.unsqueeze(1)
+        component = (act * direction).sum(-1, keepdim=True)
+    else:
+        component = (act @ direction).unsqueeze(-1)
     delta = _rows(strength, state, act) * (_rows(value, state, act) - component) * direction
     if mask is not None:
         delta = delta * mask.to(act.dtype)
@@ -448,9 +469,9 @@ def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state:
             else:
                 scope.on_output(block, edit)
         return
-    if intervention.unit.shape[0] != model.d_model:
+    if intervention.unit.shape[-1] != model.d_model:
         raise DirectionMismatchError(
-            f"the direction has d_model {intervention.unit.shape[0]} but the model has "
+            f"the direction has d_model {intervention.unit.shape[-1]} but the model has "
             f"{model.d_model}: extract directions for this model"
         )
     candidate_layers = range(model.n_layers) if intervention.layers is None else intervention.layers

@@ -46,7 +46,7 @@ from refusal_dir.config import Config
 from refusal_dir.directions import DirectionSet, compute_directions, weights_fingerprint
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.evaluation import judges, metrics, stats
-from refusal_dir.evaluation.selection import LayerEffect, layer_effects, select_by_effect
+from refusal_dir.evaluation.selection import LayerEffect, choose_layer, layer_effects
 from refusal_dir.generation import GenerationSettings, generate, next_token_logits
 from refusal_dir.interventions import Intervention, ablation, addition
 from refusal_dir.model import HookedModel, load_model
@@ -354,6 +354,8 @@ class Extraction:
     honesty_key: str | None = None
     honesty_selected: LayerScore | None = None
     effects: tuple[LayerEffect, ...] = ()
+    selection: dict[str, Any] | None = None
+    """Which rule chose the layer (:meth:`LayerSelection.as_record`); None: by separation."""
 
     @property
     def steering_set(self) -> DirectionSet:
@@ -462,6 +464,7 @@ def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress
         scores[key], n_layers=model.n_layers, max_layer_fraction=config.extraction.max_layer_fraction
     )
     effects: list[LayerEffect] = []
+    selection: dict[str, Any] | None = None
     if config.extraction.selection == "effect":
         _, heldout = split_pairs(datasets.refusal_pairs, config)
         effects = layer_effects(
@@ -474,8 +477,12 @@ def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress
             site=config.extraction.site,
             batch_size=config.extraction.batch_size,
             max_candidates=config.extraction.selection_candidates,
+            max_prompts=config.extraction.selection_prompts,
+            progress=progress,
         )
-        chosen = select_by_effect(effects, max_kl=config.extraction.max_kl)
+        choice = choose_layer(effects, max_kl=config.extraction.max_kl)
+        selection = choice.as_record()
+        chosen = choice.chosen
         selected = next(
             s for s in scores[key] if s.layer == chosen.layer and s.position == chosen.position
         )
@@ -491,7 +498,9 @@ def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress
             scores[honesty_key], n_layers=model.n_layers,
             max_layer_fraction=config.extraction.max_layer_fraction,
         )
-    return Extraction(sets, scores, key, selected, honesty_key, honesty_selected, tuple(effects))
+    return Extraction(
+        sets, scores, key, selected, honesty_key, honesty_selected, tuple(effects), selection
+    )
 
 
 def save_extraction(extraction: Extraction, directory: Path, *, key: str | None = None) -> None:
@@ -520,6 +529,8 @@ def save_extraction(extraction: Extraction, directory: Path, *, key: str | None 
         **extraction.selected.as_row(),
         "rule": "effect" if extraction.effects else "separation",
     }
+    if extraction.selection is not None:
+        selected["selection"] = extraction.selection
     if extraction.honesty_key and extraction.honesty_selected:
         selected["honesty"] = {"set": extraction.honesty_key, **extraction.honesty_selected.as_row()}
     if key is not None:
@@ -664,6 +675,7 @@ def load_extraction(directory: Path, *, model: HookedModel | None = None) -> Ext
         honesty_key=honesty["set"] if honesty else None,
         honesty_selected=pick(honesty, where) if honesty else None,
         effects=tuple(effects),
+        selection=selected.get("selection") if isinstance(selected.get("selection"), dict) else None,
     )
 
 
@@ -1123,6 +1135,22 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
             f"(held-out separation accuracy {s.separation_accuracy:.2f}, AUROC {s.auroc:.2f}).",
             "",
         ]
+        if extraction.effects:
+            from refusal_dir.evaluation.selection import effects_table
+
+            chosen = next(
+                (e for e in extraction.effects if (e.layer, e.position) == (s.layer, s.position)), None
+            )
+            rule = (extraction.selection or {}).get("description", "effect")
+            lines += [
+                f"Layer selection rule that fired: {rule}. Every candidate, measured on the "
+                "held-out extraction pairs (`*`: selected; also in `directions/layer_effects.csv`):",
+                "",
+                "```",
+                effects_table(extraction.effects, selected=chosen),
+                "```",
+                "",
+            ]
     lines += [
         "Rates are means over prompts with 95% bootstrap confidence intervals. `addition`: alpha x "
         "the raw mean-difference vector added at the layer; `ablation`: directional ablation of "

@@ -287,6 +287,7 @@ def refusal_score(
     refusal_tokens: Sequence[int] | None = None,
     batch_size: int = 16,
     apply_chat_template: bool = True,
+    progress: bool = False,
 ) -> Float[Tensor, " prompts"]:
     """Arditi et al.'s refusal score at the first answer position, per prompt (float64).
 
@@ -326,6 +327,7 @@ def refusal_score(
         interventions=interventions,
         batch_size=batch_size,
         apply_chat_template=apply_chat_template,
+        progress=progress,
         reduce=score,
     )
 

@@ -1,12 +1,12 @@
 """Choose the steering layer by what the direction does, not only by how well it separates.
 
 A direction can separate harmful from harmless prompts and still be useless or destructive to
-steer with: on Gemma 3 270M the best-separating late layer carries a large component shared by
-all prompts, and ablating it breaks generation. Following Arditi et al. (2024), every candidate
-(position, layer) in the first ``max_layer_fraction`` of the layers is tried on validation
-prompts (the held-out pairs, never the evaluation sets), all candidates in one batched pass.
-To bound the cost, only the ``max_candidates`` best-separating eligible candidates are tried, on
-at most ``max_prompts`` prompts of each kind:
+steer with. On a real chat model (Qwen2.5-Coder-0.5B-Instruct) separation accuracy is 1.0 at
+most layers, and the early layer whose ablation barely changes harmless outputs does nothing to
+refusal, while the layers that remove refusal move harmless outputs a little more. Following
+Arditi et al. (2024), every candidate (position, layer) in the first ``max_layer_fraction`` of
+the layers is tried on validation prompts (the held-out extraction pairs, never the evaluation
+sets), all candidates in one batched pass, on at most ``max_prompts`` prompts of each kind:
 
 * ``ablation_kl``: KL(unsteered || ablated) of the next-token distribution on harmless prompts;
 * ``bypass``: how much ablating the direction at every layer lowers the refusal score on harmful
@@ -14,16 +14,27 @@ at most ``max_prompts`` prompts of each kind:
 * ``induce``: how much adding ``alpha`` x the raw direction at that layer raises the refusal
   score on harmless prompts (higher is better).
 
-Rule (:func:`select_by_effect`): keep the candidates whose ``ablation_kl <= max_kl``; if none
-qualifies keep the quarter with the lowest KL; among them take the largest ``bypass + induce``,
-ties broken by separation accuracy.
+Rule (:func:`choose_layer`), every step recorded in the :class:`LayerSelection` it returns:
+
+1. A candidate **works** when ablation lowers and addition raises the refusal score
+   (``bypass > 0`` and ``induce > 0``).
+2. Among working candidates with ``ablation_kl <= max_kl``, take the largest
+   ``bypass + induce`` (ties: separation accuracy, then the earlier layer). Rule ``within-kl``.
+3. If no working candidate is within ``max_kl``, the KL budget is doubled until one is, and the
+   same choice is made within that budget. Rule ``kl-relaxed`` (the budget used is recorded):
+   the lowest-KL working layers, best steering score among them.
+4. If no candidate works at all, the largest ``bypass + induce`` overall is taken and a warning
+   is logged. Rule ``none-works``: the direction does not steer this model at any layer tried.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+import torch
 
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DataError
@@ -32,6 +43,8 @@ from refusal_dir.generation import next_token_logits
 from refusal_dir.interventions import Intervention, ablation, addition
 from refusal_dir.model import HookedModel
 from refusal_dir.scoring import LayerScore
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,8 +79,9 @@ def layer_effects(
     alpha: float = 1.0,
     site: str = "resid_pre",
     batch_size: int = 16,
-    max_candidates: int | None = 6,
+    max_candidates: int | None = None,
     max_prompts: int = 16,
+    progress: bool = False,
 ) -> list[LayerEffect]:
     """Ablation KL, bypass and induce scores of every eligible candidate, batched."""
     if not harmful or not harmless:
@@ -91,12 +105,12 @@ def layer_effects(
     def rows(items: Sequence[str]) -> list[str]:
         return [item for _ in candidates for item in items]
 
-    # Candidate i acts on its own block of rows only: a one-hot per-row coefficient per candidate.
+    # Candidate i acts on its own block of rows only: its direction on those rows (one ablation
+    # with a direction per row), and a one-hot per-row coefficient for its addition.
+    units = torch.stack([directions.unit(c.layer, c.position) for c in candidates])
+
     def ablate(items: Sequence[str]) -> list[Intervention]:
-        return [
-            ablation(directions, direction_layer=c.layer, position=c.position, strength=_one_hot_rows(n, len(items), i))
-            for i, c in enumerate(candidates)
-        ]
+        return [ablation(units.repeat_interleave(len(items), dim=0))]
 
     def add(items: Sequence[str]) -> list[Intervention]:
         return [
@@ -107,9 +121,10 @@ def layer_effects(
     base_harmful = refusal_score(model, harmful, batch_size=batch_size)
     base_harmless_logits = next_token_logits(model, harmless, batch_size=batch_size)
     base_harmless = refusal_score(model, harmless, batch_size=batch_size)
-    ablated_harmful = refusal_score(model, rows(harmful), interventions=ablate(harmful), batch_size=batch_size)
-    ablated_harmless = next_token_logits(model, rows(harmless), interventions=ablate(harmless), batch_size=batch_size)
-    added_harmless = refusal_score(model, rows(harmless), interventions=add(harmless), batch_size=batch_size)
+    batched = {"batch_size": batch_size, "progress": progress}
+    ablated_harmful = refusal_score(model, rows(harmful), interventions=ablate(harmful), **batched)
+    ablated_harmless = next_token_logits(model, rows(harmless), interventions=ablate(harmless), **batched)
+    added_harmless = refusal_score(model, rows(harmless), interventions=add(harmless), **batched)
     kl = kl_from_logits(base_harmless_logits.repeat(n, 1), ablated_harmless)
     effects = []
     for i, candidate in enumerate(candidates):
@@ -128,17 +143,72 @@ def layer_effects(
     return effects
 
 
-def select_by_effect(effects: Sequence[LayerEffect], *, max_kl: float = 0.1) -> LayerEffect:
-    """The candidate chosen by the documented rule (module docstring)."""
+@dataclass(frozen=True)
+class LayerSelection:
+    """The candidate :func:`choose_layer` picked, and which step of its rule fired."""
+
+    chosen: LayerEffect
+    rule: str
+    """``within-kl``, ``kl-relaxed`` or ``none-works`` (module docstring)."""
+    kl_budget: float
+    """The KL limit the choice was made within (``max_kl``, or the relaxed budget)."""
+    max_kl: float
+    n_working: int
+
+    def describe(self) -> str:
+        if self.rule == "within-kl":
+            return (
+                f"within-kl: largest bypass + induce among the {self.n_working} working layers "
+                f"(bypass > 0, induce > 0) with ablation KL <= {self.max_kl:g}"
+            )
+        if self.rule == "kl-relaxed":
+            return (
+                f"kl-relaxed: no working layer (bypass > 0, induce > 0) has ablation KL <= "
+                f"{self.max_kl:g}; budget doubled to {self.kl_budget:g}, largest bypass + induce "
+                "within it"
+            )
+        return "none-works: no layer has bypass > 0 and induce > 0; largest bypass + induce overall"
+
+    def as_record(self) -> dict[str, object]:
+        return {
+            "rule": self.rule,
+            "kl_budget": self.kl_budget,
+            "max_kl": self.max_kl,
+            "n_working": self.n_working,
+            "description": self.describe(),
+        }
+
+
+def _best(effects: Sequence[LayerEffect]) -> LayerEffect:
+    return max(effects, key=lambda e: (e.steering_score, e.separation_accuracy, -e.layer))
+
+
+def choose_layer(effects: Sequence[LayerEffect], *, max_kl: float = 0.1) -> LayerSelection:
+    """The candidate chosen by the documented rule (module docstring), with the rule that fired."""
     if not effects:
         raise DataError("no layer effects to select from")
-    if not max_kl > 0:
-        raise ConfigError(f"max_kl must be > 0, got {max_kl}")
-    eligible = [e for e in effects if e.ablation_kl <= max_kl]
-    if not eligible:
-        ranked = sorted(effects, key=lambda e: e.ablation_kl)
-        eligible = ranked[: max(1, len(ranked) // 4)]
-    return max(eligible, key=lambda e: (e.steering_score, e.separation_accuracy, -e.layer))
+    if not max_kl > 0 or not math.isfinite(max_kl):
+        raise ConfigError(f"extraction.max_kl must be a positive number, got {max_kl}")
+    working = [e for e in effects if e.bypass > 0 and e.induce > 0]
+    if not working:
+        logger.warning(
+            "no candidate layer has bypass > 0 and induce > 0: the refusal direction does not "
+            "steer this model at the layers tried; taking the largest bypass + induce"
+        )
+        return LayerSelection(_best(effects), "none-works", math.inf, max_kl, 0)
+    finite = [e for e in working if math.isfinite(e.ablation_kl)]
+    if not finite:  # KL cannot rank them
+        return LayerSelection(_best(working), "kl-relaxed", math.inf, max_kl, len(working))
+    budget, rule = max_kl, "within-kl"
+    while not any(e.ablation_kl <= budget for e in finite):
+        budget, rule = budget * 2, "kl-relaxed"
+    within = [e for e in finite if e.ablation_kl <= budget]
+    return LayerSelection(_best(within), rule, budget, max_kl, len(working))
+
+
+def select_by_effect(effects: Sequence[LayerEffect], *, max_kl: float = 0.1) -> LayerEffect:
+    """The candidate :func:`choose_layer` picks."""
+    return choose_layer(effects, max_kl=max_kl).chosen
 
 
 def effects_table(effects: Sequence[LayerEffect], *, selected: LayerEffect | None = None) -> str:

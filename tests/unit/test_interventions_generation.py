@@ -79,6 +79,30 @@ def test_per_row_alpha_equals_separate_calls(tiny_model, vector) -> None:
     assert texts == one_by_one
 
 
+def test_one_ablation_direction_per_row_equals_separate_ablations(tiny_model, vector) -> None:
+    generator = torch.Generator().manual_seed(5)
+    directions = torch.randn(len(PROMPTS), tiny_model.d_model, generator=generator)
+    together = next_token_logits(
+        tiny_model, PROMPTS, interventions=[ablation(directions, strength=[1.0, 0.5, 1.0, 2.0])], batch_size=3
+    )
+    separate = torch.cat([
+        next_token_logits(tiny_model, [p], interventions=[ablation(d, strength=s)])
+        for p, d, s in zip(PROMPTS, directions, [1.0, 0.5, 1.0, 2.0])
+    ])
+    torch.testing.assert_close(together, separate, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together, next_token_logits(tiny_model, PROMPTS), atol=1e-3)
+    # Under the KV cache too: batched generation equals one prompt at a time.
+    texts = generate(tiny_model, PROMPTS, interventions=[ablation(directions)], settings=SHORT, progress=False)
+    assert texts == [
+        generate(tiny_model, [p], interventions=[ablation(d)], settings=SHORT, progress=False)[0]
+        for p, d in zip(PROMPTS, directions)
+    ]
+    with pytest.raises(ConfigError, match="3 per-row values of unit for 4 prompts"):
+        next_token_logits(tiny_model, PROMPTS, interventions=[ablation(directions[:3])])
+    with pytest.raises(ConfigError, match="mode='stream'"):
+        ablation(directions, mode="weights")
+
+
 def test_batched_generation_equals_one_at_a_time(tiny_model) -> None:
     batched = generate(tiny_model, PROMPTS, settings=SHORT, progress=False)
     single = [generate(tiny_model, [p], settings=SHORT, progress=False)[0] for p in PROMPTS]

@@ -10,7 +10,6 @@ import pytest
 from refusal_dir.cli import main
 from refusal_dir.config import Config, config_from_dict, load_config
 from refusal_dir.errors import ConfigError, OutputDirError
-from refusal_dir.evaluation.selection import LayerEffect, select_by_effect
 from refusal_dir.pipeline import (
     SweepContext,
     extract,
@@ -58,17 +57,6 @@ def test_default_config_loads_and_validates() -> None:
 def test_bad_config_values_name_the_field(raw, message) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
-
-
-def test_select_by_effect_rule() -> None:
-    effects = [
-        LayerEffect("last", 1, 0.9, ablation_kl=0.05, bypass=1.0, induce=0.5),
-        LayerEffect("last", 2, 0.8, ablation_kl=0.02, bypass=2.0, induce=1.0),
-        LayerEffect("last", 3, 1.0, ablation_kl=0.50, bypass=9.0, induce=9.0),  # too destructive
-    ]
-    assert select_by_effect(effects, max_kl=0.1).layer == 2
-    # When nothing passes the KL limit, the least destructive quarter is kept.
-    assert select_by_effect(effects, max_kl=0.01).layer == 2
 
 
 @pytest.fixture(scope="module")

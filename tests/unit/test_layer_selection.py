@@ -1,0 +1,97 @@
+"""The effect-based layer selection rule (``refusal_dir.evaluation.selection``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from refusal_dir.config import load_config
+from refusal_dir.evaluation.selection import LayerEffect, choose_layer, select_by_effect
+from refusal_dir.pipeline import extract, load_datasets, load_extraction, prepare_output_dir
+from refusal_dir.testing import make_tiny_model
+
+
+def _effect(layer: int, kl: float, bypass: float, induce: float, sep: float = 1.0) -> LayerEffect:
+    return LayerEffect("last", layer, sep, ablation_kl=kl, bypass=bypass, induce=induce)
+
+
+# What Qwen2.5-Coder-0.5B-Instruct showed (issue #14): the only layer under KL 0.1 makes refusal
+# *more* likely when ablated; the layers that remove refusal have KL 0.15-0.23.
+QWEN_LIKE = [
+    _effect(5, 0.03, bypass=-0.14, induce=0.11),
+    _effect(13, 0.23, bypass=2.4, induce=2.1),
+    _effect(15, 0.15, bypass=2.2, induce=2.5),
+    _effect(17, 0.19, bypass=3.0, induce=2.9),
+    _effect(18, 0.45, bypass=4.0, induce=3.5),
+]
+
+
+def test_a_layer_that_does_not_steer_is_never_chosen_for_its_low_kl() -> None:
+    choice = choose_layer(QWEN_LIKE, max_kl=0.1)
+    # Budget 0.1 -> 0.2 (layers 15 and 17 fit), best bypass + induce among them: 17.
+    assert (choice.chosen.layer, choice.rule, choice.kl_budget) == (17, "kl-relaxed", 0.2)
+    assert choice.n_working == 4
+    assert "0.2" in choice.describe() and "kl-relaxed" in choice.describe()
+    assert select_by_effect(QWEN_LIKE, max_kl=0.1).layer == 17
+
+
+def test_within_the_kl_budget_the_best_steering_layer_wins() -> None:
+    effects = [
+        _effect(1, 0.05, bypass=1.0, induce=0.5),
+        _effect(2, 0.02, bypass=2.0, induce=1.0),
+        _effect(3, 0.50, bypass=9.0, induce=9.0),  # steers hardest, too destructive
+        _effect(4, 0.01, bypass=5.0, induce=-0.1),  # addition lowers refusal: does not work
+    ]
+    choice = choose_layer(effects, max_kl=0.1)
+    assert (choice.chosen.layer, choice.rule, choice.kl_budget) == (2, "within-kl", 0.1)
+    # A budget large enough to hold layer 3 picks it.
+    assert choose_layer(effects, max_kl=1.0).chosen.layer == 3
+
+
+def test_when_no_layer_works_the_rule_says_so() -> None:
+    effects = [_effect(1, 0.01, bypass=-0.5, induce=1.0), _effect(2, 0.02, bypass=0.4, induce=-1.0)]
+    choice = choose_layer(effects, max_kl=0.1)
+    assert (choice.chosen.layer, choice.rule, choice.n_working) == (1, "none-works", 0)
+
+
+def test_nan_kl_does_not_hang_the_relaxation() -> None:
+    effects = [_effect(1, math.nan, bypass=1.0, induce=1.0), _effect(2, math.inf, bypass=2.0, induce=1.0)]
+    choice = choose_layer(effects, max_kl=0.1)
+    assert (choice.chosen.layer, choice.rule) == (2, "kl-relaxed")
+
+
+def test_selection_tries_every_eligible_layer_and_records_the_rule(tmp_path) -> None:
+    # Ten layers: the old default tried only the 6 best-separating ones.
+    model_dir = make_tiny_model(tmp_path / "ten", n_layers=10, seed=3)
+    config = load_config().with_overrides(
+        {
+            "model.name": str(model_dir),
+            "extraction.methods": ("mean_diff",),
+            "extraction.sites": ("resid_pre",),
+            "extraction.selection_prompts": 4,
+            "evaluation.honesty": False,
+        }
+    )
+    from refusal_dir.model import load_model
+
+    model = load_model(str(model_dir), device="cpu", with_bridge=False)
+    output = prepare_output_dir(tmp_path / "out", config)
+    extraction = extract(model, config, load_datasets(config), output, progress=False)
+    # resid_pre at layer 0 is the embedding of the last template token: the same for every
+    # prompt, so its direction is zero and it cannot steer.
+    assert sorted(e.layer for e in extraction.effects) == list(range(1, 8))
+    assert extraction.selection is not None
+    assert extraction.selection["rule"] in ("within-kl", "kl-relaxed", "none-works")
+    reloaded = load_extraction(output / "directions", model=model)
+    assert reloaded.selection == extraction.selection
+    chosen = choose_layer(extraction.effects, max_kl=config.extraction.max_kl)
+    assert (extraction.selected.layer, extraction.selection["rule"]) == (chosen.chosen.layer, chosen.rule)
+
+
+@pytest.mark.parametrize("max_kl", [0.0, -1.0, math.inf])
+def test_bad_kl_budget_is_refused(max_kl: float) -> None:
+    from refusal_dir.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_kl"):
+        choose_layer(QWEN_LIKE, max_kl=max_kl)
