@@ -4,7 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export REFUSAL_DIR_CACHE ?= $(CURDIR)/.cache/refusal_dir
-RUN_DIR ?= outputs/gemma-3-270m-offline
+# The main job's model: the offline instruction model (it refuses), converted once into the cache.
+RUN_MODEL ?= qwen2.5-coder-0.5b-instruct-offline
+RUN_DIR ?= outputs/$(RUN_MODEL)
+# The CPU default: about 15 minutes on 2 cores. On a GPU, the full grid of configs/default.yaml:
+#   make run RUN_ARGS=""
+RUN_ARGS ?= --max-eval-prompts 24 --alphas -1 0 1 4 --max-new-tokens 96 --no-honesty
 
 # torch is pinned and installed first: an unpinned torch pulls several GB of CUDA packages.
 TORCH ?= torch==2.13.0
@@ -27,8 +32,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 run: setup
-	$(BIN)/refusal-dir run --model gemma-3-270m-offline --output-dir $(RUN_DIR) \
-		--max-eval-prompts 40 --max-new-tokens 32
+	$(BIN)/refusal-dir run --model $(RUN_MODEL) --output-dir $(RUN_DIR) $(RUN_ARGS)
 
 test: setup
 	REFUSAL_DIR_TEST_CACHE=$(CURDIR)/.cache/test $(BIN)/python -m pytest -q

