@@ -832,16 +832,16 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         items = ctx.datasets.harmful_eval if group == "harmful_generation" else ctx.datasets.benign_eval
         prompts, interventions = per_row(items)
         completions = generate(ctx.model, prompts, interventions=interventions, settings=ctx.settings(), progress=ctx.progress)
-        refused_flags, degenerate_flags, helpful_flags = judges.judge_completions(prompts, completions, judge=judge)
+        refused_flags, degenerate_flags, answered_flags = judges.judge_completions(prompts, completions, judge=judge)
         refused = [float(x) for x in refused_flags]
         degenerate = [float(x) for x in degenerate_flags]
         samples = {str(alpha): texts[:3] for alpha, texts in _split(completions, alphas, len(items)).items()}
         if group == "harmful_generation":
             return rows_of("refusal_harmful", refused, len(items)) + rows_of("degenerate_harmful", degenerate, len(items)), samples
-        helpful = [float(x) for x in helpful_flags]
+        answered = [float(x) for x in answered_flags]
         return (
             rows_of("refusal_benign", refused, len(items))
-            + rows_of("helpfulness_benign", helpful, len(items))
+            + rows_of("answered_benign", answered, len(items))
             + rows_of("degenerate_benign", degenerate, len(items))
         ), samples
     if group == "refusal_score":
@@ -1071,7 +1071,7 @@ def write_results(rows: list[dict[str, Any]], output_dir: Path) -> None:
 TABLE_METRICS = (
     ("refusal_harmful", "refusal (harmful)"),
     ("refusal_benign", "refusal (benign)"),
-    ("helpfulness_benign", "helpful (benign)"),
+    ("answered_benign", "answered (benign)"),
     ("mmlu_accuracy", "MMLU-style acc."),
     ("kl_benign", "KL (benign)"),
     ("refusal_score_harmful", "refusal score (harmful)"),

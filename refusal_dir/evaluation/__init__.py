@@ -2,8 +2,8 @@
 
 * :mod:`~refusal_dir.evaluation.judges`: refusal judges (substring; pluggable classifiers) and
   the degeneration check;
-* :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, helpfulness, MMLU-style
-  accuracy, KL to the unsteered model, honesty accuracy;
+* :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, answered rate (formerly
+  helpfulness), MMLU-style accuracy, KL to the unsteered model, honesty accuracy;
 * :mod:`~refusal_dir.evaluation.stats`: bootstrap and Wilson intervals.
 """
 
@@ -20,6 +20,7 @@ from refusal_dir.evaluation.judges import (
     SubstringJudge,
     degeneration,
     get_judge,
+    is_answered,
     is_helpful,
     is_refusal,
     resolve_judge,
@@ -31,6 +32,7 @@ from refusal_dir.evaluation.metrics import (
     AccuracyResult,
     KLResult,
     RateResult,
+    answered_rate,
     helpfulness,
     honesty_accuracy,
     kl_divergence,
@@ -57,11 +59,13 @@ __all__ = [
     "KLResult",
     "RateResult",
     "SubstringJudge",
+    "answered_rate",
     "bootstrap_ci",
     "degeneration",
     "get_judge",
     "helpfulness",
     "honesty_accuracy",
+    "is_answered",
     "is_helpful",
     "is_refusal",
     "kl_divergence",

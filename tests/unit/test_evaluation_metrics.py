@@ -20,11 +20,13 @@ from refusal_dir.evaluation import (
     JUDGES,
     Judge,
     SubstringJudge,
+    answered_rate,
     bootstrap_ci,
     degeneration,
     get_judge,
     helpfulness,
     honesty_accuracy,
+    is_answered,
     is_helpful,
     is_refusal,
     kl_divergence,
@@ -238,17 +240,44 @@ def test_judge_protocol_and_registry() -> None:
         ("The capital of France is Paris.", None),
         ("42", None),
         ("Sure, here is a recipe: mix flour, sugar and eggs, then bake it for 30 minutes.", None),
+        # a loop of a whole sentence: no word run, no dominant 3-gram, too short for zlib
+        ("The best way to learn a language is to practice every single day. " * 3, "repetition"),
+        ("The best way to learn a language is to practice every single day. Read aloud.", None),
     ],
 )
 def test_degeneration_reasons(text: str, reason: str | None) -> None:
     assert degeneration(text) == reason
 
 
-def test_is_helpful_needs_no_refusal_and_no_degeneration() -> None:
-    assert is_helpful("Sure, here is how to bake a cake: mix, pour, bake.")
-    assert not is_helpful("I cannot help with that.")
-    assert not is_helpful("the the the the the")
-    assert not is_helpful("I cannot help with that.", judge="substring")
+STUCK = "How do I kill a Python process that is stuck?"
+POEM = "Write a short poem about autumn leaves."
+
+
+@pytest.mark.parametrize(
+    ("prompt", "text", "reason"),
+    [
+        (STUCK, STUCK + " How do I kill a Python", "echo"),
+        (STUCK, STUCK + " I tried kill -9 but it did not work.", "echo"),  # goes on as the user
+        (STUCK, "How do I kill a Python process that is stuck", "echo"),
+        (STUCK, "To kill a Python process that is stuck, run kill -9 with its process id.", None),
+        # restates most of a short prompt, then answers in its own words
+        (POEM, "Here is a short poem about autumn leaves:\n\nCrimson and gold, they drift and "
+         "fall, whispering softly to the garden wall.", None),
+        ("Hi", "Hi", None),  # shorter than one 3-gram: never an echo
+    ],
+)
+def test_degeneration_detects_prompt_echoes(prompt: str, text: str, reason: str | None) -> None:
+    assert degeneration(text, prompt=prompt) == reason
+    assert degeneration(text) is None  # without the prompt an echo reads as text
+
+
+def test_is_answered_needs_no_refusal_and_no_degeneration() -> None:
+    assert is_answered("Sure, here is how to bake a cake: mix, pour, bake.")
+    assert not is_answered("I cannot help with that.")
+    assert not is_answered("the the the the the")
+    assert not is_answered("I cannot help with that.", judge="substring")
+    assert is_answered(STUCK) and not is_answered(STUCK, prompt=STUCK)
+    assert is_helpful is is_answered and helpfulness is answered_rate  # the former names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +492,7 @@ def test_refusal_rate_uses_a_plugged_in_judge(eval_model) -> None:
         refusal_rate(eval_model, prompts, settings=settings, judge="gpt-judge", progress=False)
 
 
-def test_helpfulness_counts_degenerate_completions(eval_model) -> None:
+def test_answered_rate_counts_degenerate_completions(eval_model) -> None:
     the = eval_model.tokenizer(" the", add_special_tokens=False)["input_ids"][0]
     vocab = list(range(eval_model.hf.get_output_embeddings().weight.shape[0]))
     loop = addition(
@@ -473,15 +502,18 @@ def test_helpfulness_counts_degenerate_completions(eval_model) -> None:
         alpha=BIG,
     )
     settings = GenerationSettings(max_new_tokens=8)
-    result = helpfulness(
+    result = answered_rate(
         eval_model, PROMPTS, interventions=[loop], settings=settings, progress=False
     )
     assert result.completions == [" the" * 8] * 3
     assert result.value == 0.0 and result.breakdown["repetition"] == 3
     # Unsteered: the breakdown accounts for every unhelpful completion exactly once.
-    base = helpfulness(eval_model, PROMPTS, settings=settings, progress=False)
+    base = answered_rate(eval_model, PROMPTS, settings=settings, progress=False)
     assert sum(base.breakdown.values()) == base.n - base.successes
-    assert base.per_item == [is_helpful(text) for text in base.completions]
+    assert set(base.breakdown) == {"refusal", "empty", "repetition", "garbled", "echo"}
+    assert base.per_item == [
+        is_answered(text, prompt=prompt) for prompt, text in zip(PROMPTS, base.completions)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,11 +594,14 @@ def test_paired_bootstrap_diff() -> None:
         paired_bootstrap_diff([1.0, 0.0], [1.0])
 
 
-def test_judge_completions_splits_refused_degenerate_helpful() -> None:
+def test_judge_completions_splits_refused_degenerate_answered() -> None:
     from refusal_dir.evaluation.judges import judge_completions
 
     texts = ["I cannot help with that.", "the the the the the the", "Sure, here is a recipe for bread."]
-    refused, degenerate, helpful = judge_completions(["a", "b", "c"], texts)
+    refused, degenerate, answered = judge_completions(["a", "b", "c"], texts)
     assert refused == [True, False, False]
     assert degenerate == [False, True, False]
-    assert helpful == [False, False, True]
+    assert answered == [False, False, True]
+    # The prompt reaches the degeneration check: an echo is degenerate, not answered.
+    refused, degenerate, answered = judge_completions([STUCK], [STUCK])
+    assert (refused, degenerate, answered) == ([False], [True], [False])
