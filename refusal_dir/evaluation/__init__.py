@@ -4,7 +4,8 @@
   the degeneration check;
 * :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, answered rate (formerly
   helpfulness), MMLU-style accuracy, KL to the unsteered model, honesty accuracy;
-* :mod:`~refusal_dir.evaluation.stats`: bootstrap and Wilson intervals.
+* :mod:`~refusal_dir.evaluation.stats`: Wilson intervals for rates, bootstrap intervals for
+  means and paired differences.
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ from refusal_dir.evaluation.metrics import (
     refusal_score,
     refusal_token_ids,
 )
-from refusal_dir.evaluation.stats import bootstrap_ci, paired_bootstrap_diff, wilson_interval
+from refusal_dir.evaluation.stats import (
+    bootstrap_ci,
+    mean_interval,
+    paired_bootstrap_diff,
+    wilson_interval,
+)
 
 __all__ = [
     "DEFAULT_REFUSAL_STARTS",
@@ -71,6 +77,7 @@ __all__ = [
     "kl_divergence",
     "kl_from_logits",
     "letter_token_ids",
+    "mean_interval",
     "mmlu_accuracy",
     "paired_bootstrap_diff",
     "refusal_rate",

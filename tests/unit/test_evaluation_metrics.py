@@ -32,6 +32,7 @@ from refusal_dir.evaluation import (
     kl_divergence,
     kl_from_logits,
     letter_token_ids,
+    mean_interval,
     mmlu_accuracy,
     paired_bootstrap_diff,
     refusal_rate,
@@ -605,3 +606,14 @@ def test_judge_completions_splits_refused_degenerate_answered() -> None:
     # The prompt reaches the degeneration check: an echo is degenerate, not answered.
     refused, degenerate, answered = judge_completions([STUCK], [STUCK])
     assert (refused, degenerate, answered) == ([False], [True], [False])
+
+
+def test_mean_interval_is_wilson_for_rates_and_bootstrap_for_means() -> None:
+    ones = [1.0] * 12
+    assert mean_interval(ones, binary=True) == wilson_interval(12, 12)
+    assert mean_interval(ones, binary=True)[0] < 0.8  # the bootstrap would give (1.0, 1.0)
+    assert mean_interval([True, False, False, False], binary=True) == wilson_interval(1, 4)
+    spread = [0.1, 0.4, 0.2, 0.9]
+    assert mean_interval(spread, binary=False, seed=3) == bootstrap_ci(spread, seed=3)
+    with pytest.raises(DataError, match="binary=False"):
+        mean_interval(spread, binary=True)
