@@ -130,7 +130,7 @@ def mean_interval(
     """
     array = _as_values(values)
     if not binary:
-        return bootstrap_ci(array, n_resamples=n_resamples, confidence=confidence, seed=seed)
+        return bootstrap_ci(values, n_resamples=n_resamples, confidence=confidence, seed=seed)
     if not np.isin(array, (0.0, 1.0)).all():
         raise DataError("binary values must all be 0 or 1 (False or True): pass binary=False")
     return wilson_interval(int(array.sum()), int(array.size), confidence)
