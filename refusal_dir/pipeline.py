@@ -95,6 +95,9 @@ class Datasets:
     mmlu: list[MCQuestion]
     honesty_pairs: PairSet | None
     claims: list[Claim]
+    #: The category of each benign_eval prompt, when its source has them (the shipped set:
+    #: "lookalike" or a topic); None otherwise.
+    benign_categories: list[str] | None = None
 
     def content_hashes(self) -> dict[str, str | None]:
         """A short content hash of every prompt set (what the results depend on)."""
@@ -107,6 +110,7 @@ class Datasets:
             "refusal_pairs": self.refusal_pairs.content_hash(),
             "harmful_eval": digest(self.harmful_eval),
             "benign_eval": digest(self.benign_eval),
+            "benign_categories": digest(self.benign_categories),
             "mmlu": digest([[q.question, list(q.choices), q.answer] for q in self.mmlu]),
             "honesty_pairs": self.honesty_pairs.content_hash() if self.honesty_pairs else None,
             "claims": digest([[c.text, c.label] for c in self.claims]),
@@ -131,8 +135,34 @@ def _mmlu(source: str) -> list[MCQuestion]:
     return prompt_sets.load_mc_questions(source)
 
 
+def _categories(source: str, shipped: Callable[[], list[str]]) -> list[str] | None:
+    if source == "shipped":
+        return shipped()
+    if source.startswith("hub:"):
+        return None
+    return prompt_sets.load_categories(source)
+
+
+def _kept(keys: Sequence[str], categories: Sequence[str] | None, config: Config) -> list[int]:
+    """Which items ``data.max_eval_prompts`` keeps: all, or a seeded sample stratified by category."""
+    cap = config.data.max_eval_prompts
+    if cap is None:
+        return list(range(len(keys)))
+    return prompt_sets.stratified_sample(keys, categories, cap, seed=config.data.seed)
+
+
+def _pick(items: Sequence[Any], indices: Sequence[int]) -> list[Any]:
+    return [items[index] for index in indices]
+
+
 def load_datasets(config: Config) -> Datasets:
-    """Read every prompt set the config names (shipped sets, local files or hub sets)."""
+    """Read every prompt set the config names (shipped sets, local files or hub sets).
+
+    With ``data.max_eval_prompts``, each evaluation set keeps a sample of that many items,
+    seeded by ``data.seed`` and stratified by category (instructions' ``category`` field,
+    questions' subject, claims' label), so a cap keeps look-alike and ordinary benign prompts
+    in their proportions instead of the first lines of a file sorted by category.
+    """
     data = config.data
     pairs = (
         prompt_sets.refusal_pairs()
@@ -146,14 +176,20 @@ def load_datasets(config: Config) -> Datasets:
             if data.honesty_pairs == "shipped"
             else prompt_sets.load_pairs(data.honesty_pairs, positive_field="truthful", negative_field="sycophantic")
         )
-    cap = data.max_eval_prompts
+    harmful = _instructions(data.harmful_eval, prompt_sets.harmful_eval)
+    benign = _instructions(data.benign_eval, prompt_sets.benign_eval)
+    benign_categories = _categories(data.benign_eval, prompt_sets.benign_eval_categories)
+    benign_kept = _kept(benign, benign_categories, config)
+    mmlu = _mmlu(data.mmlu)
+    claims = prompt_sets.true_false_claims()
     return Datasets(
         refusal_pairs=pairs,
-        harmful_eval=_instructions(data.harmful_eval, prompt_sets.harmful_eval)[:cap],
-        benign_eval=_instructions(data.benign_eval, prompt_sets.benign_eval)[:cap],
-        mmlu=_mmlu(data.mmlu)[:cap],
+        harmful_eval=_pick(harmful, _kept(harmful, _categories(data.harmful_eval, prompt_sets.harmful_eval_categories), config)),
+        benign_eval=_pick(benign, benign_kept),
+        mmlu=_pick(mmlu, _kept([q.question for q in mmlu], [q.subject for q in mmlu], config)),
         honesty_pairs=honesty,
-        claims=prompt_sets.true_false_claims()[:cap],
+        claims=_pick(claims, _kept([c.text for c in claims], [str(c.label) for c in claims], config)),
+        benign_categories=None if benign_categories is None else _pick(benign_categories, benign_kept),
     )
 
 
@@ -814,12 +850,40 @@ def _split(values: Sequence[Any], alphas: Sequence[float], n: int) -> dict[float
     return {alpha: list(values[i * n : (i + 1) * n]) for i, alpha in enumerate(alphas)}
 
 
-def _subset(values_per_alpha: dict[float, list[Any]], keep: Sequence[bool]) -> dict[float, list[Any]]:
-    """The items where ``keep`` is True, at every alpha (``keep`` has one flag per item)."""
-    return {
-        alpha: [value for value, kept in zip(values, keep, strict=True) if kept]
-        for alpha, values in values_per_alpha.items()
+def _subgroup_rows(
+    values_per_alpha: dict[float, list[float]],
+    groups: Mapping[str, Sequence[bool]],
+    *,
+    method: str,
+    layer: int,
+    config: Config,
+) -> list[dict[str, Any]]:
+    """Rows of a rate over subgroups of the items: metric name -> one keep-flag per item.
+
+    An empty subgroup has no rows."""
+    rows: list[dict[str, Any]] = []
+    for metric, keep in groups.items():
+        if not any(keep):
+            continue
+        subset = {
+            alpha: [value for value, kept in zip(values, keep, strict=True) if kept]
+            for alpha, values in values_per_alpha.items()
+        }
+        rows += _rows_for(subset, method=method, layer=layer, metric=metric, binary=True, config=config)
+    return rows
+
+
+def _lookalike_rows(ctx: SweepContext, refused: dict[float, list[float]], *, method: str, layer: int) -> list[dict[str, Any]]:
+    """Over-refusal on benign prompts worded like harmful ones, and on the others, apart."""
+    categories = ctx.datasets.benign_categories
+    if categories is None or prompt_sets.LOOKALIKE_CATEGORY not in categories:
+        return []
+    lookalike = [category == prompt_sets.LOOKALIKE_CATEGORY for category in categories]
+    groups = {
+        "refusal_benign_lookalike": lookalike,
+        "refusal_benign_ordinary": [not flag for flag in lookalike],
     }
+    return _subgroup_rows(refused, groups, method=method, layer=layer, config=ctx.config)
 
 
 METRIC_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl", "honesty")
@@ -891,6 +955,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         answered = [float(x) for x in answered_flags]
         return (
             rows_of("refusal_benign", refused, len(items), binary=True)
+            + _lookalike_rows(ctx, _split(refused, alphas, len(items)), method=method, layer=layer)
             + rows_of("answered_benign", answered, len(items), binary=True)
             + rows_of("degenerate_benign", degenerate, len(items), binary=True)
         ), samples
@@ -950,15 +1015,7 @@ def _honesty_rows(ctx: SweepContext, method: str) -> list[dict[str, Any]]:
         "honesty_accuracy_true_claims": labels,
         "honesty_accuracy_false_claims": [not label for label in labels],
     }
-    return [
-        row
-        for name, keep in groups.items()
-        if any(keep)
-        for row in _rows_for(
-            _subset(correct, keep), method=f"honesty_{method}", layer=layer, metric=name,
-            binary=True, config=ctx.config,
-        )
-    ]
+    return _subgroup_rows(correct, groups, method=f"honesty_{method}", layer=layer, config=ctx.config)
 
 
 def _extraction_digest(extraction: Extraction) -> str:

@@ -11,6 +11,7 @@ from refusal_dir.cli import main
 from refusal_dir.config import Config, config_from_dict, load_config
 from refusal_dir.errors import ConfigError, OutputDirError
 from refusal_dir.evaluation import wilson_interval
+from refusal_dir.prompts import LOOKALIKE_CATEGORY, benign_eval, benign_eval_categories
 from refusal_dir.evaluation.selection import LayerEffect, select_by_effect
 from refusal_dir.pipeline import (
     SweepContext,
@@ -190,8 +191,22 @@ def test_conditional_method_in_the_sweep(tiny_model, extracted, tmp_path: Path) 
 
 RATE_METRICS = {
     "refusal_harmful", "degenerate_harmful", "refusal_benign", "answered_benign",
-    "degenerate_benign", "mmlu_accuracy",
+    "degenerate_benign", "mmlu_accuracy", "refusal_benign_lookalike", "refusal_benign_ordinary",
 }
+
+
+def test_max_eval_prompts_is_a_stratified_sample(tiny_model_dir) -> None:
+    datasets = load_datasets(_config(tiny_model_dir, **{"data.max_eval_prompts": 10}))
+    assert len(datasets.benign_eval) == len(datasets.benign_categories) == 10
+    # The shipped benign file starts with its look-alikes: the first 10 lines hold no other kind.
+    assert 0 < datasets.benign_categories.count(LOOKALIKE_CATEGORY) < 10
+    ordinary = {t for t, c in zip(benign_eval(), benign_eval_categories()) if c != LOOKALIKE_CATEGORY}
+    assert ordinary & set(datasets.benign_eval)
+    assert len(datasets.harmful_eval) == len(datasets.mmlu) == len(datasets.claims) == 10
+    assert {claim.label for claim in datasets.claims} == {True, False}
+    assert load_datasets(_config(tiny_model_dir, **{"data.max_eval_prompts": 10})) == datasets
+    full = load_datasets(_config(tiny_model_dir, **{"data.max_eval_prompts": None}))
+    assert full.benign_eval == benign_eval() and full.benign_categories == benign_eval_categories()
 
 
 def test_sweep_rows_carry_wilson_intervals_and_paired_differences(tiny_model, extracted, tmp_path: Path) -> None:
@@ -212,6 +227,12 @@ def test_sweep_rows_carry_wilson_intervals_and_paired_differences(tiny_model, ex
             successes = round(row["value"] * row["n"])
             assert (row["ci_low"], row["ci_high"]) == pytest.approx(wilson_interval(successes, row["n"]))
             assert row["ci_high"] - row["ci_low"] > 0.1  # n = 4
+    # Over-refusal on look-alike and on ordinary benign prompts, apart: together the whole set.
+    for method, alpha in {(m, a) for m, a, _ in index}:
+        whole = index[(method, alpha, "refusal_benign")]
+        parts = [index[(method, alpha, f"refusal_benign_{group}")] for group in ("lookalike", "ordinary")]
+        assert sum(part["n"] for part in parts) == whole["n"] and all(part["n"] for part in parts)
+        assert sum(p["value"] * p["n"] for p in parts) == pytest.approx(whole["value"] * whole["n"])
     kl = index[("addition", 2.0, "kl_benign")]
     assert kl["ci_low"] <= kl["value"] <= kl["ci_high"]  # continuous: bootstrap of the mean
     # A rate at 0 or 1 no longer prints as a point ("[0.00, 0.00]" or "[1.00, 1.00]").
