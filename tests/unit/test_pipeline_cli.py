@@ -11,7 +11,6 @@ from refusal_dir.cli import main
 from refusal_dir.config import Config, config_from_dict, load_config
 from refusal_dir.errors import ConfigError, OutputDirError
 from refusal_dir.evaluation import wilson_interval
-from refusal_dir.prompts import LOOKALIKE_CATEGORY, benign_eval, benign_eval_categories
 from refusal_dir.evaluation.selection import LayerEffect, select_by_effect
 from refusal_dir.pipeline import (
     SweepContext,
@@ -23,6 +22,7 @@ from refusal_dir.pipeline import (
     resume_key,
     sweep,
 )
+from refusal_dir.prompts import LOOKALIKE_CATEGORY, benign_eval, benign_eval_categories
 
 
 def _config(model_dir: Path, **overrides) -> Config:

@@ -666,7 +666,7 @@ def test_stratified_sample_keeps_category_shares_and_is_seeded() -> None:
         stratified_sample(keys, categories[:3], 4, seed=0)
 
 
-def test_shipped_eval_sets_have_categories() -> None:
+def test_category_readers_give_one_category_per_instruction() -> None:
     benign = benign_eval_categories()
     assert len(benign) == len(benign_eval()) and LOOKALIKE_CATEGORY in benign
     assert len(set(benign)) > 2  # look-alike and ordinary topics
