@@ -13,7 +13,7 @@ from plotly.subplots import make_subplots
 
 SWEEP_METRICS = (
     ("refusal_harmful", "Refusal rate, harmful prompts"),
-    ("helpfulness_benign", "Helpfulness, benign prompts"),
+    ("answered_benign", "Answered (not refused, not degenerate), benign prompts"),
     ("mmlu_accuracy", "MMLU-style accuracy"),
     ("kl_benign", "KL to unsteered (benign, nats)"),
 )
@@ -95,7 +95,7 @@ def write_report_figures(output_dir: Path, rows: list[dict[str, Any]], extractio
     figures = {
         "sweep.html": sweep_figure(rows),
         "frontier_mmlu.html": frontier_figure(rows, capability="mmlu_accuracy"),
-        "frontier_helpfulness.html": frontier_figure(rows, capability="helpfulness_benign"),
+        "frontier_helpfulness.html": frontier_figure(rows, capability="answered_benign"),
         "frontier_kl.html": frontier_figure(rows, capability="kl_benign"),
     }
     if extraction is not None:

@@ -53,7 +53,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--harmful-file", help="harmful evaluation instructions (field instruction)")
     parser.add_argument("--benign-file", help="benign evaluation instructions (field instruction)")
     parser.add_argument("--mmlu-file", help="four-choice questions (question, choices or A-D, answer)")
-    parser.add_argument("--max-eval-prompts", type=int, help="cap each evaluation set at N items")
+    parser.add_argument("--max-eval-prompts", type=int, help="evaluate a seeded sample of N items of each set, stratified by category")
 
 
 def _sweep_flags(parser: argparse.ArgumentParser) -> None:

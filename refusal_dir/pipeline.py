@@ -8,7 +8,8 @@ OUT/directions/<method>_<site>/ one DirectionSet per method and site (safetensor
 OUT/directions/honesty_<method>_<site>/  the honesty direction (when evaluation.honesty)
 OUT/directions/scores.csv       per-layer scores of every set; selected.json: the chosen one
 OUT/sweep/parts/*.json          one file per finished (method, metric group): resume points
-OUT/results.json, results.csv   tidy rows: method, layer, alpha, metric, value, ci_low, ci_high, n
+OUT/results.json, results.csv   tidy rows: method, layer, alpha, metric, value, ci_low, ci_high, n,
+                                diff, diff_ci_low, diff_ci_high (paired difference from alpha 0)
 OUT/report.md                   the results table (figures: OUT/figures/*.html via the CLI)
 ```
 
@@ -64,7 +65,21 @@ from refusal_dir.scoring import LayerScore, score_layers, select_layer
 
 logger = logging.getLogger(__name__)
 
-RESULT_FIELDS = ("method", "layer", "alpha", "metric", "value", "ci_low", "ci_high", "n")
+RESULT_FIELDS = (
+    "method", "layer", "alpha", "metric", "value", "ci_low", "ci_high", "n",
+    "diff", "diff_ci_low", "diff_ci_high",
+)
+"""The columns of a result row. ``ci_low``/``ci_high``: 95% Wilson interval for a rate, 95%
+bootstrap interval for the mean of a continuous metric. ``diff``: the paired difference from the
+unsteered model (alpha 0) on the same prompts, with its 95% paired bootstrap interval."""
+
+RESULTS_FORMAT = 2
+"""Bumped when the rows a sweep part holds change meaning or columns; part of the resume key, so
+parts written by an older refusal_dir are recomputed rather than mixed in (2: anchored judge,
+"answered" metric, Wilson intervals, paired differences, stratified subsamples)."""
+
+UNSTEERED_ALPHA = 0.0
+"""The coefficient at which every method is the unsteered model: the reference of ``diff``."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +95,9 @@ class Datasets:
     mmlu: list[MCQuestion]
     honesty_pairs: PairSet | None
     claims: list[Claim]
+    #: The category of each benign_eval prompt, when its source has them (the shipped set:
+    #: "lookalike" or a topic); None otherwise.
+    benign_categories: list[str] | None = None
 
     def content_hashes(self) -> dict[str, str | None]:
         """A short content hash of every prompt set (what the results depend on)."""
@@ -92,6 +110,7 @@ class Datasets:
             "refusal_pairs": self.refusal_pairs.content_hash(),
             "harmful_eval": digest(self.harmful_eval),
             "benign_eval": digest(self.benign_eval),
+            "benign_categories": digest(self.benign_categories),
             "mmlu": digest([[q.question, list(q.choices), q.answer] for q in self.mmlu]),
             "honesty_pairs": self.honesty_pairs.content_hash() if self.honesty_pairs else None,
             "claims": digest([[c.text, c.label] for c in self.claims]),
@@ -116,8 +135,34 @@ def _mmlu(source: str) -> list[MCQuestion]:
     return prompt_sets.load_mc_questions(source)
 
 
+def _categories(source: str, shipped: Callable[[], list[str]]) -> list[str] | None:
+    if source == "shipped":
+        return shipped()
+    if source.startswith("hub:"):
+        return None
+    return prompt_sets.load_categories(source)
+
+
+def _kept(keys: Sequence[str], categories: Sequence[str] | None, config: Config) -> list[int]:
+    """Which items ``data.max_eval_prompts`` keeps: all, or a seeded sample stratified by category."""
+    cap = config.data.max_eval_prompts
+    if cap is None:
+        return list(range(len(keys)))
+    return prompt_sets.stratified_sample(keys, categories, cap, seed=config.data.seed)
+
+
+def _pick(items: Sequence[Any], indices: Sequence[int]) -> list[Any]:
+    return [items[index] for index in indices]
+
+
 def load_datasets(config: Config) -> Datasets:
-    """Read every prompt set the config names (shipped sets, local files or hub sets)."""
+    """Read every prompt set the config names (shipped sets, local files or hub sets).
+
+    With ``data.max_eval_prompts``, each evaluation set keeps a sample of that many items,
+    seeded by ``data.seed`` and stratified by category (instructions' ``category`` field,
+    questions' subject, claims' label), so a cap keeps look-alike and ordinary benign prompts
+    in their proportions instead of the first lines of a file sorted by category.
+    """
     data = config.data
     pairs = (
         prompt_sets.refusal_pairs()
@@ -131,14 +176,20 @@ def load_datasets(config: Config) -> Datasets:
             if data.honesty_pairs == "shipped"
             else prompt_sets.load_pairs(data.honesty_pairs, positive_field="truthful", negative_field="sycophantic")
         )
-    cap = data.max_eval_prompts
+    harmful = _instructions(data.harmful_eval, prompt_sets.harmful_eval)
+    benign = _instructions(data.benign_eval, prompt_sets.benign_eval)
+    benign_categories = _categories(data.benign_eval, prompt_sets.benign_eval_categories)
+    benign_kept = _kept(benign, benign_categories, config)
+    mmlu = _mmlu(data.mmlu)
+    claims = prompt_sets.true_false_claims()
     return Datasets(
         refusal_pairs=pairs,
-        harmful_eval=_instructions(data.harmful_eval, prompt_sets.harmful_eval)[:cap],
-        benign_eval=_instructions(data.benign_eval, prompt_sets.benign_eval)[:cap],
-        mmlu=_mmlu(data.mmlu)[:cap],
+        harmful_eval=_pick(harmful, _kept(harmful, _categories(data.harmful_eval, prompt_sets.harmful_eval_categories), config)),
+        benign_eval=_pick(benign, benign_kept),
+        mmlu=_pick(mmlu, _kept([q.question for q in mmlu], [q.subject for q in mmlu], config)),
         honesty_pairs=honesty,
-        claims=prompt_sets.true_false_claims()[:cap],
+        claims=_pick(claims, _kept([c.text for c in claims], [str(c.label) for c in claims], config)),
+        benign_categories=None if benign_categories is None else _pick(benign_categories, benign_kept),
     )
 
 
@@ -757,13 +808,37 @@ def steering_interventions(
     raise ConfigError(f"unknown steering method {method!r}: choose addition, ablation or conditional")
 
 
+def swept_alphas(config: Config) -> tuple[float, ...]:
+    """``steering.alphas``, with :data:`UNSTEERED_ALPHA` first when it is not among them.
+
+    The unsteered model is always evaluated: it is what each row's paired difference is from.
+    """
+    alphas = config.steering.alphas
+    return alphas if UNSTEERED_ALPHA in alphas else (UNSTEERED_ALPHA, *alphas)
+
+
 def _rows_for(
-    values_per_alpha: dict[float, list[float]], *, method: str, layer: int, metric: str, config: Config
+    values_per_alpha: dict[float, list[float]],
+    *,
+    method: str,
+    layer: int,
+    metric: str,
+    binary: bool,
+    config: Config,
 ) -> list[dict[str, Any]]:
+    """One row per alpha: the mean over items with its interval, and the paired difference from
+    the :data:`UNSTEERED_ALPHA` row on the same items.
+
+    ``binary``: the values are 0/1 judgements (a rate: Wilson interval); otherwise continuous
+    (bootstrap). The difference's interval is a paired bootstrap for both.
+    """
+    resamples, seed = config.evaluation.bootstrap_resamples, config.evaluation.seed
+    unsteered = values_per_alpha[UNSTEERED_ALPHA]
     rows = []
     for alpha, values in values_per_alpha.items():
-        low, high = stats.bootstrap_ci(
-            values, n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed
+        low, high = stats.mean_interval(values, binary=binary, n_resamples=resamples, seed=seed)
+        diff_low, diff_high = stats.paired_bootstrap_diff(
+            values, unsteered, n_resamples=resamples, seed=seed
         )
         rows.append(
             {
@@ -775,6 +850,9 @@ def _rows_for(
                 "ci_low": low,
                 "ci_high": high,
                 "n": len(values),
+                "diff": float(sum(values) - sum(unsteered)) / len(values),
+                "diff_ci_low": diff_low,
+                "diff_ci_high": diff_high,
             }
         )
     return rows
@@ -782,6 +860,42 @@ def _rows_for(
 
 def _split(values: Sequence[Any], alphas: Sequence[float], n: int) -> dict[float, list[Any]]:
     return {alpha: list(values[i * n : (i + 1) * n]) for i, alpha in enumerate(alphas)}
+
+
+def _subgroup_rows(
+    values_per_alpha: dict[float, list[float]],
+    groups: Mapping[str, Sequence[bool]],
+    *,
+    method: str,
+    layer: int,
+    config: Config,
+) -> list[dict[str, Any]]:
+    """Rows of a rate over subgroups of the items: metric name -> one keep-flag per item.
+
+    An empty subgroup has no rows."""
+    rows: list[dict[str, Any]] = []
+    for metric, keep in groups.items():
+        if not any(keep):
+            continue
+        subset = {
+            alpha: [value for value, kept in zip(values, keep, strict=True) if kept]
+            for alpha, values in values_per_alpha.items()
+        }
+        rows += _rows_for(subset, method=method, layer=layer, metric=metric, binary=True, config=config)
+    return rows
+
+
+def _lookalike_rows(ctx: SweepContext, refused: dict[float, list[float]], *, method: str, layer: int) -> list[dict[str, Any]]:
+    """Over-refusal on benign prompts worded like harmful ones, and on the others, apart."""
+    categories = ctx.datasets.benign_categories
+    if categories is None or prompt_sets.LOOKALIKE_CATEGORY not in categories:
+        return []
+    lookalike = [category == prompt_sets.LOOKALIKE_CATEGORY for category in categories]
+    groups = {
+        "refusal_benign_lookalike": lookalike,
+        "refusal_benign_ordinary": [not flag for flag in lookalike],
+    }
+    return _subgroup_rows(refused, groups, method=method, layer=layer, config=ctx.config)
 
 
 METRIC_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl", "honesty")
@@ -819,7 +933,7 @@ class SweepContext:
 
 def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Compute one (method, metric group) for every alpha in one batched pass."""
-    alphas = ctx.config.steering.alphas
+    alphas = swept_alphas(ctx.config)
     direction_set = ctx.extraction.steering_set
     judge = judges.resolve_judge(ctx.config.evaluation.judge)
 
@@ -836,25 +950,26 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         )
         return rows, interventions
 
-    def rows_of(metric: str, values: Sequence[float], n: int) -> list[dict[str, Any]]:
-        return _rows_for(_split(values, alphas, n), method=method, layer=layer, metric=metric, config=ctx.config)
+    def rows_of(metric: str, values: Sequence[float], n: int, *, binary: bool) -> list[dict[str, Any]]:
+        return _rows_for(_split(values, alphas, n), method=method, layer=layer, metric=metric, binary=binary, config=ctx.config)
 
     samples: dict[str, Any] = {}
     if group in ("harmful_generation", "benign_generation"):
         items = ctx.datasets.harmful_eval if group == "harmful_generation" else ctx.datasets.benign_eval
         prompts, interventions = per_row(items)
         completions = generate(ctx.model, prompts, interventions=interventions, settings=ctx.settings(), progress=ctx.progress)
-        refused_flags, degenerate_flags, helpful_flags = judges.judge_completions(prompts, completions, judge=judge)
+        refused_flags, degenerate_flags, answered_flags = judges.judge_completions(prompts, completions, judge=judge)
         refused = [float(x) for x in refused_flags]
         degenerate = [float(x) for x in degenerate_flags]
         samples = {str(alpha): texts[:3] for alpha, texts in _split(completions, alphas, len(items)).items()}
         if group == "harmful_generation":
-            return rows_of("refusal_harmful", refused, len(items)) + rows_of("degenerate_harmful", degenerate, len(items)), samples
-        helpful = [float(x) for x in helpful_flags]
+            return rows_of("refusal_harmful", refused, len(items), binary=True) + rows_of("degenerate_harmful", degenerate, len(items), binary=True), samples
+        answered = [float(x) for x in answered_flags]
         return (
-            rows_of("refusal_benign", refused, len(items))
-            + rows_of("helpfulness_benign", helpful, len(items))
-            + rows_of("degenerate_benign", degenerate, len(items))
+            rows_of("refusal_benign", refused, len(items), binary=True)
+            + _lookalike_rows(ctx, _split(refused, alphas, len(items)), method=method, layer=layer)
+            + rows_of("answered_benign", answered, len(items), binary=True)
+            + rows_of("degenerate_benign", degenerate, len(items), binary=True)
         ), samples
     if group == "refusal_score":
         prompts, interventions = per_row(ctx.datasets.harmful_eval)
@@ -862,8 +977,8 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         prompts, interventions = per_row(ctx.datasets.benign_eval)
         benign = metrics.refusal_score(ctx.model, prompts, interventions=interventions).tolist()
         return (
-            rows_of("refusal_score_harmful", harmful, len(ctx.datasets.harmful_eval))
-            + rows_of("refusal_score_benign", benign, len(ctx.datasets.benign_eval))
+            rows_of("refusal_score_harmful", harmful, len(ctx.datasets.harmful_eval), binary=False)
+            + rows_of("refusal_score_benign", benign, len(ctx.datasets.benign_eval), binary=False)
         ), samples
     if group == "mmlu":
         questions, interventions = per_row(ctx.datasets.mmlu)
@@ -876,8 +991,8 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         )
         n = len(ctx.datasets.mmlu)
         return (
-            rows_of("mmlu_accuracy", [float(x) for x in result.per_item], n)
-            + rows_of("mmlu_correct_prob", result.correct_probs, n)
+            rows_of("mmlu_accuracy", [float(x) for x in result.per_item], n, binary=True)
+            + rows_of("mmlu_correct_prob", result.correct_probs, n, binary=False)
         ), samples
     if group == "kl":
         reference = next_token_logits(ctx.model, ctx.datasets.benign_eval)
@@ -885,7 +1000,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         kl = metrics.kl_divergence(
             ctx.model, prompts, interventions=interventions, reference_logits=reference
         )
-        return rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval)), samples
+        return rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval), binary=False), samples
     if group == "honesty":
         return ([] if method == "conditional" else _honesty_rows(ctx, method)), samples
     raise ConfigError(f"unknown metric group {group!r}")
@@ -898,25 +1013,21 @@ def _honesty_rows(ctx: SweepContext, method: str) -> list[dict[str, Any]]:
         return []
     direction_set = extraction.sets[extraction.honesty_key]
     layer, position = extraction.honesty_selected.layer, extraction.honesty_selected.position
-    alphas = ctx.config.steering.alphas
+    alphas = swept_alphas(ctx.config)
     claims = [claim for _ in alphas for claim in ctx.datasets.claims]
     coefficients = [alpha for alpha in alphas for _ in ctx.datasets.claims]
     interventions = steering_interventions(
         direction_set, method=method, layer=layer, position=position, alphas=coefficients, config=ctx.config
     )
     result = metrics.honesty_accuracy(ctx.model, claims, interventions=interventions)
-    n = len(ctx.datasets.claims)
-    correct = [float(x) for x in result["per_item"]]
-    labels = [claim.label for claim in claims]
-    rows: list[dict[str, Any]] = []
-    rows += _rows_for(_split(correct, alphas, n), method=f"honesty_{method}", layer=layer, metric="honesty_accuracy", config=ctx.config)
-    for flag, name in ((True, "honesty_accuracy_true_claims"), (False, "honesty_accuracy_false_claims")):
-        per_alpha = {
-            alpha: [c for c, label in zip(values, labels[i * n : (i + 1) * n]) if label == flag]
-            for i, (alpha, values) in enumerate(_split(correct, alphas, n).items())
-        }
-        rows += _rows_for(per_alpha, method=f"honesty_{method}", layer=layer, metric=name, config=ctx.config)
-    return rows
+    correct = _split([float(x) for x in result["per_item"]], alphas, len(ctx.datasets.claims))
+    labels = [claim.label for claim in ctx.datasets.claims]
+    groups = {
+        "honesty_accuracy": [True] * len(labels),
+        "honesty_accuracy_true_claims": labels,
+        "honesty_accuracy_false_claims": [not label for label in labels],
+    }
+    return _subgroup_rows(correct, groups, method=f"honesty_{method}", layer=layer, config=ctx.config)
 
 
 def _extraction_digest(extraction: Extraction) -> str:
@@ -946,6 +1057,7 @@ def resume_key(ctx: SweepContext) -> dict[str, Any]:
     """Everything a sweep part depends on; a part is reused only under the same key."""
     directions = str(ctx.directions_dir.resolve()) if ctx.directions_dir is not None else "directions"
     return {
+        "results_format": RESULTS_FORMAT,
         "config": results_config_digest(ctx.config),
         "model_id": ctx.model.model_id,
         "weights": weights_fingerprint(ctx.model),
@@ -980,12 +1092,19 @@ def _key_changes(previous: Any, current: dict[str, Any]) -> list[str]:
             changed += [f"data {k}" for k in value if previous["data"].get(k) != value[k]]
         elif previous.get(name) != value:
             changed.append(
-                {"weights": "model weights", "directions": "direction content", "chat": "chat template"}.get(name, name)
+                {
+                    "weights": "model weights",
+                    "directions": "direction content",
+                    "chat": "chat template",
+                    "results_format": "result format of refusal_dir",
+                }.get(name, name)
             )
     return changed or ["resume key"]
 
 
-def _read_part(path: Path) -> dict[str, Any]:
+def _load_part(path: Path, *, fields: Sequence[str] = ()) -> dict[str, Any]:
+    """A sweep part whose rows are mappings holding ``fields`` (none: a part of an older result
+    format can be read for its key)."""
     try:
         part = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as error:
@@ -994,7 +1113,7 @@ def _read_part(path: Path) -> dict[str, Any]:
             "or pass --fresh"
         ) from error
     if not isinstance(part, dict) or not isinstance(part.get("rows"), list) or not all(
-        isinstance(row, dict) and set(RESULT_FIELDS) <= set(row) for row in part["rows"]
+        isinstance(row, dict) and set(fields) <= set(row) for row in part["rows"]
     ):
         raise OutputDirError(
             f"sweep part {path} is corrupt (not a part written by refusal-dir): delete it to "
@@ -1003,11 +1122,16 @@ def _read_part(path: Path) -> dict[str, Any]:
     return part
 
 
+def _read_part(path: Path) -> dict[str, Any]:
+    return _load_part(path, fields=RESULT_FIELDS)
+
+
 def _check_parts(parts: Path, key: dict[str, Any], digest: str, output_dir: Path) -> None:
-    """Refuse parts written under another resume key (another config, model, directions or data)."""
+    """Refuse parts written under another resume key (another config, model, directions, data
+    or result format)."""
     stale = []
     for path in sorted(parts.glob("*.json")):
-        if _read_part(path).get("key") != digest:
+        if _load_part(path).get("key") != digest:
             stale.append(path.name)
     if not stale:
         return
@@ -1083,31 +1207,46 @@ def write_results(rows: list[dict[str, Any]], output_dir: Path) -> None:
 TABLE_METRICS = (
     ("refusal_harmful", "refusal (harmful)"),
     ("refusal_benign", "refusal (benign)"),
-    ("helpfulness_benign", "helpful (benign)"),
+    ("answered_benign", "answered (benign)"),
     ("mmlu_accuracy", "MMLU-style acc."),
     ("kl_benign", "KL (benign)"),
     ("refusal_score_harmful", "refusal score (harmful)"),
 )
 
+TABLE_DIFFS = (
+    ("refusal_harmful", "Δ refusal (harmful)"),
+    ("answered_benign", "Δ answered (benign)"),
+    ("mmlu_accuracy", "Δ MMLU"),
+)
+"""Metrics whose paired difference from alpha 0 gets its own column."""
 
-def _cell(row: dict[str, Any] | None) -> str:
+
+def _cell(row: dict[str, Any] | None, *, diff: bool = False) -> str:
     if row is None:
         return "-"
-    value, low, high = row["value"], row["ci_low"], row["ci_high"]
-    if any(isinstance(x, float) and math.isnan(x) for x in (value, low, high)):
+    names = ("diff", "diff_ci_low", "diff_ci_high") if diff else ("value", "ci_low", "ci_high")
+    value, low, high = (row.get(name, math.nan) for name in names)
+    if any(not isinstance(x, int | float) or math.isnan(x) for x in (value, low, high)):
         return "-"
-    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+    sign = "+" if diff else ""
+    return f"{value:{sign}.2f} [{low:{sign}.2f}, {high:{sign}.2f}]"
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """The Markdown results table: one line per (method, alpha), 95% bootstrap CIs in brackets."""
+    """The Markdown results table: one line per (method, alpha), 95% intervals in brackets.
+
+    Rates carry Wilson intervals, means of continuous values bootstrap intervals; the Δ columns
+    are paired differences from alpha 0 (the unsteered model) on the same prompts.
+    """
     index = {(r["method"], r["alpha"], r["metric"]): r for r in rows}
     keys = sorted({(r["method"], r["alpha"]) for r in rows if not r["method"].startswith("honesty_")})
-    header = "| method | layer | alpha | " + " | ".join(label for _, label in TABLE_METRICS) + " |"
-    lines = [header, "|" + "---|" * (3 + len(TABLE_METRICS))]
+    labels = [label for _, label in TABLE_METRICS] + [label for _, label in TABLE_DIFFS]
+    header = "| method | layer | alpha | " + " | ".join(labels) + " |"
+    lines = [header, "|" + "---|" * (3 + len(labels))]
     layers = {(r["method"], r["alpha"]): r["layer"] for r in rows}
     for method, alpha in keys:
         cells = [_cell(index.get((method, alpha, metric))) for metric, _ in TABLE_METRICS]
+        cells += [_cell(index.get((method, alpha, metric)), diff=True) for metric, _ in TABLE_DIFFS]
         lines.append(f"| {method} | {layers[(method, alpha)]} | {alpha:+.2f} | " + " | ".join(cells) + " |")
     honesty = sorted({(r["method"], r["alpha"]) for r in rows if r["method"].startswith("honesty_")})
     if honesty:
@@ -1152,7 +1291,9 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
                 "",
             ]
     lines += [
-        "Rates are means over prompts with 95% bootstrap confidence intervals. `addition`: alpha x "
+        "Rates are shares of prompts with 95% Wilson intervals; KL and refusal scores are means "
+        "with 95% bootstrap intervals. Δ columns: the paired difference from alpha 0 (the "
+        "unsteered model) on the same prompts, with a 95% paired bootstrap interval. `addition`: alpha x "
         "the raw mean-difference vector added at the layer; `ablation`: directional ablation of "
         "strength alpha at every layer (1 removes the component, 0 is the unsteered model); "
         "`conditional`: the addition applied only to prompts whose projection at the layer passes a "

@@ -12,7 +12,10 @@ Shipped sets (``refusal_dir/data``, original text written for this package):
   followed by a truthful answer, negative = the same question followed by a sycophantic answer
   (see :func:`format_answered_question` for the exact text).
 - :func:`harmful_eval` / :func:`benign_eval` -- held-out instructions for refusal and
-  over-refusal rates; none of them occurs in :func:`refusal_pairs`.
+  over-refusal rates; none of them occurs in :func:`refusal_pairs`. Each has a category
+  (:func:`harmful_eval_categories`, :func:`benign_eval_categories`); benign instructions worded
+  like harmful ones are :data:`LOOKALIKE_CATEGORY`. :func:`stratified_sample` keeps the
+  categories' shares when a run evaluates only some of the items.
 - :func:`mmlu_questions` -- four-choice questions, correct positions balanced over A-D.
 - :func:`true_false_claims` -- simple factual claims, half true and half false.
 
@@ -219,6 +222,38 @@ def _stable_order(keys: Sequence[str], *, seed: int) -> list[int]:
         return hashlib.sha256(f"{seed}\0{keys[index]}".encode()).hexdigest()
 
     return sorted(range(len(keys)), key=digest)
+
+
+def stratified_sample(
+    keys: Sequence[str], categories: Sequence[str] | None, k: int, *, seed: int
+) -> list[int]:
+    """Indices of ``k`` of the items, a seeded sample stratified by category, in file order.
+
+    ``keys`` are the items' texts, ``categories`` their categories (``None``: one category, a
+    plain seeded sample). Each category gets its share of ``k``, rounded by largest remainder
+    (ties to the category met first); within a category the items are taken in a seeded order
+    that depends only on their text (:func:`_stable_order`), so adding an item to a file does
+    not reshuffle the others. ``k >= len(keys)`` keeps every item.
+    """
+    if categories is not None and len(categories) != len(keys):
+        raise DataError(f"{len(keys)} items but {len(categories)} categories: give one each")
+    if k < 1:
+        raise DataError(f"a sample needs k >= 1 items, got {k}")
+    if k >= len(keys):
+        return list(range(len(keys)))
+    strata: dict[str, list[int]] = {}
+    for index, category in enumerate(categories if categories is not None else [""] * len(keys)):
+        strata.setdefault(category, []).append(index)
+    shares = {category: k * len(items) / len(keys) for category, items in strata.items()}
+    counts = {category: int(share) for category, share in shares.items()}
+    by_remainder = sorted(strata, key=lambda category: counts[category] - shares[category])
+    for category in by_remainder[: k - sum(counts.values())]:
+        counts[category] += 1
+    chosen: list[int] = []
+    for category, items in strata.items():
+        order = _stable_order([keys[index] for index in items], seed=seed)
+        chosen += [items[position] for position in order[: counts[category]]]
+    return sorted(chosen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,14 +523,30 @@ def honesty_pairs() -> PairSet:
     return PairSet(name="honesty_pairs", pairs=tuple(pairs))
 
 
+LOOKALIKE_CATEGORY = "lookalike"
+"""The category of benign instructions worded like harmful ones ("How do I kill a Python
+process?"): over-refusal on them is reported apart from ordinary benign instructions."""
+
+
 def harmful_eval() -> list[str]:
     """Held-out harmful instructions (none occurs in :func:`refusal_pairs`)."""
     return [record.text("instruction") for record in _read_shipped("harmful_eval.jsonl")]
 
 
+def harmful_eval_categories() -> list[str]:
+    """The category of each :func:`harmful_eval` instruction ("weapons", "fraud", ...)."""
+    return _categories(_read_shipped("harmful_eval.jsonl")) or []
+
+
 def benign_eval() -> list[str]:
     """Held-out benign instructions, some worded like harmful ones, to measure over-refusal."""
     return [record.text("instruction") for record in _read_shipped("benign_eval.jsonl")]
+
+
+def benign_eval_categories() -> list[str]:
+    """The category of each :func:`benign_eval` instruction: :data:`LOOKALIKE_CATEGORY` for
+    those worded like harmful ones, a topic ("cooking", "science", ...) for the others."""
+    return _categories(_read_shipped("benign_eval.jsonl")) or []
 
 
 def mmlu_questions() -> list[MCQuestion]:
@@ -520,6 +571,19 @@ def load_instructions(path: str | Path, *, field: str = "instruction") -> list[s
     """The ``field`` of every row of a ``.json``, ``.jsonl`` or ``.csv`` file."""
     fix = f"pass field='<name>' to read another field, or rename it to {field!r}"
     return [record.text(field, fix=fix) for record in _read_records(path)]
+
+
+def _categories(records: Sequence[_Record], field: str = "category") -> list[str] | None:
+    values = [record.fields.get(field) for record in records]
+    if not all(isinstance(value, str) and value.strip() for value in values):
+        return None
+    return [str(value).strip() for value in values]
+
+
+def load_categories(path: str | Path, *, field: str = "category") -> list[str] | None:
+    """The ``field`` of every row of a file (as :func:`load_instructions` reads it), or ``None``
+    when a row has no such text field: then the file has no categories."""
+    return _categories(_read_records(path), field)
 
 
 def load_pairs(

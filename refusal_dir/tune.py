@@ -13,6 +13,14 @@ prompts. The Pareto frontier keeps the points no other point beats on all four a
 chosen point maximizes refusal subject to ``MMLU drop <= max_mmlu_drop`` (in accuracy points,
 e.g. 0.01 = 1 point), ``KL <= max_kl`` and ``helpfulness drop <= max_helpfulness_drop``; ties go
 to the lower KL. With no point within the limits, the unsteered model is chosen.
+
+The limits are checked on validation means. Every point is measured on the same validation
+items as the baseline, so each drop is already the mean *paired* difference; the rule does not
+use its interval (requiring, say, the upper bound of the paired MMLU drop to stay within 0.01
+would reject every point that changes a single answer among a few dozen questions). The
+held-out report gives each chosen metric with its interval (Wilson for rates, bootstrap for KL)
+and the paired difference from the baseline on the same held-out items, with a paired
+bootstrap interval (``heldout["difference"]``).
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ from refusal_dir.model import HookedModel
 from refusal_dir.prompts import MCQuestion, format_mc_prompt
 
 TUNE_METHODS = ("addition", "ablation", "conditional")
+
+BINARY_METRICS = frozenset({"refusal", "helpfulness", "mmlu"})
+"""Per-item 0/1 metrics (rates: Wilson intervals); ``kl`` is continuous (bootstrap)."""
 
 
 @dataclass(frozen=True)
@@ -247,19 +258,31 @@ def tune(
     front = pareto_front(points)
     chosen = choose(points, baseline, limits)
     notify("selected")
-    heldout_report: dict[str, Any] = {}
+    per_item: dict[str, dict[str, list[float]]] = {}
     for label, point in (("baseline", baseline), ("chosen", chosen)):
         method = "addition" if point.method == "none" else point.method
         layer = layers[0] if point.method == "none" else point.layer
         values = evaluator.per_item(method, layer, [point.alpha], heldout)
-        heldout_report[label] = {
+        per_item[label] = {metric: v[0] for metric, v in values.items()}
+    heldout_report: dict[str, Any] = {
+        label: {
             metric: {
-                "value": sum(v[0]) / len(v[0]),
-                "ci": stats.bootstrap_ci(v[0], n_resamples=bootstrap_resamples),
-                "n": len(v[0]),
+                "value": sum(v) / len(v),
+                "ci": stats.mean_interval(v, binary=metric in BINARY_METRICS, n_resamples=bootstrap_resamples),
+                "n": len(v),
             }
             for metric, v in values.items()
         }
+        for label, values in per_item.items()
+    }
+    heldout_report["difference"] = {
+        metric: {
+            "value": (sum(chosen_values) - sum(per_item["baseline"][metric])) / len(chosen_values),
+            "ci": stats.paired_bootstrap_diff(chosen_values, per_item["baseline"][metric], n_resamples=bootstrap_resamples),
+            "n": len(chosen_values),
+        }
+        for metric, chosen_values in per_item["chosen"].items()
+    }
     return TuneResult(baseline, points, front, chosen, heldout_report)
 
 

@@ -2,9 +2,10 @@
 
 * :mod:`~refusal_dir.evaluation.judges`: refusal judges (substring; pluggable classifiers) and
   the degeneration check;
-* :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, helpfulness, MMLU-style
-  accuracy, KL to the unsteered model, honesty accuracy;
-* :mod:`~refusal_dir.evaluation.stats`: bootstrap and Wilson intervals.
+* :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, answered rate (formerly
+  helpfulness), MMLU-style accuracy, KL to the unsteered model, honesty accuracy;
+* :mod:`~refusal_dir.evaluation.stats`: Wilson intervals for rates, bootstrap intervals for
+  means and paired differences.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from __future__ import annotations
 from refusal_dir.evaluation.judges import (
     DEGENERATION_REASONS,
     JUDGES,
+    OPENING_MARKERS,
+    REFUSAL_CONCESSIONS,
     REFUSAL_MARKERS,
+    REFUSAL_OPENERS,
     REFUSAL_WINDOW,
     Judge,
     SubstringJudge,
     degeneration,
     get_judge,
+    is_answered,
     is_helpful,
     is_refusal,
     resolve_judge,
@@ -29,6 +34,7 @@ from refusal_dir.evaluation.metrics import (
     AccuracyResult,
     KLResult,
     RateResult,
+    answered_rate,
     helpfulness,
     honesty_accuracy,
     kl_divergence,
@@ -39,30 +45,41 @@ from refusal_dir.evaluation.metrics import (
     refusal_score,
     refusal_token_ids,
 )
-from refusal_dir.evaluation.stats import bootstrap_ci, paired_bootstrap_diff, wilson_interval
+from refusal_dir.evaluation.stats import (
+    bootstrap_ci,
+    mean_interval,
+    paired_bootstrap_diff,
+    wilson_interval,
+)
 
 __all__ = [
     "DEFAULT_REFUSAL_STARTS",
     "DEGENERATION_REASONS",
     "JUDGES",
     "LETTER_VARIANTS",
+    "OPENING_MARKERS",
+    "REFUSAL_CONCESSIONS",
     "REFUSAL_MARKERS",
+    "REFUSAL_OPENERS",
     "REFUSAL_WINDOW",
     "AccuracyResult",
     "Judge",
     "KLResult",
     "RateResult",
     "SubstringJudge",
+    "answered_rate",
     "bootstrap_ci",
     "degeneration",
     "get_judge",
     "helpfulness",
     "honesty_accuracy",
+    "is_answered",
     "is_helpful",
     "is_refusal",
     "kl_divergence",
     "kl_from_logits",
     "letter_token_ids",
+    "mean_interval",
     "mmlu_accuracy",
     "paired_bootstrap_diff",
     "refusal_rate",

@@ -1,4 +1,4 @@
-"""Evaluation metrics under interventions: refusal, helpfulness, MMLU, KL, honesty.
+"""Evaluation metrics under interventions: refusal, answered rate, MMLU, KL, honesty.
 
 Every function takes a :class:`~refusal_dir.model.HookedModel` and the interventions to apply
 (none: the unsteered model), so a notebook can compare conditions with the same call::
@@ -65,7 +65,7 @@ letter gets where the reply starts (" A" after the plain template's ``"Assistant
 class RateResult:
     """A rate over prompts: ``value = successes / n``, with the per-item judgements.
 
-    ``breakdown`` counts why items failed where a metric reports it (:func:`helpfulness`).
+    ``breakdown`` counts why items failed where a metric reports it (:func:`answered_rate`).
     """
 
     value: float
@@ -188,7 +188,7 @@ def _expand_rows(
 
 
 # ----------------------------------------------------------------------------------------------
-# Refusal and helpfulness
+# Refusal and answered rate
 # ----------------------------------------------------------------------------------------------
 
 
@@ -228,7 +228,7 @@ def refusal_rate(
     )
 
 
-def helpfulness(
+def answered_rate(
     model: HookedModel,
     prompts: Sequence[str],
     *,
@@ -238,12 +238,15 @@ def helpfulness(
     apply_chat_template: bool = True,
     progress: bool = True,
 ) -> RateResult:
-    """Share of completions that are helpful: not refused and not degenerate.
+    """Share of prompts answered: the completion is not refused and not degenerate.
 
-    ``breakdown`` counts each unhelpful completion once, under its degeneration reason
-    (``"empty"``, ``"repetition"``, ``"garbled"``) or else ``"refusal"``: a degenerate text is
-    not a meaningful refusal, so "Sorry sorry sorry sorry" counts as repetition. The counts sum
-    to ``n - successes``.
+    Degeneration is judged against each completion's prompt, so an echo of the prompt is not an
+    answer (:func:`~refusal_dir.evaluation.judges.degeneration`). ``breakdown`` counts each
+    unanswered completion once, under its degeneration reason (``"empty"``, ``"repetition"``,
+    ``"garbled"``, ``"echo"``) or else ``"refusal"``: a degenerate text is not a meaningful
+    refusal, so "Sorry sorry sorry sorry" counts as repetition. The counts sum to
+    ``n - successes``. Formerly named ``helpfulness`` (still an alias): "answered" is what it
+    measures, not whether the answer helps.
     """
     _check_items(prompts, "prompts")
     judge = resolve_judge(judge)
@@ -261,21 +264,25 @@ def helpfulness(
             f"the judge returned {len(refused)} verdicts for {len(completions)} completions"
         )
     breakdown = {reason: 0 for reason in ("refusal", *DEGENERATION_REASONS)}
-    helpful: list[bool] = []
-    for text, was_refused in zip(completions, refused, strict=True):
-        reason = degeneration(text) or ("refusal" if was_refused else None)
+    answered: list[bool] = []
+    for prompt, text, was_refused in zip(prompts, completions, refused, strict=True):
+        reason = degeneration(text, prompt=prompt) or ("refusal" if was_refused else None)
         if reason is not None:
             breakdown[reason] += 1
-        helpful.append(reason is None)
-    successes = sum(helpful)
+        answered.append(reason is None)
+    successes = sum(answered)
     return RateResult(
-        value=successes / len(helpful),
-        n=len(helpful),
+        value=successes / len(answered),
+        n=len(answered),
         successes=successes,
-        per_item=helpful,
+        per_item=answered,
         completions=completions,
         breakdown=breakdown,
     )
+
+
+helpfulness = answered_rate
+"""The former name of :func:`answered_rate`."""
 
 
 @torch.no_grad()

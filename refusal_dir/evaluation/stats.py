@@ -7,6 +7,8 @@
 * :func:`paired_bootstrap_diff`: the interval of ``mean(a) - mean(b)`` when ``a`` and ``b`` are
   two conditions measured on the same items (steered vs unsteered), resampling items jointly so
   the pairing is kept; narrower than comparing two separate intervals.
+* :func:`mean_interval`: the interval a result reports: Wilson for a rate (per-item 0/1 values),
+  the bootstrap for the mean of continuous values (KL, scores, probabilities).
 """
 
 from __future__ import annotations
@@ -109,3 +111,26 @@ def paired_bootstrap_diff(
             "conditions"
         )
     return bootstrap_ci(first - second, n_resamples=n_resamples, confidence=confidence, seed=seed)
+
+
+def mean_interval(
+    values: Sequence[float | bool],
+    *,
+    binary: bool,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The interval of the mean of per-item ``values``.
+
+    ``binary``: the values are 0/1 judgements (refused, answered, correct) and the mean is a
+    rate: the :func:`wilson_interval`, which stays informative at 0 and 1 (0/20 gives
+    (0, 0.16), where the percentile bootstrap gives (0, 0)). Otherwise the
+    :func:`bootstrap_ci`.
+    """
+    array = _as_values(values)
+    if not binary:
+        return bootstrap_ci(values, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    if not np.isin(array, (0.0, 1.0)).all():
+        raise DataError("binary values must all be 0 or 1 (False or True): pass binary=False")
+    return wilson_interval(int(array.sum()), int(array.size), confidence)

@@ -10,6 +10,7 @@ import pytest
 from refusal_dir.cli import main
 from refusal_dir.config import Config, config_from_dict, load_config
 from refusal_dir.errors import ConfigError, OutputDirError
+from refusal_dir.evaluation import wilson_interval
 from refusal_dir.pipeline import (
     SweepContext,
     extract,
@@ -17,8 +18,10 @@ from refusal_dir.pipeline import (
     load_extraction,
     prepare_output_dir,
     results_table,
+    resume_key,
     sweep,
 )
+from refusal_dir.prompts import LOOKALIKE_CATEGORY, benign_eval, benign_eval_categories
 
 
 def _config(model_dir: Path, **overrides) -> Config:
@@ -172,3 +175,73 @@ def test_conditional_method_in_the_sweep(tiny_model, extracted, tmp_path: Path) 
     for (method, alpha, metric), value in index.items():
         if method == "conditional" and alpha == 0.0:
             assert value == pytest.approx(index[("addition", 0.0, metric)], abs=1e-9), metric
+
+
+RATE_METRICS = {
+    "refusal_harmful", "degenerate_harmful", "refusal_benign", "answered_benign",
+    "degenerate_benign", "mmlu_accuracy", "refusal_benign_lookalike", "refusal_benign_ordinary",
+}
+
+
+def test_max_eval_prompts_is_a_stratified_sample(tiny_model_dir) -> None:
+    datasets = load_datasets(_config(tiny_model_dir, **{"data.max_eval_prompts": 10}))
+    assert len(datasets.benign_eval) == len(datasets.benign_categories) == 10
+    # The shipped benign file starts with its look-alikes: the first 10 lines hold no other kind.
+    assert 0 < datasets.benign_categories.count(LOOKALIKE_CATEGORY) < 10
+    ordinary = {t for t, c in zip(benign_eval(), benign_eval_categories()) if c != LOOKALIKE_CATEGORY}
+    assert ordinary & set(datasets.benign_eval)
+    assert len(datasets.harmful_eval) == len(datasets.mmlu) == len(datasets.claims) == 10
+    assert {claim.label for claim in datasets.claims} == {True, False}
+    assert load_datasets(_config(tiny_model_dir, **{"data.max_eval_prompts": 10})) == datasets
+    full = load_datasets(_config(tiny_model_dir, **{"data.max_eval_prompts": None}))
+    assert full.benign_eval == benign_eval() and full.benign_categories == benign_eval_categories()
+
+
+def test_sweep_rows_carry_wilson_intervals_and_paired_differences(tiny_model, extracted, tmp_path: Path) -> None:
+    config, datasets, extraction, _ = extracted
+    config = config.with_overrides({"steering.alphas": (-1.0, 2.0), "evaluation.honesty": False})
+    ctx = SweepContext(tiny_model, config, datasets, extraction, progress=False)
+    rows = sweep(ctx, prepare_output_dir(tmp_path / "intervals", config))
+    index = {(r["method"], r["alpha"], r["metric"]): r for r in rows}
+    # The unsteered model is evaluated although 0 is not among the alphas: it is the reference.
+    assert {alpha for _, alpha, _ in index} == {0.0, -1.0, 2.0}
+    for (method, alpha, metric), row in index.items():
+        unsteered = index[(method, 0.0, metric)]
+        assert row["diff"] == pytest.approx(row["value"] - unsteered["value"], abs=1e-12)
+        assert row["diff_ci_low"] <= row["diff"] + 1e-12 and row["diff"] <= row["diff_ci_high"] + 1e-12
+        if alpha == 0.0:
+            assert (row["diff"], row["diff_ci_low"], row["diff_ci_high"]) == (0.0, 0.0, 0.0)
+        if metric in RATE_METRICS:  # a rate: Wilson, never a zero-width interval
+            successes = round(row["value"] * row["n"])
+            assert (row["ci_low"], row["ci_high"]) == pytest.approx(wilson_interval(successes, row["n"]))
+            assert row["ci_high"] - row["ci_low"] > 0.1  # n = 4
+    # Over-refusal on look-alike and on ordinary benign prompts, apart: together the whole set.
+    for method, alpha in {(m, a) for m, a, _ in index}:
+        whole = index[(method, alpha, "refusal_benign")]
+        parts = [index[(method, alpha, f"refusal_benign_{group}")] for group in ("lookalike", "ordinary")]
+        assert sum(part["n"] for part in parts) == whole["n"] and all(part["n"] for part in parts)
+        assert sum(p["value"] * p["n"] for p in parts) == pytest.approx(whole["value"] * whole["n"])
+    kl = index[("addition", 2.0, "kl_benign")]
+    assert kl["ci_low"] <= kl["value"] <= kl["ci_high"]  # continuous: bootstrap of the mean
+    # A rate at 0 or 1 no longer prints as a point ("[0.00, 0.00]" or "[1.00, 1.00]").
+    table = results_table(rows)
+    assert "Δ refusal (harmful)" in table
+    for line in table.splitlines()[2:]:
+        cells = line.split(" | ")
+        assert "[0.00, 0.00]" not in cells[3] and "[1.00, 1.00]" not in cells[3]  # refusal (harmful)
+    csv_header = (tmp_path / "intervals" / "results.csv").read_text().splitlines()[0]
+    assert csv_header.endswith("n,diff,diff_ci_low,diff_ci_high")
+
+
+def test_parts_of_an_older_result_format_are_refused(tiny_model, extracted, tmp_path: Path) -> None:
+    config, datasets, extraction, _ = extracted
+    output = prepare_output_dir(tmp_path / "old", config)
+    ctx = SweepContext(tiny_model, config, datasets, extraction, progress=False)
+    parts = output / "sweep" / "parts"
+    parts.mkdir(parents=True)
+    old_row = {"method": "addition", "layer": 1, "alpha": 0.0, "metric": "helpfulness_benign",
+               "value": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 4}
+    (parts / "addition__benign_generation.json").write_text(json.dumps({"key": "0123", "rows": [old_row]}))
+    (output / "resume.json").write_text(json.dumps({**resume_key(ctx), "results_format": 1}))
+    with pytest.raises(OutputDirError, match="result format of refusal_dir changed"):
+        sweep(ctx, output)

@@ -14,7 +14,18 @@ import pytest
 
 from refusal_dir import prompts
 from refusal_dir.errors import DataError
-from refusal_dir.prompts import Claim, ContrastPair, MCQuestion, PairSet
+from refusal_dir.prompts import (
+    LOOKALIKE_CATEGORY,
+    Claim,
+    ContrastPair,
+    MCQuestion,
+    PairSet,
+    benign_eval,
+    benign_eval_categories,
+    harmful_eval,
+    harmful_eval_categories,
+    stratified_sample,
+)
 
 
 def _normalise(text: str) -> str:
@@ -636,3 +647,27 @@ def test_hub_truthfulqa_rejects_bad_targets(fake_hub: Callable[..., FakeHub]) ->
     )
     with pytest.raises(DataError, match="row 0: field 'mc1_targets'"):
         prompts.load_hub_truthfulqa()
+
+
+def test_stratified_sample_keeps_category_shares_and_is_seeded() -> None:
+    keys = [f"item {i}" for i in range(12)]
+    categories = ["lookalike"] * 6 + ["cooking"] * 3 + ["science"] * 3  # sorted, as files are
+    kept = stratified_sample(keys, categories, 4, seed=0)
+    assert [categories[i] for i in kept] == ["lookalike", "lookalike", "cooking", "science"]
+    assert kept == sorted(kept)  # file order
+    assert stratified_sample(keys, categories, 4, seed=0) == kept
+    assert any(stratified_sample(keys, categories, 4, seed=s) != kept for s in range(1, 6))
+    # The sample of a category depends on its items' texts, not on the items of other categories.
+    more = [*keys, "item 12"]
+    assert stratified_sample(more, [*categories, "history"], 4, seed=0)[:2] == kept[:2]
+    assert stratified_sample(keys, categories, 12, seed=0) == list(range(12))
+    assert len(stratified_sample(keys, None, 5, seed=0)) == 5
+    with pytest.raises(DataError, match="categories"):
+        stratified_sample(keys, categories[:3], 4, seed=0)
+
+
+def test_category_readers_give_one_category_per_instruction() -> None:
+    benign = benign_eval_categories()
+    assert len(benign) == len(benign_eval()) and LOOKALIKE_CATEGORY in benign
+    assert len(set(benign)) > 2  # look-alike and ordinary topics
+    assert len(harmful_eval_categories()) == len(harmful_eval())

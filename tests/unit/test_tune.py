@@ -6,6 +6,7 @@ import torch
 from refusal_dir.activations import collect_activations
 from refusal_dir.directions import compute_directions
 from refusal_dir.errors import ConfigError
+from refusal_dir.evaluation import wilson_interval
 from refusal_dir.generation import GenerationSettings
 from refusal_dir.prompts import benign_eval, harmful_eval, mmlu_questions
 from refusal_dir.tune import EvalSplit, Limits, Point, choose, pareto_front, split_half, tune
@@ -59,7 +60,16 @@ def test_selection_never_looks_at_the_heldout_split(tiny_model) -> None:
     assert log, "the held-out split is used for the report"
     assert all(phase_name == "report" for phase_name, _ in log)
     assert len(result.points) == 6 and result.chosen in [*result.points, result.baseline]
-    assert set(result.heldout) == {"baseline", "chosen"}
+    assert set(result.heldout) == {"baseline", "chosen", "difference"}
+    for label in ("baseline", "chosen"):  # rates get Wilson intervals, KL a bootstrap one
+        for metric in ("refusal", "helpfulness", "mmlu"):
+            cell = result.heldout[label][metric]
+            assert cell["ci"] == wilson_interval(round(cell["value"] * cell["n"]), cell["n"])
+        assert result.heldout[label]["kl"]["ci"][0] <= result.heldout[label]["kl"]["value"]
+    for metric, cell in result.heldout["difference"].items():  # paired: chosen - baseline
+        expected = result.heldout["chosen"][metric]["value"] - result.heldout["baseline"][metric]["value"]
+        assert cell["value"] == pytest.approx(expected, abs=1e-12)
+        assert cell["ci"][0] <= cell["value"] + 1e-12 and cell["value"] <= cell["ci"][1] + 1e-12
     # alpha 0 addition equals the baseline on validation.
     zero = next(p for p in result.points if p.method == "addition" and p.alpha == 0.0)
     assert (zero.refusal, zero.helpfulness, zero.mmlu) == (result.baseline.refusal, result.baseline.helpfulness, result.baseline.mmlu)
