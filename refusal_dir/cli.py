@@ -41,7 +41,8 @@ def _common(parser: argparse.ArgumentParser, *, model_required: bool = False) ->
     parser.add_argument(
         "--model",
         required=model_required,
-        help="hub id, local model directory, or gemma-3-270m-offline (no hub needed)",
+        help="hub id, local model directory, qwen2.5-coder-0.5b-instruct-offline or "
+        "gemma-3-270m-offline (no hub needed)",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: from the config)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -65,6 +66,14 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-honesty", action="store_true", help="skip the honesty direction")
 
 
+def _selection_prompts_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--selection-prompts",
+        type=int,
+        help="held-out pairs of each kind per candidate layer in effect selection (default 16)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refusal-dir",
@@ -81,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--extract-batch-size", type=int, dest="extract_batch_size")
     extract.add_argument("--no-honesty", action="store_true", help="skip the honesty direction")
     extract.add_argument("--selection", choices=["effect", "separation"], help="layer selection rule")
+    _selection_prompts_flag(extract)
 
     steer = commands.add_parser("steer", help="baseline and steered completions side by side")
     _common(steer)
@@ -109,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", required=True)
     run.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
     run.add_argument("--no-figures", action="store_true", help="skip the plotly HTML figures")
+    _selection_prompts_flag(run)
 
     tune = commands.add_parser("tune", help="search layer x alpha x method under a capability limit")
     _common(tune)
@@ -144,6 +155,7 @@ def _config(args: argparse.Namespace) -> Config:
         "extraction.position": getattr(args, "position", None),
         "extraction.batch_size": getattr(args, "extract_batch_size", None),
         "extraction.selection": getattr(args, "selection", None),
+        "extraction.selection_prompts": getattr(args, "selection_prompts", None),
         "steering.alphas": tuple(args.alphas) if getattr(args, "alphas", None) else None,
         "steering.methods": tuple(args.methods) if getattr(args, "methods", None) else None,
         "steering.layer": getattr(args, "layer", None) if args.command in ("evaluate", "run") else None,

@@ -79,7 +79,7 @@ class ModelSettings:
     def __post_init__(self) -> None:
         _check_types("model", self)
         if not self.name:
-            _fail("model.name", "must be a hub id, a local directory or gemma-3-270m-offline")
+            _fail("model.name", "must be a hub id, a local directory or an offline model name")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             _fail("model.dtype", f"{self.dtype!r} is not one of auto, float32, bfloat16, float16")
 

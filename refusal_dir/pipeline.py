@@ -10,6 +10,7 @@ OUT/directions/scores.csv       per-layer scores of every set; selected.json: th
 OUT/sweep/parts/*.json          one file per finished (method, metric group): resume points
 OUT/results.json, results.csv   tidy rows: method, layer, alpha, metric, value, ci_low, ci_high, n,
                                 diff, diff_ci_low, diff_ci_high (paired difference from alpha 0)
+OUT/samples.jsonl               every generation: set, method, alpha, prompt, completion, verdicts
 OUT/report.md                   the results table (figures: OUT/figures/*.html via the CLI)
 ```
 
@@ -931,7 +932,7 @@ class SweepContext:
         )
 
 
-def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Compute one (method, metric group) for every alpha in one batched pass."""
     alphas = swept_alphas(ctx.config)
     direction_set = ctx.extraction.steering_set
@@ -953,7 +954,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
     def rows_of(metric: str, values: Sequence[float], n: int, *, binary: bool) -> list[dict[str, Any]]:
         return _rows_for(_split(values, alphas, n), method=method, layer=layer, metric=metric, binary=binary, config=ctx.config)
 
-    samples: dict[str, Any] = {}
+    samples: list[dict[str, Any]] = []
     if group in ("harmful_generation", "benign_generation"):
         items = ctx.datasets.harmful_eval if group == "harmful_generation" else ctx.datasets.benign_eval
         prompts, interventions = per_row(items)
@@ -961,7 +962,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         refused_flags, degenerate_flags, answered_flags = judges.judge_completions(prompts, completions, judge=judge)
         refused = [float(x) for x in refused_flags]
         degenerate = [float(x) for x in degenerate_flags]
-        samples = {str(alpha): texts[:3] for alpha, texts in _split(completions, alphas, len(items)).items()}
+        samples = _samples(group, method, alphas, prompts, completions, refused_flags)
         if group == "harmful_generation":
             return rows_of("refusal_harmful", refused, len(items), binary=True) + rows_of("degenerate_harmful", degenerate, len(items), binary=True), samples
         answered = [float(x) for x in answered_flags]
@@ -1004,6 +1005,41 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
     if group == "honesty":
         return ([] if method == "conditional" else _honesty_rows(ctx, method)), samples
     raise ConfigError(f"unknown metric group {group!r}")
+
+
+def _samples(
+    group: str,
+    method: str,
+    alphas: Sequence[float],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    refused: Sequence[bool],
+) -> list[dict[str, Any]]:
+    """Every generation of a group with its verdicts, for ``samples.jsonl``."""
+    n = len(prompts) // len(alphas)
+    return [
+        {
+            "set": group.removesuffix("_generation"),
+            "method": method,
+            "alpha": alphas[index // n],
+            "prompt": prompt,
+            "completion": completion,
+            "refused": bool(flag),
+            "degenerate": judges.degeneration(completion, prompt=prompt),
+        }
+        for index, (prompt, completion, flag) in enumerate(zip(prompts, completions, refused, strict=True))
+    ]
+
+
+def write_samples(parts: Sequence[dict[str, Any]], output_dir: Path) -> None:
+    """``samples.jsonl``: every generation of the sweep, its prompt and how it was judged."""
+    lines = [
+        json.dumps(sample, ensure_ascii=False)
+        for part in parts
+        if isinstance(part.get("samples"), list)
+        for sample in part["samples"]
+    ]
+    atomic_write_bytes(output_dir / "samples.jsonl", ("\n".join(lines) + "\n").encode())
 
 
 def _honesty_rows(ctx: SweepContext, method: str) -> list[dict[str, Any]]:
@@ -1175,18 +1211,22 @@ def sweep(
         _check_parts(parts, key, digest, output_dir)
         _write_json(output_dir / "resume.json", {**key, "digest": digest})
         rows: list[dict[str, Any]] = []
+        finished: list[dict[str, Any]] = []
         for method in ctx.config.steering.methods:
             for group in groups:
                 part = parts / f"{method}__{group}.json"
                 if part.exists():
-                    rows += _read_part(part)["rows"]
+                    finished.append(_read_part(part))
+                    rows += finished[-1]["rows"]
                     continue
                 if on_group is not None:
                     on_group(method, group)
                 group_rows, samples = _group_rows(ctx, method, group, layer, position)
-                _write_json(part, {"key": digest, "rows": group_rows, "samples": samples})
+                finished.append({"key": digest, "rows": group_rows, "samples": samples})
+                _write_json(part, finished[-1])
                 rows += group_rows
         write_results(rows, output_dir)
+        write_samples(finished, output_dir)
     return rows
 
 
@@ -1300,6 +1340,9 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
         "threshold fit on the held-out extraction pairs.",
         "",
         results_table(rows),
+        "",
+        "Every generation behind these rates, with its prompt and how it was judged: "
+        "[`samples.jsonl`](samples.jsonl).",
         "",
     ]
     path = output_dir / "report.md"

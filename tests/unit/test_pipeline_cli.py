@@ -197,6 +197,31 @@ def test_max_eval_prompts_is_a_stratified_sample(tiny_model_dir) -> None:
     assert full.benign_eval == benign_eval() and full.benign_categories == benign_eval_categories()
 
 
+def test_every_generation_is_saved_with_its_verdicts(tiny_model, extracted, tmp_path: Path) -> None:
+    config, datasets, extraction, _ = extracted
+    config = config.with_overrides({"steering.alphas": (0.0, 1.0), "evaluation.honesty": False})
+    ctx = SweepContext(tiny_model, config, datasets, extraction, progress=False)
+    output = prepare_output_dir(tmp_path / "samples", config)
+    rows = sweep(ctx, output)
+    samples = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
+    sets = {"harmful": datasets.harmful_eval, "benign": datasets.benign_eval}
+    assert len(samples) == 2 * 2 * (len(sets["harmful"]) + len(sets["benign"]))  # methods x alphas
+    for sample in samples:
+        assert sample["prompt"] in sets[sample["set"]]
+        assert isinstance(sample["completion"], str) and isinstance(sample["refused"], bool)
+    # The saved verdicts are the ones the refusal rates were computed from.
+    for method in ("addition", "ablation"):
+        for alpha in (0.0, 1.0):
+            verdicts = [s["refused"] for s in samples if (s["set"], s["method"], s["alpha"]) == ("harmful", method, alpha)]
+            row = next(r for r in rows if (r["method"], r["alpha"], r["metric"]) == (method, alpha, "refusal_harmful"))
+            assert sum(verdicts) / len(verdicts) == pytest.approx(row["value"])
+    # A resumed sweep rewrites the same file from its saved parts.
+    before = (output / "samples.jsonl").read_bytes()
+    (output / "samples.jsonl").unlink()
+    sweep(ctx, output)
+    assert (output / "samples.jsonl").read_bytes() == before
+
+
 def test_sweep_rows_carry_wilson_intervals_and_paired_differences(tiny_model, extracted, tmp_path: Path) -> None:
     config, datasets, extraction, _ = extracted
     config = config.with_overrides({"steering.alphas": (-1.0, 2.0), "evaluation.honesty": False})
