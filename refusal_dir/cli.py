@@ -312,7 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     reporter = _StageReporter(args.quiet)
-    command = "refusal-dir " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _display_command(args.argv)
     output_dir = Path(args.output_dir)
 
     def figures(directory: Path, rows: list[dict[str, Any]], extraction: Any) -> None:
@@ -363,7 +363,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pipeline.check_prompt_lengths(
         model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
     )
-    command = "refusal-dir " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _display_command(args.argv)
     with pipeline.open_output_dir(output_dir, config, fresh=args.fresh, protect=[directions_dir]) as output_dir:
         ctx = pipeline.SweepContext(model, config, datasets, extraction, not args.quiet, directions_dir=directions_dir)
         rows = pipeline.sweep(ctx, output_dir, on_group=lambda m, g: reporter(f"sweep: {m} / {g}"))
@@ -498,9 +498,18 @@ COMMANDS = {
 }
 
 
+def _display_command(argv: Sequence[str]) -> str:
+    """The command as reports record it (paths as :func:`outdir.display_path` shows them)."""
+    from refusal_dir.outdir import display_path
+
+    return "refusal-dir " + " ".join(shlex.quote(display_path(a)) for a in argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_hub()
     if getattr(args, "quiet", False):

@@ -428,3 +428,16 @@ def swap_in(staging: Path, target: Path) -> None:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def display_path(text: str) -> str:
+    """``text`` as a saved report shows it: an absolute path becomes relative to the working
+    directory, or only its name when outside it (no report holds a path of this machine);
+    anything else is returned unchanged."""
+    path = Path(text)
+    if not path.is_absolute():
+        return text
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return f".../{path.name}"

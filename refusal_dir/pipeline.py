@@ -56,6 +56,7 @@ from refusal_dir.outdir import (
     atomic_write_bytes,
     check_output_dir,
     claim_output_dir,
+    display_path,
     lock_output_dir,
     staging_dir,
     swap_in,
@@ -1302,7 +1303,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
 def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Extraction | None, model_id: str, command: str) -> Path:
     lines = [
-        f"# refusal_dir results: {model_id}",
+        f"# refusal_dir results: {display_path(model_id)}",
         "",
         f"Command: `{command}`",
         "",

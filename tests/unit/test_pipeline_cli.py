@@ -270,3 +270,18 @@ def test_parts_of_an_older_result_format_are_refused(tiny_model, extracted, tmp_
     (output / "resume.json").write_text(json.dumps({**resume_key(ctx), "results_format": 1}))
     with pytest.raises(OutputDirError, match="result format of refusal_dir changed"):
         sweep(ctx, output)
+
+
+def test_the_report_holds_no_absolute_path(tiny_model_dir, tmp_path: Path, monkeypatch, capsys) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _ = _run_cli(
+        capsys, "run", "--model", str(tiny_model_dir), "--output-dir", str(work / "out"),
+        "--max-eval-prompts", "2", "--max-new-tokens", "2", "--alphas", "0", "1",
+        "--no-honesty", "--quiet", "--no-figures", "--selection-prompts", "2",
+    )
+    assert code == 0
+    report = (work / "out" / "report.md").read_text()
+    assert f"Command: `refusal-dir run --model .../{tiny_model_dir.name} --output-dir out " in report
+    assert str(tmp_path) not in report and str(tiny_model_dir) not in report
