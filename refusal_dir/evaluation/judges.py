@@ -108,6 +108,13 @@ An apology or an identity disclaimer opens a refusal; later in a helpful answer 
 courtesy ("I'm sorry for the long answer")."""
 
 REFUSAL_OPENERS: tuple[str, ...] = (
+    # interjections: "Sure, I cannot help with that." is a refusal
+    r"sure",
+    r"okay",
+    r"ok",
+    r"well",
+    r"no",
+    r"alright",
     r"however",
     r"but",
     r"unfortunately",
