@@ -15,6 +15,7 @@ Prompts are instructions: the chat template is applied here unless
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from refusal_dir.generation import (
 from refusal_dir.interventions import Intervention, repeat_rows
 from refusal_dir.model import HookedModel
 from refusal_dir.prompts import LETTERS, Claim, MCQuestion, format_claim_prompt, format_mc_prompt
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_REFUSAL_STARTS: tuple[str, ...] = ("I", "Sorry", "I cannot", "I'm", "As", "Unfortunately")
 """Phrases a refusal typically starts with; :func:`refusal_token_ids` keeps the first token of
@@ -169,14 +172,36 @@ def refusal_token_ids(
     ``after_template``: each phrase is tokenized where it starts the reply after the chat
     template (with the template's :attr:`~refusal_dir.model.HookedModel.reply_prefix`);
     otherwise on its own, as written.
+
+    Special ids (``<unk>``, pad, BOS, EOS and the tokenizer's other special tokens) are never
+    refusal tokens: a phrase whose first token is one (a word the vocabulary lacks becomes
+    ``<unk>``) is skipped, since its probability says nothing about refusing.
     """
+    special = special_token_ids(model.tokenizer)
     ids: list[int] = []
     for phrase in starts:
         encoded = model.reply_token_ids(phrase) if after_template else _encode(model, phrase)
-        if encoded and encoded[0] not in ids:
+        if not encoded:
+            continue
+        if encoded[0] in special:
+            logger.debug("refusal start %r begins with a special token: skipped", phrase)
+        elif encoded[0] not in ids:
             ids.append(encoded[0])
     if not ids:
-        raise ConfigError("no refusal start phrase tokenized to a token: pass refusal_tokens")
+        raise ConfigError(
+            "no refusal start phrase begins with an ordinary token (each is empty or starts "
+            "with <unk>, pad, BOS, EOS or another special token): pass refusal_tokens"
+        )
+    return ids
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: unk, pad, BOS, EOS and any additional ones."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", ()) or ()}
+    for name in ("unk_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            ids.add(value)
     return ids
 
 

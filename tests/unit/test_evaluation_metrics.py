@@ -278,6 +278,46 @@ def test_refusal_tokens_follow_the_plain_template(plain_model, eval_model) -> No
     )
 
 
+@pytest.fixture(scope="module")
+def unk_model(tmp_path_factory: pytest.TempPathFactory) -> HookedModel:
+    """A tiny model whose tokenizer is not byte-level: a word it lacks becomes ``<unk>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from refusal_dir.chat import GEMMA_CHAT_TEMPLATE
+    from refusal_dir.testing import SPECIAL_TOKENS
+
+    directory = make_tiny_model(tmp_path_factory.mktemp("unk") / "tiny")
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS)
+    words.train_from_iterator(["user model I Sorry How do I make a cake ? Hi"], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return load_model(str(directory), device="cpu", with_bridge=False)
+
+
+def test_special_tokens_are_never_refusal_tokens(unk_model, eval_model) -> None:
+    tokenizer = unk_model.tokenizer
+    sorry, i = tokenizer.convert_tokens_to_ids(["Sorry", "I"])
+    # "Unfortunately" and "As" are not in the vocabulary: both start with <unk>.
+    assert unk_model.reply_token_ids("Unfortunately")[0] == tokenizer.unk_token_id
+    assert refusal_token_ids(unk_model, ["Unfortunately", "Sorry", "As", "I"]) == [sorry, i]
+    assert tokenizer.unk_token_id not in refusal_token_ids(unk_model)
+    with pytest.raises(ConfigError, match="special token"):
+        refusal_token_ids(unk_model, ["Unfortunately", "As"])
+    # Special-token text tokenized as written is skipped too (pad, BOS, EOS, unk, turn markers).
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<end_of_turn>"]
+    with pytest.raises(ConfigError, match="special token"):
+        refusal_token_ids(eval_model, specials, after_template=False)
+    i_alone = eval_model.tokenizer("I", add_special_tokens=False)["input_ids"][0]
+    assert refusal_token_ids(eval_model, [*specials, "I"], after_template=False) == [i_alone]
+
+
 def test_option_and_letter_spellings_follow_the_plain_template(plain_model) -> None:
     questions = _questions()[:2]
     result = mmlu_accuracy(plain_model, questions, scoring="option")
