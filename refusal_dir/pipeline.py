@@ -875,9 +875,15 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
             formatter=formatter,
         )
         n = len(ctx.datasets.mmlu)
+        top_letter = [
+            float(flag) for block in _split(result.predictions, alphas, n).values()
+            for flag in metrics.top_letter_flags(block)
+        ]
         return (
             rows_of("mmlu_accuracy", [float(x) for x in result.per_item], n)
             + rows_of("mmlu_correct_prob", result.correct_probs, n)
+            + rows_of("mmlu_chance", metrics.chance_levels(questions), n)
+            + rows_of("mmlu_top_letter_share", top_letter, n)
         ), samples
     if group == "kl":
         reference = next_token_logits(ctx.model, ctx.datasets.benign_eval)
@@ -1121,6 +1127,26 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def chance_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One warning per method whose unsteered (alpha 0) MMLU-style interval contains chance.
+
+    Such an accuracy cannot show that steering costs capability: the model was guessing.
+    """
+    index = {(r["method"], r["alpha"], r["metric"]): r for r in rows}
+    warnings = []
+    for (method, alpha, metric), row in sorted(index.items()):
+        chance = index.get((method, alpha, "mmlu_chance"))
+        if metric != "mmlu_accuracy" or alpha != 0.0 or chance is None:
+            continue
+        if row["ci_low"] <= chance["value"] <= row["ci_high"]:
+            warnings.append(
+                f"{method}: the unsteered MMLU-style accuracy {row['value']:.2f} "
+                f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}] contains chance "
+                f"({chance['value']:.2f}); capability changes under steering are not measurable"
+            )
+    return warnings
+
+
 def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Extraction | None, model_id: str, command: str) -> Path:
     lines = [
         f"# refusal_dir results: {model_id}",
@@ -1128,6 +1154,9 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
         f"Command: `{command}`",
         "",
     ]
+    for warning in chance_warnings(rows):
+        logger.warning(warning)
+        lines += [f"**Warning**: {warning}.", ""]
     if extraction is not None:
         s = extraction.selected
         lines += [

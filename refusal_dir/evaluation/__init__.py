@@ -29,6 +29,7 @@ from refusal_dir.evaluation.metrics import (
     AccuracyResult,
     KLResult,
     RateResult,
+    chance_levels,
     helpfulness,
     honesty_accuracy,
     kl_divergence,
@@ -38,6 +39,8 @@ from refusal_dir.evaluation.metrics import (
     refusal_rate,
     refusal_score,
     refusal_token_ids,
+    special_token_ids,
+    top_letter_flags,
 )
 from refusal_dir.evaluation.stats import bootstrap_ci, paired_bootstrap_diff, wilson_interval
 
@@ -54,6 +57,7 @@ __all__ = [
     "RateResult",
     "SubstringJudge",
     "bootstrap_ci",
+    "chance_levels",
     "degeneration",
     "get_judge",
     "helpfulness",
@@ -69,6 +73,8 @@ __all__ = [
     "refusal_score",
     "refusal_token_ids",
     "resolve_judge",
+    "special_token_ids",
     "strip_thinking",
+    "top_letter_flags",
     "wilson_interval",
 ]

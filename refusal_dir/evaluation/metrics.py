@@ -85,10 +85,16 @@ class RateResult:
 
 @dataclass(frozen=True)
 class AccuracyResult:
-    """Multiple-choice accuracy with per-question predictions.
+    """Multiple-choice accuracy with per-question predictions, beside what guessing would get.
 
     ``predictions[i]`` indexes ``questions[i].choices``; ``correct_probs[i]`` is the probability
     of the correct choice normalized over the question's choices (letters or options).
+
+    ``chance`` is the accuracy of a uniform guess (the mean of ``1 / len(choices)``: 0.25 for
+    four choices). ``letter_shares[k]`` is the share of questions answered with position ``k``
+    (A, B, ...); ``top_letter_share`` is the largest of them: near 1 the model answers one
+    letter whatever the question, and its accuracy is the share of questions whose answer
+    sits there, not knowledge.
     """
 
     value: float
@@ -99,10 +105,18 @@ class AccuracyResult:
     correct_probs: list[float]
     mean_correct_prob: float
     scoring: str
+    chance: float
+    letter_shares: list[float]
+    top_letter_share: float
 
     def interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """Wilson score interval of the accuracy."""
         return wilson_interval(self.correct, self.n, confidence)
+
+    def chance_in_interval(self, confidence: float = 0.95) -> bool:
+        """Whether the accuracy's Wilson interval contains ``chance`` (no evidence of skill)."""
+        low, high = self.interval(confidence)
+        return low <= self.chance <= high
 
 
 @dataclass(frozen=True)
@@ -408,6 +422,10 @@ def mmlu_accuracy(
       :attr:`~refusal_dir.model.HookedModel.reply_prefix` (``""`` after Gemma's template,
       ``" "`` after the plain template's ``"Assistant:"``), and ``" "`` after a raw prompt.
 
+    The result carries ``chance`` and the answer-position bias (``letter_shares``,
+    ``top_letter_share``) beside the accuracy: read an accuracy against them, and treat one
+    whose interval contains chance (:meth:`AccuracyResult.chance_in_interval`) as noise.
+
     ``formatter`` turns a question into the instruction text (default :func:`format_mc_prompt`,
     which lists the options as "A. ..."); for questions whose text already lists the options
     (the refusal organism's) pass ``formatter=lambda q: q.question``.
@@ -446,6 +464,8 @@ def mmlu_accuracy(
         correct_probs.append(float(torch.softmax(row, dim=0)[question.answer]))
     per_item = [p == q.answer for p, q in zip(predictions, questions, strict=True)]
     correct = sum(per_item)
+    widest = max(len(question.choices) for question in questions)
+    shares = [predictions.count(position) / len(predictions) for position in range(widest)]
     return AccuracyResult(
         value=correct / len(questions),
         n=len(questions),
@@ -455,7 +475,26 @@ def mmlu_accuracy(
         correct_probs=correct_probs,
         mean_correct_prob=sum(correct_probs) / len(correct_probs),
         scoring=scoring,
+        chance=sum(chance_levels(questions)) / len(questions),
+        letter_shares=shares,
+        top_letter_share=max(shares),
     )
+
+
+def chance_levels(questions: Sequence[MCQuestion]) -> list[float]:
+    """Per question, the accuracy of a uniform guess: ``1 / len(choices)``."""
+    return [1.0 / len(question.choices) for question in questions]
+
+
+def top_letter_flags(predictions: Sequence[int]) -> list[bool]:
+    """Per prediction, whether it is the most frequent answer position (first on ties).
+
+    The mean is :attr:`AccuracyResult.top_letter_share`; per item, it can be bootstrapped.
+    """
+    if not predictions:
+        return []
+    top = max(sorted(set(predictions)), key=list(predictions).count)
+    return [prediction == top for prediction in predictions]
 
 
 def _letter_scores(

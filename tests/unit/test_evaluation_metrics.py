@@ -36,6 +36,7 @@ from refusal_dir.evaluation import (
     refusal_score,
     refusal_token_ids,
     strip_thinking,
+    top_letter_flags,
     wilson_interval,
 )
 from refusal_dir.generation import (
@@ -232,6 +233,23 @@ def test_mmlu_letter_scoring_follows_controlled_logits(eval_model, letter_vector
     assert result.value == 0.0 and result.per_item == [False] * 6
     assert result.predictions == [1, 2, 3, 0, 3, 2]
     assert all(p < 0.25 for p in result.correct_probs)
+
+
+def test_mmlu_reports_chance_and_the_letter_bias(eval_model, letter_vectors) -> None:
+    questions = _questions()  # answers A, B, C, D, C, B
+    always_a = mmlu_accuracy(eval_model, questions, interventions=steer_to(eval_model, letter_vectors, [0] * 6))
+    assert always_a.value == pytest.approx(1 / 6)
+    assert always_a.chance == 0.25
+    assert always_a.letter_shares == [1.0, 0.0, 0.0, 0.0] and always_a.top_letter_share == 1.0
+    assert always_a.chance_in_interval()
+    right = mmlu_accuracy(eval_model, questions, interventions=steer_to(eval_model, letter_vectors, [q.answer for q in questions]))
+    assert right.letter_shares == pytest.approx([1 / 6, 2 / 6, 2 / 6, 1 / 6])
+    assert right.top_letter_share == pytest.approx(2 / 6)
+    assert not right.chance_in_interval()
+    # Mixed numbers of choices: chance is the mean of 1 / len(choices).
+    mixed = [MCQuestion("Pick one.", ("yes", "no"), 0), questions[0]]
+    assert mmlu_accuracy(eval_model, mixed).chance == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert top_letter_flags([2, 0, 2, 1]) == [True, False, True, False]
 
 
 def test_mmlu_option_scoring_follows_controlled_logits(eval_model, letter_vectors) -> None:

@@ -16,8 +16,11 @@ from refusal_dir.pipeline import (
     load_datasets,
     load_extraction,
     prepare_output_dir,
+    _group_rows,
+    mc_formatter,
     results_table,
     sweep,
+    write_report,
 )
 
 
@@ -172,3 +175,39 @@ def test_conditional_method_in_the_sweep(tiny_model, extracted, tmp_path: Path) 
     for (method, alpha, metric), value in index.items():
         if method == "conditional" and alpha == 0.0:
             assert value == pytest.approx(index[("addition", 0.0, metric)], abs=1e-9), metric
+
+
+def test_mmlu_rows_carry_chance_and_the_letter_bias(tiny_model, extracted) -> None:
+    from refusal_dir.evaluation import mmlu_accuracy
+
+    config, datasets, extraction, _ = extracted
+    ctx = SweepContext(tiny_model, config, datasets, extraction, progress=False)
+    selected = extraction.selected
+    rows, _ = _group_rows(ctx, "addition", "mmlu", selected.layer, selected.position)
+    index = {(r["alpha"], r["metric"]): r for r in rows}
+    unsteered = mmlu_accuracy(tiny_model, datasets.mmlu, formatter=mc_formatter(config))
+    assert index[(0.0, "mmlu_accuracy")]["value"] == pytest.approx(unsteered.value)
+    assert index[(0.0, "mmlu_chance")]["value"] == pytest.approx(unsteered.chance) == 0.25
+    assert index[(0.0, "mmlu_top_letter_share")]["value"] == pytest.approx(unsteered.top_letter_share)
+    assert {alpha for alpha, metric in index if metric == "mmlu_top_letter_share"} == set(config.steering.alphas)
+
+
+def test_report_warns_when_the_unsteered_accuracy_cannot_be_told_from_chance(tmp_path: Path, caplog) -> None:
+    def row(method, alpha, metric, value, low, high):
+        return dict(method=method, layer=1, alpha=alpha, metric=metric, value=value, ci_low=low, ci_high=high, n=20)
+
+    rows = [
+        row("addition", 0.0, "mmlu_accuracy", 0.30, 0.15, 0.50),  # contains 0.25
+        row("addition", 0.0, "mmlu_chance", 0.25, 0.25, 0.25),
+        row("addition", 1.0, "mmlu_accuracy", 0.25, 0.10, 0.45),  # steered: not the baseline
+        row("addition", 1.0, "mmlu_chance", 0.25, 0.25, 0.25),
+        row("ablation", 0.0, "mmlu_accuracy", 0.90, 0.70, 0.97),  # well above chance
+        row("ablation", 0.0, "mmlu_chance", 0.25, 0.25, 0.25),
+    ]
+    with caplog.at_level("WARNING", logger="refusal_dir.pipeline"):
+        path = write_report(rows, tmp_path, extraction=None, model_id="tiny", command="test")
+    text = path.read_text()
+    assert text.count("contains chance") == 1 and "addition: the unsteered" in text
+    assert [r.message for r in caplog.records if "contains chance" in r.message] == [
+        line.removeprefix("**Warning**: ").removesuffix(".") for line in text.splitlines() if "contains chance" in line
+    ]
