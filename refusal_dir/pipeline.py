@@ -364,7 +364,8 @@ class Extraction:
 
 def _collect_split(
     model: HookedModel, pairs: PairSet, config: Config, *, progress: bool, label: str
-) -> tuple[Activations, Activations, Activations, Activations, str]:
+) -> tuple[Activations, Activations, Activations, Activations, list[str]]:
+    """Train and held-out activations of both sides, and each held-out pair's group."""
     train, heldout = split_pairs(pairs, config)
     texts_pos = train.positives + heldout.positives
     texts_neg = train.negatives + heldout.negatives
@@ -387,7 +388,7 @@ def _collect_split(
         negative.select(train_idx),
         positive.select(held_idx),
         negative.select(held_idx),
-        pairs.content_hash(),
+        heldout.groups,
     )
 
 
@@ -396,9 +397,10 @@ def _extract_family(
 ) -> tuple[dict[str, DirectionSet], dict[str, list[LayerScore]]]:
     if len(pairs) < 4:
         raise DataError(f"{name} pairs: need at least 4 pairs to hold some out, got {len(pairs)}")
-    train_pos, train_neg, held_pos, held_neg, digest = _collect_split(
+    train_pos, train_neg, held_pos, held_neg, groups = _collect_split(
         model, pairs, config, progress=progress, label=name
     )
+    digest = pairs.content_hash()
     sets: dict[str, DirectionSet] = {}
     scores: dict[str, list[LayerScore]] = {}
     for method in config.extraction.methods:
@@ -415,7 +417,8 @@ def _extract_family(
                 name=name,
             )
             scores[key] = score_layers(
-                sets[key], held_pos, held_neg, train_positive=train_pos, train_negative=train_neg
+                sets[key], held_pos, held_neg, train_positive=train_pos, train_negative=train_neg,
+                groups=groups,
             )
     return sets, scores
 
@@ -916,6 +919,10 @@ def _honesty_rows(ctx: SweepContext, method: str) -> list[dict[str, Any]]:
     labels = [claim.label for claim in claims]
     rows: list[dict[str, Any]] = []
     rows += _rows_for(_split(correct, alphas, n), method=f"honesty_{method}", layer=layer, metric="honesty_accuracy", config=ctx.config)
+    if len(set(labels)) == 2:  # balanced: the mean of the true-claim and false-claim accuracies
+        weights = metrics.balanced_weights(labels[:n])
+        weighted = [w * c for w, c in zip(weights * len(alphas), correct, strict=True)]
+        rows += _rows_for(_split(weighted, alphas, n), method=f"honesty_{method}", layer=layer, metric="honesty_balanced_accuracy", config=ctx.config)
     for flag, name in ((True, "honesty_accuracy_true_claims"), (False, "honesty_accuracy_false_claims")):
         per_alpha = {
             alpha: [c for c, label in zip(values, labels[i * n : (i + 1) * n]) if label == flag]
@@ -1117,11 +1124,11 @@ def results_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {method} | {layers[(method, alpha)]} | {alpha:+.2f} | " + " | ".join(cells) + " |")
     honesty = sorted({(r["method"], r["alpha"]) for r in rows if r["method"].startswith("honesty_")})
     if honesty:
-        lines += ["", "| honesty method | layer | alpha | accuracy | true claims | false claims |", "|---|---|---|---|---|---|"]
+        lines += ["", "| honesty method | layer | alpha | accuracy | balanced accuracy | true claims | false claims |", "|---|---|---|---|---|---|---|"]
         for method, alpha in honesty:
             cells = [
                 _cell(index.get((method, alpha, metric)))
-                for metric in ("honesty_accuracy", "honesty_accuracy_true_claims", "honesty_accuracy_false_claims")
+                for metric in ("honesty_accuracy", "honesty_balanced_accuracy", "honesty_accuracy_true_claims", "honesty_accuracy_false_claims")
             ]
             lines.append(f"| {method} | {layers[(method, alpha)]} | {alpha:+.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -524,6 +524,13 @@ def test_honesty_breakdown_on_a_controlled_model(eval_model, letter_vectors) -> 
     assert result["accuracy"] == pytest.approx(0.4)
     assert result["accuracy_true"] == pytest.approx(2 / 3)
     assert result["accuracy_false"] == 0.0
+    assert result["balanced_accuracy"] == pytest.approx((2 / 3 + 0.0) / 2)
+    # Answering "True" to everything: accuracy is the share of true claims, balanced is 0.5.
+    always_true = honesty_accuracy(
+        eval_model, claims, interventions=steer_to(eval_model, letter_vectors[:2], [0] * 5)
+    )
+    assert always_true["accuracy"] == pytest.approx(0.6) and always_true["balanced_accuracy"] == 0.5
+    assert math.isnan(honesty_accuracy(eval_model, claims[:3])["balanced_accuracy"])
     assert result["mean_p_true"] == pytest.approx(sum(result["p_true"]) / 5)
     assert [p > 0.5 for p in result["p_true"]] == result["predicted_true"]
 

@@ -17,6 +17,7 @@ from refusal_dir.pipeline import (
     load_extraction,
     prepare_output_dir,
     _group_rows,
+    _honesty_rows,
     mc_formatter,
     results_table,
     sweep,
@@ -211,3 +212,21 @@ def test_report_warns_when_the_unsteered_accuracy_cannot_be_told_from_chance(tmp
     assert [r.message for r in caplog.records if "contains chance" in r.message] == [
         line.removeprefix("**Warning**: ").removesuffix(".") for line in text.splitlines() if "contains chance" in line
     ]
+
+
+def test_honesty_rows_report_balanced_accuracy(tiny_model, extracted) -> None:
+    import dataclasses
+
+    from refusal_dir.evaluation import honesty_accuracy
+    from refusal_dir.prompts import true_false_claims
+
+    config, datasets, extraction, _ = extracted
+    claims = true_false_claims()
+    mixed = [next(c for c in claims if c.label), *[c for c in claims if not c.label][:2]]  # 1 true, 2 false
+    ctx = SweepContext(tiny_model, config, dataclasses.replace(datasets, claims=mixed), extraction, progress=False)
+    rows = {(r["alpha"], r["metric"]): r["value"] for r in _honesty_rows(ctx, "addition")}
+    unsteered = honesty_accuracy(tiny_model, mixed)
+    assert rows[(0.0, "honesty_balanced_accuracy")] == pytest.approx(unsteered["balanced_accuracy"])
+    for alpha in config.steering.alphas:
+        expected = (rows[(alpha, "honesty_accuracy_true_claims")] + rows[(alpha, "honesty_accuracy_false_claims")]) / 2
+        assert rows[(alpha, "honesty_balanced_accuracy")] == pytest.approx(expected)
