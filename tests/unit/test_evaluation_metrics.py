@@ -385,6 +385,24 @@ def test_kl_is_positive_under_addition_and_reference_matches(eval_model) -> None
         kl_divergence(eval_model, PROMPTS, interventions=[push], reference_logits=reference[:2])
 
 
+def test_kl_is_unsteered_against_steered_not_the_reverse(tmp_path) -> None:
+    # A tiny model's logits are nearly flat, where KL is nearly symmetric; a sharpened
+    # unembedding (x 20) gives peaked distributions whose two KL directions differ.
+    eval_model = load_model(str(make_tiny_model(tmp_path / "sharp")), device="cpu", with_bridge=False)
+    with torch.no_grad():
+        eval_model.hf.get_output_embeddings().weight.mul_(20.0)
+    torch.manual_seed(1)
+    push = addition(torch.randn(eval_model.d_model), layer=1, alpha=8.0)
+    unsteered = torch.log_softmax(next_token_logits(eval_model, PROMPTS).double(), dim=-1)
+    steered = torch.log_softmax(next_token_logits(eval_model, PROMPTS, interventions=[push]).double(), dim=-1)
+    forward = (unsteered.exp() * (unsteered - steered)).sum(dim=-1)  # KL(P_unsteered || P_steered)
+    reverse = (steered.exp() * (steered - unsteered)).sum(dim=-1)
+    assert not torch.allclose(forward, reverse, rtol=0.05)  # the two directions differ here
+    for reference in (None, next_token_logits(eval_model, PROMPTS)):
+        result = kl_divergence(eval_model, PROMPTS, interventions=[push], reference_logits=reference)
+        assert result.per_prompt == pytest.approx(forward.tolist(), rel=1e-4)
+
+
 def test_kl_with_one_reference_row_per_distinct_prompt_in_a_sweep(eval_model) -> None:
     torch.manual_seed(0)
     vector = torch.randn(eval_model.d_model)
