@@ -682,6 +682,24 @@ def load_extraction(directory: Path, *, model: HookedModel | None = None) -> Ext
     )
 
 
+def check_pairs_match(extraction: Extraction, datasets: Datasets, *, directions_dir: Path) -> None:
+    """Refuse rebuilt refusal pairs that are not the ones the directions were extracted from.
+
+    ``evaluate`` and ``tune`` rebuild the held-out pairs (the conditional gate's threshold, the
+    tuning threshold) from the config; other pairs would hand them prompts the directions were
+    trained on. Checked against the steering set's ``prompt_set_hash`` (skipped when empty:
+    directions computed outside the pipeline record none).
+    """
+    recorded = extraction.steering_set.meta.prompt_set_hash
+    rebuilt = datasets.refusal_pairs.content_hash()
+    if recorded and recorded != rebuilt:
+        raise DataError(
+            f"the directions in {directions_dir} were extracted from other refusal pairs "
+            f"(hash {recorded}) than this config gives (hash {rebuilt}): pass the --pairs-file "
+            "(or --config) that `refusal-dir extract` used"
+        )
+
+
 def check_extraction_fits(extraction: Extraction, model: HookedModel) -> None:
     for direction_set in extraction.sets.values():
         direction_set.check_fits(model)

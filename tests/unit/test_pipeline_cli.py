@@ -230,3 +230,15 @@ def test_honesty_rows_report_balanced_accuracy(tiny_model, extracted) -> None:
     for alpha in config.steering.alphas:
         expected = (rows[(alpha, "honesty_accuracy_true_claims")] + rows[(alpha, "honesty_accuracy_false_claims")]) / 2
         assert rows[(alpha, "honesty_balanced_accuracy")] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "tune"])
+def test_evaluate_and_tune_refuse_other_refusal_pairs(capsys, extracted, tmp_path: Path, command) -> None:
+    _, datasets, _, output = extracted
+    other = tmp_path / "other_pairs.jsonl"
+    pairs = list(datasets.refusal_pairs)[1:]  # one pair fewer: another held-out split
+    other.write_text("".join(json.dumps({"harmful": p.positive, "harmless": p.negative}) + "\n" for p in pairs))
+    code, err = _run_cli(capsys, command, "--directions-dir", str(output), "--output-dir", str(tmp_path / "o"), "--pairs-file", str(other), "--quiet")
+    lines = [line for line in err.strip().splitlines() if line.startswith("refusal-dir")]
+    assert code == 2 and len(lines) == 1
+    assert "other refusal pairs" in lines[0] and "--pairs-file" in lines[0]
