@@ -611,7 +611,7 @@ HUB_INSTRUCTION_SOURCES: Mapping[str, HubInstructionSource] = MappingProxyType(
             config=None,
             split="train",
             field="instruction",
-            local_flag="--harmless-file",
+            local_flag="--benign-file",
             only_empty_input=True,
         ),
     }
@@ -683,7 +683,7 @@ def load_hub_truthfulqa(*, max_choices: int = 4, seed: int = 0) -> list[MCQuesti
         TRUTHFULQA_REPO,
         config="multiple_choice",
         split="validation",
-        local_flag="--truthfulqa-file",
+        local_flag="--mmlu-file",
     )
     return [_truthfulqa_question(record, max_choices=max_choices, seed=seed) for record in records]
 
