@@ -6,10 +6,21 @@ import math
 
 import pytest
 
-from refusal_dir.config import load_config
 from refusal_dir import pipeline
-from refusal_dir.evaluation.selection import LayerEffect, choose_layer, layer_effects, select_by_effect
-from refusal_dir.pipeline import extract, load_datasets, load_extraction, prepare_output_dir, split_pairs
+from refusal_dir.config import load_config
+from refusal_dir.evaluation.selection import (
+    LayerEffect,
+    choose_layer,
+    layer_effects,
+    select_by_effect,
+)
+from refusal_dir.pipeline import (
+    extract,
+    load_datasets,
+    load_extraction,
+    prepare_output_dir,
+    split_pairs,
+)
 from refusal_dir.testing import make_tiny_model
 
 

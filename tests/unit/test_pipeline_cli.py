@@ -12,13 +12,13 @@ from refusal_dir.config import Config, config_from_dict, load_config
 from refusal_dir.errors import ConfigError, OutputDirError
 from refusal_dir.pipeline import (
     SweepContext,
+    _group_rows,
+    _honesty_rows,
     extract,
     load_datasets,
     load_extraction,
-    prepare_output_dir,
-    _group_rows,
-    _honesty_rows,
     mc_formatter,
+    prepare_output_dir,
     results_table,
     sweep,
     write_report,
