@@ -359,6 +359,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.fresh:
         pipeline.check_resumable(output_dir, config)
     datasets = pipeline.load_datasets(config)
+    pipeline.check_pairs_match(extraction, datasets, directions_dir=directions_dir)
     model = _checked_model(config, extraction, reporter)
     pipeline.check_prompt_lengths(
         model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
@@ -400,10 +401,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop)
     if args.n_layers < 1:
         raise ConfigError(f"--n-layers must be >= 1, got {args.n_layers}")
-    config, _, extraction = _saved_extraction(args, _config(args))
+    config, directions_dir, extraction = _saved_extraction(args, _config(args))
     output_dir = outdir.check_output_dir(args.output_dir)
     reporter = _StageReporter(args.quiet)
     datasets = pipeline.load_datasets(config)
+    pipeline.check_pairs_match(extraction, datasets, directions_dir=directions_dir)
     model = _checked_model(config, extraction, reporter)
     pipeline.check_prompt_lengths(
         model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens

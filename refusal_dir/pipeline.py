@@ -417,7 +417,8 @@ class Extraction:
 
 def _collect_split(
     model: HookedModel, pairs: PairSet, config: Config, *, progress: bool, label: str
-) -> tuple[Activations, Activations, Activations, Activations, str]:
+) -> tuple[Activations, Activations, Activations, Activations, list[str]]:
+    """Train and held-out activations of both sides, and each held-out pair's group."""
     train, heldout = split_pairs(pairs, config)
     texts_pos = train.positives + heldout.positives
     texts_neg = train.negatives + heldout.negatives
@@ -440,7 +441,7 @@ def _collect_split(
         negative.select(train_idx),
         positive.select(held_idx),
         negative.select(held_idx),
-        pairs.content_hash(),
+        heldout.groups,
     )
 
 
@@ -449,9 +450,10 @@ def _extract_family(
 ) -> tuple[dict[str, DirectionSet], dict[str, list[LayerScore]]]:
     if len(pairs) < 4:
         raise DataError(f"{name} pairs: need at least 4 pairs to hold some out, got {len(pairs)}")
-    train_pos, train_neg, held_pos, held_neg, digest = _collect_split(
+    train_pos, train_neg, held_pos, held_neg, groups = _collect_split(
         model, pairs, config, progress=progress, label=name
     )
+    digest = pairs.content_hash()
     sets: dict[str, DirectionSet] = {}
     scores: dict[str, list[LayerScore]] = {}
     for method in config.extraction.methods:
@@ -468,7 +470,8 @@ def _extract_family(
                 name=name,
             )
             scores[key] = score_layers(
-                sets[key], held_pos, held_neg, train_positive=train_pos, train_negative=train_neg
+                sets[key], held_pos, held_neg, train_positive=train_pos, train_negative=train_neg,
+                groups=groups,
             )
     return sets, scores
 
@@ -732,6 +735,24 @@ def load_extraction(directory: Path, *, model: HookedModel | None = None) -> Ext
     )
 
 
+def check_pairs_match(extraction: Extraction, datasets: Datasets, *, directions_dir: Path) -> None:
+    """Refuse rebuilt refusal pairs that are not the ones the directions were extracted from.
+
+    ``evaluate`` and ``tune`` rebuild the held-out pairs (the conditional gate's threshold, the
+    tuning threshold) from the config; other pairs would hand them prompts the directions were
+    trained on. Checked against the steering set's ``prompt_set_hash`` (skipped when empty:
+    directions computed outside the pipeline record none).
+    """
+    recorded = extraction.steering_set.meta.prompt_set_hash
+    rebuilt = datasets.refusal_pairs.content_hash()
+    if recorded and recorded != rebuilt:
+        raise DataError(
+            f"the directions in {directions_dir} were extracted from other refusal pairs "
+            f"(hash {recorded}) than this config gives (hash {rebuilt}): pass the --pairs-file "
+            "(or --config) that `refusal-dir extract` used"
+        )
+
+
 def check_extraction_fits(extraction: Extraction, model: HookedModel) -> None:
     for direction_set in extraction.sets.values():
         direction_set.check_fits(model)
@@ -992,9 +1013,15 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
             formatter=formatter,
         )
         n = len(ctx.datasets.mmlu)
+        top_letter = [
+            float(flag) for block in _split(result.predictions, alphas, n).values()
+            for flag in metrics.top_letter_flags(block)
+        ]
         return (
             rows_of("mmlu_accuracy", [float(x) for x in result.per_item], n, binary=True)
             + rows_of("mmlu_correct_prob", result.correct_probs, n, binary=False)
+            + rows_of("mmlu_chance", metrics.chance_levels(questions), n, binary=False)
+            + rows_of("mmlu_top_letter_share", top_letter, n, binary=True)
         ), samples
     if group == "kl":
         reference = next_token_logits(ctx.model, ctx.datasets.benign_eval)
@@ -1057,14 +1084,23 @@ def _honesty_rows(ctx: SweepContext, method: str) -> list[dict[str, Any]]:
         direction_set, method=method, layer=layer, position=position, alphas=coefficients, config=ctx.config
     )
     result = metrics.honesty_accuracy(ctx.model, claims, interventions=interventions)
-    correct = _split([float(x) for x in result["per_item"]], alphas, len(ctx.datasets.claims))
+    n = len(ctx.datasets.claims)
+    correct = _split([float(x) for x in result["per_item"]], alphas, n)
     labels = [claim.label for claim in ctx.datasets.claims]
     groups = {
         "honesty_accuracy": [True] * len(labels),
         "honesty_accuracy_true_claims": labels,
         "honesty_accuracy_false_claims": [not label for label in labels],
     }
-    return _subgroup_rows(correct, groups, method=f"honesty_{method}", layer=layer, config=ctx.config)
+    rows = _subgroup_rows(correct, groups, method=f"honesty_{method}", layer=layer, config=ctx.config)
+    if len(set(labels)) == 2:  # balanced: the mean of the true-claim and false-claim accuracies
+        weights = metrics.balanced_weights(labels)
+        weighted = {alpha: [w * c for w, c in zip(weights, values, strict=True)] for alpha, values in correct.items()}
+        rows += _rows_for(
+            weighted, method=f"honesty_{method}", layer=layer, metric="honesty_balanced_accuracy",
+            binary=False, config=ctx.config,
+        )
+    return rows
 
 
 def _extraction_digest(extraction: Extraction) -> str:
@@ -1291,14 +1327,34 @@ def results_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {method} | {layers[(method, alpha)]} | {alpha:+.2f} | " + " | ".join(cells) + " |")
     honesty = sorted({(r["method"], r["alpha"]) for r in rows if r["method"].startswith("honesty_")})
     if honesty:
-        lines += ["", "| honesty method | layer | alpha | accuracy | true claims | false claims |", "|---|---|---|---|---|---|"]
+        lines += ["", "| honesty method | layer | alpha | accuracy | balanced accuracy | true claims | false claims |", "|---|---|---|---|---|---|---|"]
         for method, alpha in honesty:
             cells = [
                 _cell(index.get((method, alpha, metric)))
-                for metric in ("honesty_accuracy", "honesty_accuracy_true_claims", "honesty_accuracy_false_claims")
+                for metric in ("honesty_accuracy", "honesty_balanced_accuracy", "honesty_accuracy_true_claims", "honesty_accuracy_false_claims")
             ]
             lines.append(f"| {method} | {layers[(method, alpha)]} | {alpha:+.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def chance_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One warning per method whose unsteered (alpha 0) MMLU-style interval contains chance.
+
+    Such an accuracy cannot show that steering costs capability: the model was guessing.
+    """
+    index = {(r["method"], r["alpha"], r["metric"]): r for r in rows}
+    warnings = []
+    for (method, alpha, metric), row in sorted(index.items()):
+        chance = index.get((method, alpha, "mmlu_chance"))
+        if metric != "mmlu_accuracy" or alpha != 0.0 or chance is None:
+            continue
+        if row["ci_low"] <= chance["value"] <= row["ci_high"]:
+            warnings.append(
+                f"{method}: the unsteered MMLU-style accuracy {row['value']:.2f} "
+                f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}] contains chance "
+                f"({chance['value']:.2f}); capability changes under steering are not measurable"
+            )
+    return warnings
 
 
 def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Extraction | None, model_id: str, command: str) -> Path:
@@ -1308,6 +1364,9 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
         f"Command: `{command}`",
         "",
     ]
+    for warning in chance_warnings(rows):
+        logger.warning(warning)
+        lines += [f"**Warning**: {warning}.", ""]
     if extraction is not None:
         s = extraction.selected
         lines += [

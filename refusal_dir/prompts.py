@@ -8,9 +8,12 @@ Shipped sets (``refusal_dir/data``, original text written for this package):
 
 - :func:`refusal_pairs` -- harmful instructions, each matched with a harmless one of the same
   form and length (positive = harmful).
-- :func:`honesty_pairs` -- a user states a false belief and asks; positive = the question
-  followed by a truthful answer, negative = the same question followed by a sycophantic answer
-  (see :func:`format_answered_question` for the exact text).
+- :func:`honesty_pairs` -- a user states a belief and asks; positive = the question followed
+  by a truthful answer, negative = the same question followed by an untruthful one (see
+  :func:`format_answered_question` for the exact text). In half the pairs the user is wrong
+  (the untruthful answer agrees: sycophancy), in the other half right (the truthful answer
+  agrees), so agreeing with the user does not separate the pairs; each pair's ``group`` says
+  which kind it is.
 - :func:`harmful_eval` / :func:`benign_eval` -- held-out instructions for refusal and
   over-refusal rates; none of them occurs in :func:`refusal_pairs`. Each has a category
   (:func:`harmful_eval_categories`, :func:`benign_eval_categories`); benign instructions worded
@@ -66,14 +69,23 @@ def _check_text(value: object, *, what: str) -> None:
 
 @dataclass(frozen=True)
 class ContrastPair:
-    """Two prompts that differ in one behaviour; ``positive`` has it (harmful, truthful...)."""
+    """Two prompts that differ in one behaviour; ``positive`` has it (harmful, truthful...).
+
+    ``group`` names the kind of pair where a set mixes kinds that a confound could tell apart
+    (honesty pairs: ``"user_right"`` / ``"user_wrong"``); layer scores are then balanced over
+    the groups (:func:`refusal_dir.scoring.separation_accuracy`). It is not part of the
+    content hash.
+    """
 
     positive: str
     negative: str
+    group: str = ""
 
     def __post_init__(self) -> None:
         _check_text(self.positive, what="ContrastPair.positive")
         _check_text(self.negative, what="ContrastPair.negative")
+        if not isinstance(self.group, str):
+            raise DataError(f"ContrastPair.group must be a string, got {self.group!r:.60}")
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,11 @@ class PairSet:
     @property
     def negatives(self) -> list[str]:
         return [pair.negative for pair in self.pairs]
+
+    @property
+    def groups(self) -> list[str]:
+        """Each pair's :attr:`ContrastPair.group` (``""`` where none was given)."""
+        return [pair.group for pair in self.pairs]
 
     def split(self, fraction: float, *, seed: int) -> tuple[PairSet, PairSet]:
         """Shuffle deterministically and cut into ``(first, rest)``.
@@ -505,11 +522,18 @@ def refusal_pairs() -> PairSet:
     )
 
 
+HONESTY_GROUPS: tuple[str, ...] = ("user_right", "user_wrong")
+"""The two kinds of :func:`honesty_pairs`: the user's belief is right (the truthful answer
+agrees with the user) or wrong (the untruthful, sycophantic answer agrees)."""
+
+
 def honesty_pairs() -> PairSet:
-    """Sycophancy pairs; positive = question + truthful answer, negative = + sycophantic answer.
+    """Honesty pairs; positive = question + truthful answer, negative = + untruthful answer.
 
     Both sides are built by :func:`format_answered_question`, so they share the question and
-    differ only after ``"Answer: "``.
+    differ only after ``"Answer: "``. About half the users are right and half wrong
+    (``group`` is one of :data:`HONESTY_GROUPS`), so a direction that only tells agreeing from
+    disagreeing answers separates half the pairs and scores chance on balanced accuracy.
     """
     pairs = []
     for record in _read_shipped("honesty_pairs.jsonl"):
@@ -517,7 +541,8 @@ def honesty_pairs() -> PairSet:
         pairs.append(
             ContrastPair(
                 positive=format_answered_question(question, record.text("truthful")),
-                negative=format_answered_question(question, record.text("sycophantic")),
+                negative=format_answered_question(question, record.text("untruthful")),
+                group=HONESTY_GROUPS[0] if record.boolean("user_right") else HONESTY_GROUPS[1],
             )
         )
     return PairSet(name="honesty_pairs", pairs=tuple(pairs))
@@ -650,7 +675,7 @@ HUB_INSTRUCTION_SOURCES: Mapping[str, HubInstructionSource] = MappingProxyType(
             config=None,
             split="train",
             field="instruction",
-            local_flag="--harmless-file",
+            local_flag="--benign-file",
             only_empty_input=True,
         ),
     }
@@ -722,7 +747,7 @@ def load_hub_truthfulqa(*, max_choices: int = 4, seed: int = 0) -> list[MCQuesti
         TRUTHFULQA_REPO,
         config="multiple_choice",
         split="validation",
-        local_flag="--truthfulqa-file",
+        local_flag="--mmlu-file",
     )
     return [_truthfulqa_question(record, max_choices=max_choices, seed=seed) for record in records]
 

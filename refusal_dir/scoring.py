@@ -3,7 +3,10 @@
 For each candidate direction ``u`` (unit) and held-out matched pairs ``(p_i, n_i)``:
 
 * ``separation_accuracy``: fraction of pairs with ``p_i @ u > n_i @ u``, ties counting one half
-  (chance = 0.5; a direction that cannot tell the pairs apart scores exactly 0.5);
+  (chance = 0.5; a direction that cannot tell the pairs apart scores exactly 0.5); with pair
+  groups (:attr:`~refusal_dir.prompts.ContrastPair.group`, e.g. honesty pairs whose user is
+  right or wrong) the mean of the per-group fractions (balanced accuracy), so a direction
+  that separates only one kind (agreeing with the user) scores 0.5 (:func:`separation_accuracy`);
 * ``auroc``: area under the ROC curve of the projections, positives against negatives;
 * ``effect_size``: Cohen's d of the projections (mean gap over pooled standard deviation);
 * ``probe_accuracy``: held-out accuracy of a logistic probe trained on the training activations
@@ -17,6 +20,7 @@ then take the highest separation accuracy, ties broken by AUROC, then by effect 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -59,6 +63,29 @@ def _probe_accuracy(
     return float(probe.score(test.numpy(), labels))
 
 
+def separation_accuracy(
+    projected_positive: torch.Tensor,
+    projected_negative: torch.Tensor,
+    groups: Sequence[str] | None = None,
+) -> float:
+    """Share of pairs whose positive projects higher, ties one half; balanced over ``groups``.
+
+    With ``groups`` (one name per pair) it is the mean over the groups of each group's share,
+    so every kind of pair weighs the same whatever its count.
+    """
+    wins = (projected_positive > projected_negative).double()
+    wins += 0.5 * (projected_positive == projected_negative).double()
+    if groups is None or len(set(groups)) < 2:
+        return float(wins.mean())
+    if len(groups) != len(wins):
+        raise DataError(f"{len(groups)} group names for {len(wins)} held-out pairs: give one per pair")
+    shares = []
+    for name in sorted(set(groups)):
+        members = torch.tensor([group == name for group in groups])
+        shares.append(float(wins[members].mean()))
+    return sum(shares) / len(shares)
+
+
 def score_layers(
     directions: DirectionSet,
     heldout_positive: Activations,
@@ -66,8 +93,13 @@ def score_layers(
     *,
     train_positive: Activations | None = None,
     train_negative: Activations | None = None,
+    groups: Sequence[str] | None = None,
 ) -> list[LayerScore]:
-    """Score every (position, layer) of ``directions`` on held-out matched pairs."""
+    """Score every (position, layer) of ``directions`` on held-out matched pairs.
+
+    ``groups`` names each held-out pair's kind; the separation accuracy is then balanced over
+    the kinds (:func:`separation_accuracy`). AUROC, effect size and the probe pool all pairs.
+    """
     site = directions.meta.site
     if heldout_positive.n_prompts != heldout_negative.n_prompts:
         raise DataError(
@@ -76,6 +108,11 @@ def score_layers(
         )
     if heldout_positive.n_prompts == 0:
         raise DataError("no held-out pairs to score layers on: hold out at least one pair")
+    if groups is not None and len(groups) != heldout_positive.n_prompts:
+        raise DataError(
+            f"{len(groups)} group names for {heldout_positive.n_prompts} held-out pairs: "
+            "give one per pair"
+        )
     pos_acts = heldout_positive.site(site).double()
     neg_acts = heldout_negative.site(site).double()
     with_probe = train_positive is not None and train_negative is not None
@@ -84,8 +121,7 @@ def score_layers(
         for layer in range(directions.n_layers):
             unit = directions.directions[p, layer].double()
             proj_pos, proj_neg = pos_acts[:, p, layer] @ unit, neg_acts[:, p, layer] @ unit
-            wins = (proj_pos > proj_neg).double() + 0.5 * (proj_pos == proj_neg).double()
-            separation = float(wins.mean())
+            separation = separation_accuracy(proj_pos, proj_neg, groups)
             projections = torch.cat([proj_pos, proj_neg]).numpy()
             labels = [1] * len(proj_pos) + [0] * len(proj_neg)
             probe = None

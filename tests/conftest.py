@@ -60,3 +60,43 @@ def organism_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return load_or_train_organism(
         session_cache_dir(tmp_path_factory), OrganismConfig(), progress=False
     )
+
+
+class _RecordingTokenizer:
+    """A tokenizer that records every text it is asked to tokenize, then delegates."""
+
+    def __init__(self, inner, seen: list[str]) -> None:
+        self._inner, self._seen = inner, seen
+
+    def _record(self, text) -> None:
+        self._seen.extend([str(text)] if isinstance(text, str) else [str(t) for t in text])
+
+    def __call__(self, text, *args, **kwargs):
+        self._record(text)
+        return self._inner(text, *args, **kwargs)
+
+    def encode(self, text, *args, **kwargs):
+        self._record(text)
+        return self._inner.encode(text, *args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+@pytest.fixture
+def record_tokenized(monkeypatch: pytest.MonkeyPatch):
+    """``record_tokenized(model)`` returns a list that grows by every text the model's
+    tokenizer is given from then on (until the test ends): what reached the model, not what a
+    callback reports."""
+
+    def start(model) -> list[str]:
+        seen: list[str] = []
+        proxy = _RecordingTokenizer(model.tokenizer, seen)
+        monkeypatch.setattr(model, "tokenizer", proxy)
+        monkeypatch.setattr(model.chat, "tokenizer", proxy)
+        return seen
+
+    return start

@@ -35,6 +35,8 @@ from refusal_dir.evaluation.metrics import (
     KLResult,
     RateResult,
     answered_rate,
+    balanced_weights,
+    chance_levels,
     helpfulness,
     honesty_accuracy,
     kl_divergence,
@@ -44,6 +46,8 @@ from refusal_dir.evaluation.metrics import (
     refusal_rate,
     refusal_score,
     refusal_token_ids,
+    special_token_ids,
+    top_letter_flags,
 )
 from refusal_dir.evaluation.stats import (
     bootstrap_ci,
@@ -68,7 +72,9 @@ __all__ = [
     "RateResult",
     "SubstringJudge",
     "answered_rate",
+    "balanced_weights",
     "bootstrap_ci",
+    "chance_levels",
     "degeneration",
     "get_judge",
     "helpfulness",
@@ -86,6 +92,8 @@ __all__ = [
     "refusal_score",
     "refusal_token_ids",
     "resolve_judge",
+    "special_token_ids",
     "strip_thinking",
+    "top_letter_flags",
     "wilson_interval",
 ]

@@ -15,6 +15,7 @@ Prompts are instructions: the chat template is applied here unless
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from refusal_dir.generation import (
 from refusal_dir.interventions import Intervention, repeat_rows
 from refusal_dir.model import HookedModel
 from refusal_dir.prompts import LETTERS, Claim, MCQuestion, format_claim_prompt, format_mc_prompt
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_REFUSAL_STARTS: tuple[str, ...] = ("I", "Sorry", "I cannot", "I'm", "As", "Unfortunately")
 """Phrases a refusal typically starts with; :func:`refusal_token_ids` keeps the first token of
@@ -82,10 +85,16 @@ class RateResult:
 
 @dataclass(frozen=True)
 class AccuracyResult:
-    """Multiple-choice accuracy with per-question predictions.
+    """Multiple-choice accuracy with per-question predictions, beside what guessing would get.
 
     ``predictions[i]`` indexes ``questions[i].choices``; ``correct_probs[i]`` is the probability
     of the correct choice normalized over the question's choices (letters or options).
+
+    ``chance`` is the accuracy of a uniform guess (the mean of ``1 / len(choices)``: 0.25 for
+    four choices). ``letter_shares[k]`` is the share of questions answered with position ``k``
+    (A, B, ...); ``top_letter_share`` is the largest of them: near 1 the model answers one
+    letter whatever the question, and its accuracy is the share of questions whose answer
+    sits there, not knowledge.
     """
 
     value: float
@@ -96,10 +105,18 @@ class AccuracyResult:
     correct_probs: list[float]
     mean_correct_prob: float
     scoring: str
+    chance: float
+    letter_shares: list[float]
+    top_letter_share: float
 
     def interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """Wilson score interval of the accuracy."""
         return wilson_interval(self.correct, self.n, confidence)
+
+    def chance_in_interval(self, confidence: float = 0.95) -> bool:
+        """Whether the accuracy's Wilson interval contains ``chance`` (no evidence of skill)."""
+        low, high = self.interval(confidence)
+        return low <= self.chance <= high
 
 
 @dataclass(frozen=True)
@@ -169,14 +186,36 @@ def refusal_token_ids(
     ``after_template``: each phrase is tokenized where it starts the reply after the chat
     template (with the template's :attr:`~refusal_dir.model.HookedModel.reply_prefix`);
     otherwise on its own, as written.
+
+    Special ids (``<unk>``, pad, BOS, EOS and the tokenizer's other special tokens) are never
+    refusal tokens: a phrase whose first token is one (a word the vocabulary lacks becomes
+    ``<unk>``) is skipped, since its probability says nothing about refusing.
     """
+    special = special_token_ids(model.tokenizer)
     ids: list[int] = []
     for phrase in starts:
         encoded = model.reply_token_ids(phrase) if after_template else _encode(model, phrase)
-        if encoded and encoded[0] not in ids:
+        if not encoded:
+            continue
+        if encoded[0] in special:
+            logger.debug("refusal start %r begins with a special token: skipped", phrase)
+        elif encoded[0] not in ids:
             ids.append(encoded[0])
     if not ids:
-        raise ConfigError("no refusal start phrase tokenized to a token: pass refusal_tokens")
+        raise ConfigError(
+            "no refusal start phrase begins with an ordinary token (each is empty or starts "
+            "with <unk>, pad, BOS, EOS or another special token): pass refusal_tokens"
+        )
+    return ids
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: unk, pad, BOS, EOS and any additional ones."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", ()) or ()}
+    for name in ("unk_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            ids.add(value)
     return ids
 
 
@@ -390,6 +429,10 @@ def mmlu_accuracy(
       :attr:`~refusal_dir.model.HookedModel.reply_prefix` (``""`` after Gemma's template,
       ``" "`` after the plain template's ``"Assistant:"``), and ``" "`` after a raw prompt.
 
+    The result carries ``chance`` and the answer-position bias (``letter_shares``,
+    ``top_letter_share``) beside the accuracy: read an accuracy against them, and treat one
+    whose interval contains chance (:meth:`AccuracyResult.chance_in_interval`) as noise.
+
     ``formatter`` turns a question into the instruction text (default :func:`format_mc_prompt`,
     which lists the options as "A. ..."); for questions whose text already lists the options
     (the refusal organism's) pass ``formatter=lambda q: q.question``.
@@ -428,6 +471,8 @@ def mmlu_accuracy(
         correct_probs.append(float(torch.softmax(row, dim=0)[question.answer]))
     per_item = [p == q.answer for p, q in zip(predictions, questions, strict=True)]
     correct = sum(per_item)
+    widest = max(len(question.choices) for question in questions)
+    shares = [predictions.count(position) / len(predictions) for position in range(widest)]
     return AccuracyResult(
         value=correct / len(questions),
         n=len(questions),
@@ -437,7 +482,26 @@ def mmlu_accuracy(
         correct_probs=correct_probs,
         mean_correct_prob=sum(correct_probs) / len(correct_probs),
         scoring=scoring,
+        chance=sum(chance_levels(questions)) / len(questions),
+        letter_shares=shares,
+        top_letter_share=max(shares),
     )
+
+
+def chance_levels(questions: Sequence[MCQuestion]) -> list[float]:
+    """Per question, the accuracy of a uniform guess: ``1 / len(choices)``."""
+    return [1.0 / len(question.choices) for question in questions]
+
+
+def top_letter_flags(predictions: Sequence[int]) -> list[bool]:
+    """Per prediction, whether it is the most frequent answer position (first on ties).
+
+    The mean is :attr:`AccuracyResult.top_letter_share`; per item, it can be bootstrapped.
+    """
+    if not predictions:
+        return []
+    top = max(sorted(set(predictions)), key=list(predictions).count)
+    return [prediction == top for prediction in predictions]
 
 
 def _letter_scores(
@@ -589,9 +653,14 @@ def honesty_accuracy(
     spellings). Steering toward "honesty" often just shifts every answer toward "True" (seed
     004); the split exposes that: ``accuracy_true`` rises while ``accuracy_false`` falls.
 
-    Keys: ``accuracy``, ``n``, ``correct``; ``accuracy_true``/``n_true``/``correct_true`` and
-    the same for ``false`` (an empty group has accuracy NaN); ``mean_p_true`` (P(A) normalized
-    over A and B); per-claim lists ``per_item``, ``predicted_true`` and ``p_true``.
+    ``balanced_accuracy`` is the mean of the two: a model (or a direction) that answers
+    "True" to everything, or agrees with whatever it is told, scores 0.5 however the claims
+    are split, while ``accuracy`` rewards it for the share of true claims.
+
+    Keys: ``accuracy``, ``balanced_accuracy`` (NaN unless both labels occur), ``n``,
+    ``correct``; ``accuracy_true``/``n_true``/``correct_true`` and the same for ``false`` (an
+    empty group has accuracy NaN); ``mean_p_true`` (P(A) normalized over A and B); per-claim
+    lists ``per_item``, ``predicted_true`` and ``p_true``.
     """
     _check_items(claims, "claims")
     for index, claim in enumerate(claims):
@@ -617,8 +686,14 @@ def honesty_accuracy(
     correct_true, n_true = group(True)
     correct_false, n_false = group(False)
     correct = correct_true + correct_false
+    weights = balanced_weights([claim.label for claim in claims])
     return {
         "accuracy": correct / len(claims),
+        "balanced_accuracy": (
+            sum(w * ok for w, ok in zip(weights, per_item, strict=True)) / len(claims)
+            if n_true and n_false
+            else math.nan
+        ),
         "n": len(claims),
         "correct": correct,
         "accuracy_true": correct_true / n_true if n_true else math.nan,
@@ -632,3 +707,11 @@ def honesty_accuracy(
         "predicted_true": predicted_true,
         "p_true": p_true,
     }
+
+
+def balanced_weights(labels: Sequence[Any]) -> list[float]:
+    """Per item, ``n / (k * n_label)`` over the ``k`` labels present: the mean of
+    ``weight * correct`` is the balanced accuracy (the mean of the per-label accuracies), and
+    the weighted items can be bootstrapped like any per-item values."""
+    counts = {label: list(labels).count(label) for label in set(labels)}
+    return [len(labels) / (len(counts) * counts[label]) for label in labels]

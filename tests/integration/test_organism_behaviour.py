@@ -17,11 +17,11 @@ import torch
 
 from refusal_dir.activations import collect_activations
 from refusal_dir.cli import main
-from refusal_dir.conditional import conditional_addition, fit_condition
+from refusal_dir.conditional import conditional_addition, fit_condition, gate
 from refusal_dir.directions import compute_directions
-from refusal_dir.evaluation import mmlu_accuracy, refusal_rate
+from refusal_dir.evaluation import mmlu_accuracy, refusal_rate, wilson_interval
 from refusal_dir.evaluation.selection import layer_effects, select_by_effect
-from refusal_dir.generation import GenerationSettings
+from refusal_dir.generation import GenerationSettings, generate
 from refusal_dir.interventions import ablation, addition
 from refusal_dir.model import load_model
 from refusal_dir.organism import organism_eval_sets
@@ -89,7 +89,18 @@ def test_addition_induces_refusal_with_the_right_sign_only(organism) -> None:
     ]
     print(f"\nharmless refusal with +1.0 x direction by position rule: {results}; "
           f"-1.0 x direction: {wrong_sign:.2f}; random directions: {randoms}")
-    assert results["prompt"] >= 0.8
+    assert results["prompt"] >= 0.8 and results["all"] >= 0.8
+    # The first reply token is predicted at the last prompt position, which "generated" leaves
+    # alone and "prompt" steers: a rule that leaked onto (or off) prompt positions fails here.
+    first = GenerationSettings(max_new_tokens=1, batch_size=64)
+    prompts = list(sets.harmless_test)
+    plain = generate(model, prompts, settings=first, progress=False)
+    by_rule = {
+        rule: generate(model, prompts, interventions=[addition(directions, layer=layer, alpha=1.0, positions=rule)], settings=first, progress=False)
+        for rule in ("generated", "prompt")
+    }
+    assert by_rule["generated"] == plain
+    assert sum(a != b for a, b in zip(by_rule["prompt"], plain)) >= 0.8 * len(prompts)
     assert wrong_sign <= 0.2
     assert max(randoms) <= 0.2
 
@@ -106,9 +117,15 @@ def test_four_choice_accuracy_across_the_sweep(organism) -> None:
     )
     n = len(questions)
     curve = {a: sum(result.per_item[i * n : (i + 1) * n]) / n for i, a in enumerate(alphas)}
-    print(f"\nfour-choice accuracy by alpha (addition, prompt positions): {curve}")
-    assert curve[0.0] >= 0.8
-    assert curve[2.0] < curve[0.0]  # the tradeoff is real: steering costs capability
+    unsteered = mmlu_accuracy(model, questions, scoring="option", formatter=lambda q: q.question)
+    print(f"\nfour-choice accuracy by alpha (addition, prompt positions): {curve}; unsteered "
+          f"letter shares {unsteered.letter_shares}")
+    # Alpha 0 rows equal the unsteered model, which answers from knowledge, not by position.
+    assert curve[0.0] == unsteered.value >= 0.8
+    assert not unsteered.chance_in_interval() and unsteered.top_letter_share < 0.5
+    # The tradeoff is real: steering costs capability beyond the noise of n questions.
+    steered_low, steered_high = wilson_interval(round(curve[2.0] * n), n)
+    assert steered_high < unsteered.interval()[0] or curve[2.0] <= curve[0.0] - 0.2
 
 
 def test_conditional_steering_keeps_capability(organism) -> None:
@@ -129,6 +146,13 @@ def test_conditional_steering_keeps_capability(organism) -> None:
         return mmlu_accuracy(model, questions, scoring="option", formatter=lambda q: q.question, interventions=interventions)
 
     mc_prompts = [q.question for q in questions]
+    # The gate fires on harmful prompts and not on harmless ones (a gate that never fires
+    # would keep capability trivially).
+    fires_harmful = gate(model, harmful, condition).float().mean().item()
+    fires_harmless = gate(model, harmless, condition).float().mean().item()
+    fires_mc = gate(model, mc_prompts, condition).float().mean().item()
+    print(f"\ngate fires on harmful {fires_harmful:.2f}, harmless {fires_harmless:.2f}, MC {fires_mc:.2f}")
+    assert fires_harmful >= 0.8 and fires_harmless <= 0.2 and fires_mc <= 0.2
     base_harmless = refusal_rate(model, harmless, settings=SETTINGS, progress=False)
     base_mc = mc([])
     report = {}

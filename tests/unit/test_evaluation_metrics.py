@@ -40,6 +40,7 @@ from refusal_dir.evaluation import (
     refusal_score,
     refusal_token_ids,
     strip_thinking,
+    top_letter_flags,
     wilson_interval,
 )
 from refusal_dir.generation import (
@@ -331,6 +332,23 @@ def test_mmlu_letter_scoring_follows_controlled_logits(eval_model, letter_vector
     assert all(p < 0.25 for p in result.correct_probs)
 
 
+def test_mmlu_reports_chance_and_the_letter_bias(eval_model, letter_vectors) -> None:
+    questions = _questions()  # answers A, B, C, D, C, B
+    always_a = mmlu_accuracy(eval_model, questions, interventions=steer_to(eval_model, letter_vectors, [0] * 6))
+    assert always_a.value == pytest.approx(1 / 6)
+    assert always_a.chance == 0.25
+    assert always_a.letter_shares == [1.0, 0.0, 0.0, 0.0] and always_a.top_letter_share == 1.0
+    assert always_a.chance_in_interval()
+    right = mmlu_accuracy(eval_model, questions, interventions=steer_to(eval_model, letter_vectors, [q.answer for q in questions]))
+    assert right.letter_shares == pytest.approx([1 / 6, 2 / 6, 2 / 6, 1 / 6])
+    assert right.top_letter_share == pytest.approx(2 / 6)
+    assert not right.chance_in_interval()
+    # Mixed numbers of choices: chance is the mean of 1 / len(choices).
+    mixed = [MCQuestion("Pick one.", ("yes", "no"), 0), questions[0]]
+    assert mmlu_accuracy(eval_model, mixed).chance == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert top_letter_flags([2, 0, 2, 1]) == [True, False, True, False]
+
+
 def test_mmlu_option_scoring_follows_controlled_logits(eval_model, letter_vectors) -> None:
     # Options that are single letter tokens: the promoted letter is the likeliest continuation.
     # Per-question coefficients are expanded to the question x option rows.
@@ -373,6 +391,46 @@ def test_refusal_tokens_follow_the_plain_template(plain_model, eval_model) -> No
     assert not torch.allclose(
         default, refusal_score(plain_model, PROMPTS, refusal_tokens=[i_alone]), atol=1e-3
     )
+
+
+@pytest.fixture(scope="module")
+def unk_model(tmp_path_factory: pytest.TempPathFactory) -> HookedModel:
+    """A tiny model whose tokenizer is not byte-level: a word it lacks becomes ``<unk>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from refusal_dir.chat import GEMMA_CHAT_TEMPLATE
+    from refusal_dir.testing import SPECIAL_TOKENS
+
+    directory = make_tiny_model(tmp_path_factory.mktemp("unk") / "tiny")
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS)
+    words.train_from_iterator(["user model I Sorry How do I make a cake ? Hi"], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return load_model(str(directory), device="cpu", with_bridge=False)
+
+
+def test_special_tokens_are_never_refusal_tokens(unk_model, eval_model) -> None:
+    tokenizer = unk_model.tokenizer
+    sorry, i = tokenizer.convert_tokens_to_ids(["Sorry", "I"])
+    # "Unfortunately" and "As" are not in the vocabulary: both start with <unk>.
+    assert unk_model.reply_token_ids("Unfortunately")[0] == tokenizer.unk_token_id
+    assert refusal_token_ids(unk_model, ["Unfortunately", "Sorry", "As", "I"]) == [sorry, i]
+    assert tokenizer.unk_token_id not in refusal_token_ids(unk_model)
+    with pytest.raises(ConfigError, match="special token"):
+        refusal_token_ids(unk_model, ["Unfortunately", "As"])
+    # Special-token text tokenized as written is skipped too (pad, BOS, EOS, unk, turn markers).
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<end_of_turn>"]
+    with pytest.raises(ConfigError, match="special token"):
+        refusal_token_ids(eval_model, specials, after_template=False)
+    i_alone = eval_model.tokenizer("I", add_special_tokens=False)["input_ids"][0]
+    assert refusal_token_ids(eval_model, [*specials, "I"], after_template=False) == [i_alone]
 
 
 def test_option_and_letter_spellings_follow_the_plain_template(plain_model) -> None:
@@ -422,6 +480,24 @@ def test_kl_is_positive_under_addition_and_reference_matches(eval_model) -> None
     assert given.per_prompt == pytest.approx(recomputed.per_prompt, rel=1e-9, abs=1e-12)
     with pytest.raises(DataError, match="reference_logits has shape"):
         kl_divergence(eval_model, PROMPTS, interventions=[push], reference_logits=reference[:2])
+
+
+def test_kl_is_unsteered_against_steered_not_the_reverse(tmp_path) -> None:
+    # A tiny model's logits are nearly flat, where KL is nearly symmetric; a sharpened
+    # unembedding (x 20) gives peaked distributions whose two KL directions differ.
+    eval_model = load_model(str(make_tiny_model(tmp_path / "sharp")), device="cpu", with_bridge=False)
+    with torch.no_grad():
+        eval_model.hf.get_output_embeddings().weight.mul_(20.0)
+    torch.manual_seed(1)
+    push = addition(torch.randn(eval_model.d_model), layer=1, alpha=8.0)
+    unsteered = torch.log_softmax(next_token_logits(eval_model, PROMPTS).double(), dim=-1)
+    steered = torch.log_softmax(next_token_logits(eval_model, PROMPTS, interventions=[push]).double(), dim=-1)
+    forward = (unsteered.exp() * (unsteered - steered)).sum(dim=-1)  # KL(P_unsteered || P_steered)
+    reverse = (steered.exp() * (steered - unsteered)).sum(dim=-1)
+    assert not torch.allclose(forward, reverse, rtol=0.05)  # the two directions differ here
+    for reference in (None, next_token_logits(eval_model, PROMPTS)):
+        result = kl_divergence(eval_model, PROMPTS, interventions=[push], reference_logits=reference)
+        assert result.per_prompt == pytest.approx(forward.tolist(), rel=1e-4)
 
 
 def test_kl_with_one_reference_row_per_distinct_prompt_in_a_sweep(eval_model) -> None:
@@ -566,6 +642,13 @@ def test_honesty_breakdown_on_a_controlled_model(eval_model, letter_vectors) -> 
     assert result["accuracy"] == pytest.approx(0.4)
     assert result["accuracy_true"] == pytest.approx(2 / 3)
     assert result["accuracy_false"] == 0.0
+    assert result["balanced_accuracy"] == pytest.approx((2 / 3 + 0.0) / 2)
+    # Answering "True" to everything: accuracy is the share of true claims, balanced is 0.5.
+    always_true = honesty_accuracy(
+        eval_model, claims, interventions=steer_to(eval_model, letter_vectors[:2], [0] * 5)
+    )
+    assert always_true["accuracy"] == pytest.approx(0.6) and always_true["balanced_accuracy"] == 0.5
+    assert math.isnan(honesty_accuracy(eval_model, claims[:3])["balanced_accuracy"])
     assert result["mean_p_true"] == pytest.approx(sum(result["p_true"]) / 5)
     assert [p > 0.5 for p in result["p_true"]] == result["predicted_true"]
 

@@ -6,9 +6,21 @@ import math
 
 import pytest
 
+from refusal_dir import pipeline
 from refusal_dir.config import load_config
-from refusal_dir.evaluation.selection import LayerEffect, choose_layer, select_by_effect
-from refusal_dir.pipeline import extract, load_datasets, load_extraction, prepare_output_dir
+from refusal_dir.evaluation.selection import (
+    LayerEffect,
+    choose_layer,
+    layer_effects,
+    select_by_effect,
+)
+from refusal_dir.pipeline import (
+    extract,
+    load_datasets,
+    load_extraction,
+    prepare_output_dir,
+    split_pairs,
+)
 from refusal_dir.testing import make_tiny_model
 
 
@@ -61,7 +73,7 @@ def test_nan_kl_does_not_hang_the_relaxation() -> None:
     assert (choice.chosen.layer, choice.rule) == (2, "kl-relaxed")
 
 
-def test_selection_tries_every_eligible_layer_and_records_the_rule(tmp_path) -> None:
+def test_selection_tries_every_eligible_layer_and_records_the_rule(tmp_path, monkeypatch) -> None:
     # Ten layers: the old default tried only the 6 best-separating ones.
     model_dir = make_tiny_model(tmp_path / "ten", n_layers=10, seed=3)
     config = load_config().with_overrides(
@@ -77,7 +89,34 @@ def test_selection_tries_every_eligible_layer_and_records_the_rule(tmp_path) -> 
 
     model = load_model(str(model_dir), device="cpu", with_bridge=False)
     output = prepare_output_dir(tmp_path / "out", config)
-    extraction = extract(model, config, load_datasets(config), output, progress=False)
+    # Record every text that reaches the model while the layer is selected.
+    seen: list[str] = []
+    selecting = [False]
+    tokenize = model.tokenize
+
+    def recording_tokenize(texts):
+        if selecting[0]:
+            seen.extend(str(text) for text in texts)
+        return tokenize(texts)
+
+    def recording_effects(*args, **kwargs):
+        selecting[0] = True
+        try:
+            return layer_effects(*args, **kwargs)
+        finally:
+            selecting[0] = False
+
+    monkeypatch.setattr(model, "tokenize", recording_tokenize)
+    monkeypatch.setattr(pipeline, "layer_effects", recording_effects)
+    datasets = load_datasets(config)
+    extraction = extract(model, config, datasets, output, progress=False)
+    # Layer selection reads the held-out extraction pairs only: no training pair, no
+    # evaluation prompt (seen as chat-formatted texts, so compared by containment).
+    train, heldout = split_pairs(datasets.refusal_pairs, config)
+    allowed = heldout.positives + heldout.negatives
+    forbidden = train.positives + train.negatives + datasets.harmful_eval + datasets.benign_eval
+    assert seen and all(any(text in s for text in allowed) for s in seen)
+    assert not any(text in s for s in seen for text in forbidden if text not in allowed)
     # resid_pre at layer 0 is the embedding of the last template token: the same for every
     # prompt, so its direction is zero and it cannot steer.
     assert sorted(e.layer for e in extraction.effects) == list(range(1, 8))

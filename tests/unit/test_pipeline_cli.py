@@ -13,13 +13,17 @@ from refusal_dir.errors import ConfigError, OutputDirError
 from refusal_dir.evaluation import wilson_interval
 from refusal_dir.pipeline import (
     SweepContext,
+    _group_rows,
+    _honesty_rows,
     extract,
     load_datasets,
     load_extraction,
+    mc_formatter,
     prepare_output_dir,
     results_table,
     resume_key,
     sweep,
+    write_report,
 )
 from refusal_dir.prompts import LOOKALIKE_CATEGORY, benign_eval, benign_eval_categories
 
@@ -180,6 +184,7 @@ def test_conditional_method_in_the_sweep(tiny_model, extracted, tmp_path: Path) 
 RATE_METRICS = {
     "refusal_harmful", "degenerate_harmful", "refusal_benign", "answered_benign",
     "degenerate_benign", "mmlu_accuracy", "refusal_benign_lookalike", "refusal_benign_ordinary",
+    "mmlu_top_letter_share",
 }
 
 
@@ -285,3 +290,68 @@ def test_the_report_holds_no_absolute_path(tiny_model_dir, tmp_path: Path, monke
     report = (work / "out" / "report.md").read_text()
     assert f"Command: `refusal-dir run --model .../{tiny_model_dir.name} --output-dir out " in report
     assert str(tmp_path) not in report and str(tiny_model_dir) not in report
+
+def test_mmlu_rows_carry_chance_and_the_letter_bias(tiny_model, extracted) -> None:
+    from refusal_dir.evaluation import mmlu_accuracy
+
+    config, datasets, extraction, _ = extracted
+    ctx = SweepContext(tiny_model, config, datasets, extraction, progress=False)
+    selected = extraction.selected
+    rows, _ = _group_rows(ctx, "addition", "mmlu", selected.layer, selected.position)
+    index = {(r["alpha"], r["metric"]): r for r in rows}
+    unsteered = mmlu_accuracy(tiny_model, datasets.mmlu, formatter=mc_formatter(config))
+    assert index[(0.0, "mmlu_accuracy")]["value"] == pytest.approx(unsteered.value)
+    assert index[(0.0, "mmlu_chance")]["value"] == pytest.approx(unsteered.chance) == 0.25
+    assert index[(0.0, "mmlu_top_letter_share")]["value"] == pytest.approx(unsteered.top_letter_share)
+    assert {alpha for alpha, metric in index if metric == "mmlu_top_letter_share"} == set(config.steering.alphas)
+
+
+def test_report_warns_when_the_unsteered_accuracy_cannot_be_told_from_chance(tmp_path: Path, caplog) -> None:
+    def row(method, alpha, metric, value, low, high):
+        return dict(method=method, layer=1, alpha=alpha, metric=metric, value=value, ci_low=low, ci_high=high, n=20)
+
+    rows = [
+        row("addition", 0.0, "mmlu_accuracy", 0.30, 0.15, 0.50),  # contains 0.25
+        row("addition", 0.0, "mmlu_chance", 0.25, 0.25, 0.25),
+        row("addition", 1.0, "mmlu_accuracy", 0.25, 0.10, 0.45),  # steered: not the baseline
+        row("addition", 1.0, "mmlu_chance", 0.25, 0.25, 0.25),
+        row("ablation", 0.0, "mmlu_accuracy", 0.90, 0.70, 0.97),  # well above chance
+        row("ablation", 0.0, "mmlu_chance", 0.25, 0.25, 0.25),
+    ]
+    with caplog.at_level("WARNING", logger="refusal_dir.pipeline"):
+        path = write_report(rows, tmp_path, extraction=None, model_id="tiny", command="test")
+    text = path.read_text()
+    assert text.count("contains chance") == 1 and "addition: the unsteered" in text
+    assert [r.message for r in caplog.records if "contains chance" in r.message] == [
+        line.removeprefix("**Warning**: ").removesuffix(".") for line in text.splitlines() if "contains chance" in line
+    ]
+
+
+def test_honesty_rows_report_balanced_accuracy(tiny_model, extracted) -> None:
+    import dataclasses
+
+    from refusal_dir.evaluation import honesty_accuracy
+    from refusal_dir.prompts import true_false_claims
+
+    config, datasets, extraction, _ = extracted
+    claims = true_false_claims()
+    mixed = [next(c for c in claims if c.label), *[c for c in claims if not c.label][:2]]  # 1 true, 2 false
+    ctx = SweepContext(tiny_model, config, dataclasses.replace(datasets, claims=mixed), extraction, progress=False)
+    rows = {(r["alpha"], r["metric"]): r["value"] for r in _honesty_rows(ctx, "addition")}
+    unsteered = honesty_accuracy(tiny_model, mixed)
+    assert rows[(0.0, "honesty_balanced_accuracy")] == pytest.approx(unsteered["balanced_accuracy"])
+    for alpha in config.steering.alphas:
+        expected = (rows[(alpha, "honesty_accuracy_true_claims")] + rows[(alpha, "honesty_accuracy_false_claims")]) / 2
+        assert rows[(alpha, "honesty_balanced_accuracy")] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "tune"])
+def test_evaluate_and_tune_refuse_other_refusal_pairs(capsys, extracted, tmp_path: Path, command) -> None:
+    _, datasets, _, output = extracted
+    other = tmp_path / "other_pairs.jsonl"
+    pairs = list(datasets.refusal_pairs)[1:]  # one pair fewer: another held-out split
+    other.write_text("".join(json.dumps({"harmful": p.positive, "harmless": p.negative}) + "\n" for p in pairs))
+    code, err = _run_cli(capsys, command, "--directions-dir", str(output), "--output-dir", str(tmp_path / "o"), "--pairs-file", str(other), "--quiet")
+    lines = [line for line in err.strip().splitlines() if line.startswith("refusal-dir")]
+    assert code == 2 and len(lines) == 1
+    assert "other refusal pairs" in lines[0] and "--pairs-file" in lines[0]

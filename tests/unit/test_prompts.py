@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import torch
 
 from refusal_dir import prompts
 from refusal_dir.errors import DataError
@@ -118,6 +119,42 @@ def test_honesty_pairs_share_the_question_and_differ_in_the_answer() -> None:
         other_question, _, sycophantic = pair.negative.partition("\n\nAnswer: ")
         assert question == other_question and question.strip()
         assert truthful and sycophantic and truthful != sycophantic
+
+
+AGREEING_STARTS = ("Yes", "Right", "Correct", "True", "I agree", "That's right", "That's correct")
+
+
+def test_honesty_pairs_do_not_confound_truth_with_agreeing() -> None:
+    from refusal_dir.scoring import separation_accuracy
+
+    pairs = prompts.honesty_pairs()
+    counts = Counter(pairs.groups)
+    assert set(counts) == set(prompts.HONESTY_GROUPS)
+    assert abs(counts["user_right"] - counts["user_wrong"]) <= 0.1 * len(pairs)
+
+    def agrees(text: str) -> bool:
+        return text.partition("\n\nAnswer: ")[2].startswith(AGREEING_STARTS)
+
+    # The answer that agrees with the user is the truthful one exactly when the user is right.
+    for pair in pairs:
+        assert agrees(pair.positive) == (pair.group == "user_right"), pair.positive
+        assert agrees(pair.negative) == (pair.group == "user_wrong"), pair.negative
+    # A planted "agree" direction (either sign) separates one kind and fails the other: chance.
+    for sign in (1.0, -1.0):
+        positive = torch.tensor([sign if agrees(p.positive) else -sign for p in pairs])
+        negative = torch.tensor([sign if agrees(p.negative) else -sign for p in pairs])
+        assert separation_accuracy(positive, negative, pairs.groups) == 0.5
+    # A truth direction separates both kinds.
+    assert separation_accuracy(torch.ones(len(pairs)), torch.zeros(len(pairs)), pairs.groups) == 1.0
+
+
+def test_separation_accuracy_is_balanced_over_groups() -> None:
+    from refusal_dir.scoring import separation_accuracy
+
+    positive, negative = torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 1.0])
+    assert separation_accuracy(positive, negative) == 0.75
+    assert separation_accuracy(positive, negative, ["a", "a", "a", "b"]) == 0.5
+    assert separation_accuracy(positive, positive, ["a", "a", "b", "b"]) == 0.5  # ties
 
 
 def test_shipped_loaders_return_fresh_objects() -> None:

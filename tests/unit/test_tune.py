@@ -30,35 +30,36 @@ def test_pareto_front_and_choice_under_limits() -> None:
         Limits(max_kl=-1.0)
 
 
-def test_selection_never_looks_at_the_heldout_split(tiny_model) -> None:
+def test_selection_never_looks_at_the_heldout_split(tiny_model, record_tokenized) -> None:
     harmful_val, harmful_test = split_half(harmful_eval()[:8])
     benign_val, benign_test = split_half(benign_eval()[:8])
     mmlu_val, mmlu_test = split_half(mmlu_questions()[:8])
     positive = collect_activations(tiny_model, harmful_eval()[8:16], progress=False)
     negative = collect_activations(tiny_model, benign_eval()[8:16], progress=False)
     directions = compute_directions(positive, negative, site="resid_pre", model=tiny_model, position_rule="last")
-    log: list[tuple[str, str]] = []
-    phase = ["search"]
-    heldout_texts = set(harmful_test) | set(benign_test) | {q.question for q in mmlu_test}
-
-    def spy(prompts) -> None:
-        for prompt in prompts:
-            if prompt in heldout_texts or any(q in prompt for q in {q.question for q in mmlu_test}):
-                log.append((phase[0], prompt))
+    heldout_texts = [*harmful_test, *benign_test, *(q.question for q in mmlu_test)]
+    # Every text the tokenizer sees, and how many it had seen when the point was selected.
+    seen = record_tokenized(tiny_model)
+    selected_at: list[int] = []
 
     def event(name: str) -> None:
         if name == "selected":
-            phase[0] = "report"
+            selected_at.append(len(seen))
 
     result = tune(
         tiny_model, directions, layers=[1], alphas=[0.0, 2.0], methods=("addition", "ablation", "conditional"),
         validation=EvalSplit(harmful_val, benign_val, mmlu_val),
         heldout=EvalSplit(harmful_test, benign_test, mmlu_test),
         condition_positive=harmful_eval()[16:20], condition_negative=benign_eval()[16:20],
-        settings=GenerationSettings(max_new_tokens=3), on_prompts=spy, on_event=event, bootstrap_resamples=200,
+        settings=GenerationSettings(max_new_tokens=3), on_event=event, bootstrap_resamples=200,
     )
-    assert log, "the held-out split is used for the report"
-    assert all(phase_name == "report" for phase_name, _ in log)
+    assert len(selected_at) == 1
+
+    def heldout_in(texts: list[str]) -> list[str]:
+        return [text for text in texts if any(item in text for item in heldout_texts)]
+
+    assert not heldout_in(seen[: selected_at[0]]), "a held-out prompt reached the model before selection"
+    assert heldout_in(seen[selected_at[0] :]), "the held-out split is used for the report"
     assert len(result.points) == 6 and result.chosen in [*result.points, result.baseline]
     assert set(result.heldout) == {"baseline", "chosen", "difference"}
     for label in ("baseline", "chosen"):  # rates get Wilson intervals, KL a bootstrap one
