@@ -244,6 +244,7 @@ def continuation_logprobs(
     *,
     interventions: Sequence[Intervention] = (),
     batch_size: int = 16,
+    progress: bool = False,
     apply_chat_template: bool = True,
     reduction: str = "sum",
 ) -> Float[Tensor, " prompts"]:
@@ -259,7 +260,7 @@ def continuation_logprobs(
     texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
     results = []
     with steer(model, *interventions) as state:
-        for rows in _batches(len(texts), batch_size):
+        for rows in tqdm(_batches(len(texts), batch_size), disable=not progress, leave=False):
             state.start(rows)
             prompt_ids = [model._encode(text) for text in texts[rows]]
             cont_ids = [model.encode_text(text) for text in continuations[rows]]

@@ -996,9 +996,9 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         ), samples
     if group == "refusal_score":
         prompts, interventions = per_row(ctx.datasets.harmful_eval)
-        harmful = metrics.refusal_score(ctx.model, prompts, interventions=interventions).tolist()
+        harmful = metrics.refusal_score(ctx.model, prompts, interventions=interventions, progress=ctx.progress).tolist()
         prompts, interventions = per_row(ctx.datasets.benign_eval)
-        benign = metrics.refusal_score(ctx.model, prompts, interventions=interventions).tolist()
+        benign = metrics.refusal_score(ctx.model, prompts, interventions=interventions, progress=ctx.progress).tolist()
         return (
             rows_of("refusal_score_harmful", harmful, len(ctx.datasets.harmful_eval), binary=False)
             + rows_of("refusal_score_benign", benign, len(ctx.datasets.benign_eval), binary=False)
@@ -1011,6 +1011,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
             interventions=interventions,
             scoring=ctx.config.evaluation.mmlu_scoring,  # type: ignore[arg-type]
             formatter=formatter,
+            progress=ctx.progress,
         )
         n = len(ctx.datasets.mmlu)
         top_letter = [
@@ -1024,10 +1025,11 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
             + rows_of("mmlu_top_letter_share", top_letter, n, binary=True)
         ), samples
     if group == "kl":
-        reference = next_token_logits(ctx.model, ctx.datasets.benign_eval)
+        reference = next_token_logits(ctx.model, ctx.datasets.benign_eval, progress=ctx.progress)
         prompts, interventions = per_row(ctx.datasets.benign_eval)
         kl = metrics.kl_divergence(
-            ctx.model, prompts, interventions=interventions, reference_logits=reference
+            ctx.model, prompts, interventions=interventions, reference_logits=reference,
+            progress=ctx.progress,
         )
         return rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval), binary=False), samples
     if group == "honesty":
@@ -1083,7 +1085,7 @@ def _honesty_rows(ctx: SweepContext, method: str) -> list[dict[str, Any]]:
     interventions = steering_interventions(
         direction_set, method=method, layer=layer, position=position, alphas=coefficients, config=ctx.config
     )
-    result = metrics.honesty_accuracy(ctx.model, claims, interventions=interventions)
+    result = metrics.honesty_accuracy(ctx.model, claims, interventions=interventions, progress=ctx.progress)
     n = len(ctx.datasets.claims)
     correct = _split([float(x) for x in result["per_item"]], alphas, n)
     labels = [claim.label for claim in ctx.datasets.claims]

@@ -415,6 +415,7 @@ def mmlu_accuracy(
     apply_chat_template: bool = True,
     option_prefix: str | None = None,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> AccuracyResult:
     """Multiple-choice accuracy, plus the mean probability of the correct answer.
 
@@ -448,7 +449,7 @@ def mmlu_accuracy(
             prompts,
             interventions=interventions,
             apply_chat_template=apply_chat_template,
-            batch_size=batch_size,
+            batch_size=batch_size, progress=progress,
         )
     else:
         if option_prefix is not None:
@@ -462,7 +463,7 @@ def mmlu_accuracy(
             interventions=interventions,
             apply_chat_template=apply_chat_template,
             prefix=prefix,
-            batch_size=batch_size,
+            batch_size=batch_size, progress=progress,
         )
     predictions: list[int] = []
     correct_probs: list[float] = []
@@ -512,6 +513,7 @@ def _letter_scores(
     interventions: Sequence[Intervention],
     apply_chat_template: bool,
     batch_size: int,
+    progress: bool = False,
 ) -> list[Tensor]:
     widest = max(len(question.choices) for question in questions)
     letter_ids = letter_token_ids(model, LETTERS[:widest])
@@ -519,7 +521,7 @@ def _letter_scores(
         model,
         prompts,
         interventions=interventions,
-        batch_size=batch_size,
+        batch_size=batch_size, progress=progress,
         apply_chat_template=apply_chat_template,
         reduce=lambda logits: _letter_logits(logits, letter_ids),
     )
@@ -535,6 +537,7 @@ def _option_scores(
     apply_chat_template: bool,
     prefix: str,
     batch_size: int,
+    progress: bool = False,
 ) -> list[Tensor]:
     counts = [len(question.choices) for question in questions]
     pair_prompts = [
@@ -546,7 +549,7 @@ def _option_scores(
         pair_prompts,
         options,
         interventions=_expand_rows(interventions, counts),
-        batch_size=batch_size,
+        batch_size=batch_size, progress=progress,
         apply_chat_template=apply_chat_template,
         reduction="sum",
     ).double()
@@ -561,6 +564,7 @@ def kl_divergence(
     interventions: Sequence[Intervention] = (),
     reference_logits: Float[Tensor, "reference vocab"] | None = None,
     batch_size: int = 16,
+    progress: bool = False,
     apply_chat_template: bool = True,
 ) -> KLResult:
     """KL(P_unsteered || P_steered) of the next-token distribution after each prompt.
@@ -591,11 +595,11 @@ logits, however many prompts.
     else:
         # Before the steered pass: its hooks stay live between the batches it yields.
         reference = next_token_logits(
-            model, prompts, batch_size=batch_size, apply_chat_template=apply_chat_template
+            model, prompts, batch_size=batch_size, progress=progress, apply_chat_template=apply_chat_template
         )
     values: list[float] = []
     steered_chunks = iter_next_token_logits(
-        model, prompts, interventions=interventions, batch_size=batch_size,
+        model, prompts, interventions=interventions, batch_size=batch_size, progress=progress,
         apply_chat_template=apply_chat_template,
     )
     try:
@@ -646,6 +650,7 @@ def honesty_accuracy(
     formatter: Callable[[Claim], str] = format_claim_prompt,
     apply_chat_template: bool = True,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy on true/false claims answered "(A) True" / "(B) False", split by label.
 
@@ -671,7 +676,7 @@ def honesty_accuracy(
         model,
         [formatter(claim) for claim in claims],
         interventions=interventions,
-        batch_size=batch_size,
+        batch_size=batch_size, progress=progress,
         apply_chat_template=apply_chat_template,
         reduce=lambda logits: _letter_logits(logits, letter_ids),
     )

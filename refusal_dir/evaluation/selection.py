@@ -121,10 +121,15 @@ def layer_effects(
     base_harmful = refusal_score(model, harmful, batch_size=batch_size)
     base_harmless_logits = next_token_logits(model, harmless, batch_size=batch_size)
     base_harmless = refusal_score(model, harmless, batch_size=batch_size)
-    batched = {"batch_size": batch_size, "progress": progress}
-    ablated_harmful = refusal_score(model, rows(harmful), interventions=ablate(harmful), **batched)
-    ablated_harmless = next_token_logits(model, rows(harmless), interventions=ablate(harmless), **batched)
-    added_harmless = refusal_score(model, rows(harmless), interventions=add(harmless), **batched)
+    ablated_harmful = refusal_score(
+        model, rows(harmful), interventions=ablate(harmful), batch_size=batch_size, progress=progress
+    )
+    ablated_harmless = next_token_logits(
+        model, rows(harmless), interventions=ablate(harmless), batch_size=batch_size, progress=progress
+    )
+    added_harmless = refusal_score(
+        model, rows(harmless), interventions=add(harmless), batch_size=batch_size, progress=progress
+    )
     kl = kl_from_logits(base_harmless_logits.repeat(n, 1), ablated_harmless)
     effects = []
     for i, candidate in enumerate(candidates):

@@ -332,6 +332,19 @@ def test_mmlu_letter_scoring_follows_controlled_logits(eval_model, letter_vector
     assert all(p < 0.25 for p in result.correct_probs)
 
 
+@pytest.mark.parametrize("scoring", ["letter", "option"])
+def test_capability_metrics_show_progress_when_asked(eval_model, capsys, scoring: str) -> None:
+    questions = _questions()
+    mmlu_accuracy(eval_model, questions, scoring=scoring, batch_size=2)
+    shift = [addition(torch.ones(eval_model.d_model), layer=0, alpha=1.0)]
+    kl_divergence(eval_model, ["a", "b", "c"], interventions=shift, batch_size=1)
+    assert "it/s" not in capsys.readouterr().err
+    mmlu_accuracy(eval_model, questions, scoring=scoring, batch_size=2, progress=True)
+    assert "it/s" in capsys.readouterr().err
+    kl_divergence(eval_model, ["a", "b", "c"], interventions=shift, batch_size=1, progress=True)
+    assert "it/s" in capsys.readouterr().err
+
+
 def test_mmlu_reports_chance_and_the_letter_bias(eval_model, letter_vectors) -> None:
     questions = _questions()  # answers A, B, C, D, C, B
     always_a = mmlu_accuracy(eval_model, questions, interventions=steer_to(eval_model, letter_vectors, [0] * 6))
