@@ -185,7 +185,7 @@ class SteeringSettings:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 48
+    max_new_tokens: int = 96
     batch_size: int = 256
 
     def __post_init__(self) -> None:
