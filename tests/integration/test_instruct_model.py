@@ -3,13 +3,13 @@
 The model refuses about half of the shipped harmful prompts. The test extracts the refusal
 direction, lets the effect rule choose the layer, and then checks behaviour on held-out
 evaluation prompts against the unsteered model's 95% Wilson interval: ablating the direction
-at every layer lowers harmful refusal below it, adding it raises ordinary benign refusal above
-it, and random directions of the same norm (the controls) stay inside it.
+at every layer lowers harmful refusal below it, adding it (alpha 4: alpha 1 is not enough on
+this model, see the README) raises ordinary benign refusal above it, and random directions of
+the same norm (the controls) stay inside it.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -21,21 +21,13 @@ from refusal_dir.evaluation.judges import is_refusal
 from refusal_dir.evaluation.stats import wilson_interval
 from refusal_dir.generation import GenerationSettings, generate
 from refusal_dir.interventions import ablation, addition
-from refusal_dir.model import OFFLINE_INSTRUCT_MODEL, load_model
+from refusal_dir.model import OFFLINE_INSTRUCT_MODEL
 from refusal_dir.pipeline import extract, load_datasets
-
-from ..conftest import session_cache_dir
 
 pytestmark = pytest.mark.slow
 
 N_PROMPTS = 16
-ADDITION_ALPHA = 1.0
-
-
-@pytest.fixture(scope="module")
-def instruct_model(tmp_path_factory: pytest.TempPathFactory):
-    cache = Path(os.environ.get("REFUSAL_DIR_CACHE") or session_cache_dir(tmp_path_factory))
-    return load_model(OFFLINE_INSTRUCT_MODEL, device="cpu", cache=cache, with_bridge=False)
+ADDITION_ALPHA = 4.0  # alpha 1 is not enough on this model: docs/qwen-addition-strength.txt
 
 
 def _rate(model, prompts, interventions) -> tuple[float, int]:
