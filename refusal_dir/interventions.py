@@ -469,6 +469,8 @@ def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state:
             else:
                 scope.on_output(block, edit)
         return
+    if intervention.unit.ndim == 2 and intervention.mode != "stream":
+        raise ConfigError("one direction per row needs mode='stream'")
     if intervention.unit.shape[-1] != model.d_model:
         raise DirectionMismatchError(
             f"the direction has d_model {intervention.unit.shape[-1]} but the model has "

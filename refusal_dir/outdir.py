@@ -434,6 +434,9 @@ def display_path(text: str) -> str:
     """``text`` as a saved report shows it: an absolute path becomes relative to the working
     directory, or only its name when outside it (no report holds a path of this machine);
     anything else is returned unchanged."""
+    flag, equals, value = text.partition("=")
+    if equals and flag.startswith("--"):
+        return f"{flag}={display_path(value)}"
     path = Path(text)
     if not path.is_absolute():
         return text

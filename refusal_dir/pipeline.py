@@ -1069,7 +1069,7 @@ def write_samples(parts: Sequence[dict[str, Any]], output_dir: Path) -> None:
         if isinstance(part.get("samples"), list)
         for sample in part["samples"]
     ]
-    atomic_write_bytes(output_dir / "samples.jsonl", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(output_dir / "samples.jsonl", "".join(line + "\n" for line in lines).encode())
 
 
 def _honesty_rows(ctx: SweepContext, method: str) -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 A direction can separate harmful from harmless prompts and still be useless or destructive to
 steer with. On a real chat model (Qwen2.5-Coder-0.5B-Instruct) separation accuracy is 1.0 at
-most layers, and the early layer whose ablation barely changes harmless outputs does nothing to
-refusal, while the layers that remove refusal move harmless outputs a little more. Following
+most layers, and a layer whose ablation barely changes harmless outputs can still do nothing to
+refusal, or make it more likely (layer 5 there: KL 0.012, bypass -0.14); on a public harmful
+set the layers that remove refusal had KL 0.15-0.23, over a fixed 0.1 cut. Following
 Arditi et al. (2024), every candidate (position, layer) in the first ``max_layer_fraction`` of
 the layers is tried on validation prompts (the held-out extraction pairs, never the evaluation
 sets), all candidates in one batched pass, on at most ``max_prompts`` prompts of each kind:
@@ -159,33 +160,40 @@ class LayerSelection:
     """The KL limit the choice was made within (``max_kl``, or the relaxed budget)."""
     max_kl: float
     n_working: int
+    n_within: int
+    """Working candidates within ``kl_budget`` (the ones the choice was made among)."""
 
     def describe(self) -> str:
         if self.rule == "within-kl":
             return (
-                f"within-kl: largest bypass + induce among the {self.n_working} working layers "
-                f"(bypass > 0, induce > 0) with ablation KL <= {self.max_kl:g}"
+                f"within-kl: largest bypass + induce among the {self.n_within} of "
+                f"{self.n_working} working layers (bypass > 0, induce > 0) with ablation KL <= "
+                f"{self.max_kl:g}"
             )
         if self.rule == "kl-relaxed":
+            if not math.isfinite(self.kl_budget):
+                return "kl-relaxed: no working layer has a finite ablation KL; largest bypass + induce"
             return (
                 f"kl-relaxed: no working layer (bypass > 0, induce > 0) has ablation KL <= "
                 f"{self.max_kl:g}; budget doubled to {self.kl_budget:g}, largest bypass + induce "
-                "within it"
+                f"among the {self.n_within} of {self.n_working} working layers within it"
             )
         return "none-works: no layer has bypass > 0 and induce > 0; largest bypass + induce overall"
 
     def as_record(self) -> dict[str, object]:
         return {
             "rule": self.rule,
-            "kl_budget": self.kl_budget,
+            "kl_budget": self.kl_budget if math.isfinite(self.kl_budget) else None,  # strict JSON
             "max_kl": self.max_kl,
             "n_working": self.n_working,
+            "n_within": self.n_within,
             "description": self.describe(),
         }
 
 
 def _best(effects: Sequence[LayerEffect]) -> LayerEffect:
-    return max(effects, key=lambda e: (e.steering_score, e.separation_accuracy, -e.layer))
+    scored = [e for e in effects if not math.isnan(e.steering_score)] or list(effects)
+    return max(scored, key=lambda e: (e.steering_score, e.separation_accuracy, -e.layer))
 
 
 def choose_layer(effects: Sequence[LayerEffect], *, max_kl: float = 0.1) -> LayerSelection:
@@ -200,15 +208,15 @@ def choose_layer(effects: Sequence[LayerEffect], *, max_kl: float = 0.1) -> Laye
             "no candidate layer has bypass > 0 and induce > 0: the refusal direction does not "
             "steer this model at the layers tried; taking the largest bypass + induce"
         )
-        return LayerSelection(_best(effects), "none-works", math.inf, max_kl, 0)
+        return LayerSelection(_best(effects), "none-works", math.inf, max_kl, 0, 0)
     finite = [e for e in working if math.isfinite(e.ablation_kl)]
     if not finite:  # KL cannot rank them
-        return LayerSelection(_best(working), "kl-relaxed", math.inf, max_kl, len(working))
+        return LayerSelection(_best(working), "kl-relaxed", math.inf, max_kl, len(working), len(working))
     budget, rule = max_kl, "within-kl"
     while not any(e.ablation_kl <= budget for e in finite):
         budget, rule = budget * 2, "kl-relaxed"
     within = [e for e in finite if e.ablation_kl <= budget]
-    return LayerSelection(_best(within), rule, budget, max_kl, len(working))
+    return LayerSelection(_best(within), rule, budget, max_kl, len(working), len(within))
 
 
 def select_by_effect(effects: Sequence[LayerEffect], *, max_kl: float = 0.1) -> LayerEffect:

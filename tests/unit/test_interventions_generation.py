@@ -101,6 +101,11 @@ def test_one_ablation_direction_per_row_equals_separate_ablations(tiny_model, ve
         next_token_logits(tiny_model, PROMPTS, interventions=[ablation(directions[:3])])
     with pytest.raises(ConfigError, match="mode='stream'"):
         ablation(directions, mode="weights")
+    from dataclasses import replace
+
+    built_by_hand = replace(ablation(directions), mode="weights")
+    with pytest.raises(ConfigError, match="mode='stream'"):
+        next_token_logits(tiny_model, PROMPTS, interventions=[built_by_hand])
 
 
 def test_batched_generation_equals_one_at_a_time(tiny_model) -> None:

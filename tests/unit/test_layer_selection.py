@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -43,7 +44,8 @@ def test_a_layer_that_does_not_steer_is_never_chosen_for_its_low_kl() -> None:
     choice = choose_layer(QWEN_LIKE, max_kl=0.1)
     # Budget 0.1 -> 0.2 (layers 15 and 17 fit), best bypass + induce among them: 17.
     assert (choice.chosen.layer, choice.rule, choice.kl_budget) == (17, "kl-relaxed", 0.2)
-    assert choice.n_working == 4
+    assert (choice.n_working, choice.n_within) == (4, 2)
+    assert "2 of 4 working layers" in choice.describe()
     assert "0.2" in choice.describe() and "kl-relaxed" in choice.describe()
     assert select_by_effect(QWEN_LIKE, max_kl=0.1).layer == 17
 
@@ -65,6 +67,9 @@ def test_when_no_layer_works_the_rule_says_so() -> None:
     effects = [_effect(1, 0.01, bypass=-0.5, induce=1.0), _effect(2, 0.02, bypass=0.4, induce=-1.0)]
     choice = choose_layer(effects, max_kl=0.1)
     assert (choice.chosen.layer, choice.rule, choice.n_working) == (1, "none-works", 0)
+    json.dumps(choice.as_record(), allow_nan=False)  # strict JSON: no Infinity in selected.json
+    nan_first = [_effect(3, 0.01, bypass=math.nan, induce=-1.0), *effects]
+    assert choose_layer(nan_first, max_kl=0.1).chosen.layer == 1
 
 
 def test_nan_kl_does_not_hang_the_relaxation() -> None:
@@ -152,3 +157,39 @@ def test_post_instruction_positions_are_candidates_too(tiny_model, tiny_model_di
     positions = {e.position for e in extraction.effects}
     assert len(positions) == tiny_model.n_post_instruction_tokens > 1
     assert (extraction.selected.layer, extraction.selected.position) in {(e.layer, e.position) for e in extraction.effects}
+
+
+def test_batched_effects_equal_each_candidate_measured_alone(tiny_model, tiny_model_dir, tmp_path) -> None:
+    from refusal_dir.evaluation.metrics import kl_from_logits, refusal_score
+    from refusal_dir.evaluation.selection import layer_effects
+    from refusal_dir.generation import next_token_logits
+    from refusal_dir.interventions import ablation, addition
+    from refusal_dir.prompts import benign_eval, harmful_eval
+
+    config = load_config().with_overrides(
+        {
+            "model.name": str(tiny_model_dir),
+            "extraction.methods": ("mean_diff",),
+            "extraction.sites": ("resid_pre",),
+            "evaluation.honesty": False,
+        }
+    )
+    extraction = extract(tiny_model, config, load_datasets(config), prepare_output_dir(tmp_path / "o", config), progress=False)
+    directions, scores = extraction.steering_set, extraction.scores[extraction.selected_key]
+    harmful, harmless = harmful_eval()[:3], benign_eval()[:3]
+    effects = layer_effects(tiny_model, directions, scores, harmful=harmful, harmless=harmless, max_layer_fraction=1.0, batch_size=2)
+    assert len(effects) >= 2
+    base_harmful = refusal_score(tiny_model, harmful)
+    base_harmless = refusal_score(tiny_model, harmless)
+    base_logits = next_token_logits(tiny_model, harmless)
+    for effect in effects:
+        ablate = [ablation(directions, direction_layer=effect.layer, position=effect.position)]
+        add = [addition(directions, layer=effect.layer, position=effect.position, alpha=1.0)]
+        bypass = float((base_harmful - refusal_score(tiny_model, harmful, interventions=ablate)).mean())
+        induce = float((refusal_score(tiny_model, harmless, interventions=add) - base_harmless).mean())
+        kl = float(kl_from_logits(base_logits, next_token_logits(tiny_model, harmless, interventions=ablate)).mean())
+        assert effect.bypass == pytest.approx(bypass, abs=1e-4)
+        assert effect.induce == pytest.approx(induce, abs=1e-4)
+        assert effect.ablation_kl == pytest.approx(kl, abs=1e-5)
+    # The candidates differ, so a mix-up of rows between them would show above.
+    assert len({round(e.bypass, 4) for e in effects}) == len(effects)

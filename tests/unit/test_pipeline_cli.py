@@ -214,6 +214,17 @@ def test_every_generation_is_saved_with_its_verdicts(tiny_model, extracted, tmp_
     for sample in samples:
         assert sample["prompt"] in sets[sample["set"]]
         assert isinstance(sample["completion"], str) and isinstance(sample["refused"], bool)
+    # Each sample is labelled with the row it came from: alpha 0 is the unsteered model under
+    # both methods, and its completions are those of a plain generate() of the same prompts.
+    from refusal_dir.generation import generate
+
+    plain = generate(tiny_model, sets["harmful"], settings=ctx.settings(), progress=False)
+    for method in ("addition", "ablation"):
+        unsteered = [s for s in samples if (s["set"], s["method"], s["alpha"]) == ("harmful", method, 0.0)]
+        assert [s["prompt"] for s in unsteered] == sets["harmful"]
+        assert [s["completion"] for s in unsteered] == plain
+    steered = [s["completion"] for s in samples if (s["set"], s["method"], s["alpha"]) == ("harmful", "addition", 1.0)]
+    assert steered != plain
     # The saved verdicts are the ones the refusal rates were computed from.
     for method in ("addition", "ablation"):
         for alpha in (0.0, 1.0):
@@ -282,13 +293,13 @@ def test_the_report_holds_no_absolute_path(tiny_model_dir, tmp_path: Path, monke
     work.mkdir()
     monkeypatch.chdir(work)
     code, _ = _run_cli(
-        capsys, "run", "--model", str(tiny_model_dir), "--output-dir", str(work / "out"),
+        capsys, "run", "--model", str(tiny_model_dir), f"--output-dir={work / 'out'}",
         "--max-eval-prompts", "2", "--max-new-tokens", "2", "--alphas", "0", "1",
         "--no-honesty", "--quiet", "--no-figures", "--selection-prompts", "2",
     )
     assert code == 0
     report = (work / "out" / "report.md").read_text()
-    assert f"Command: `refusal-dir run --model .../{tiny_model_dir.name} --output-dir out " in report
+    assert f"Command: `refusal-dir run --model .../{tiny_model_dir.name} --output-dir=out " in report
     assert str(tmp_path) not in report and str(tiny_model_dir) not in report
 
 def test_mmlu_rows_carry_chance_and_the_letter_bias(tiny_model, extracted) -> None:
