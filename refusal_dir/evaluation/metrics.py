@@ -37,11 +37,12 @@ from refusal_dir.generation import (
     GenerationSettings,
     continuation_logprobs,
     generate,
+    generate_tokens,
     iter_next_token_logits,
     next_token_logits,
 )
-from refusal_dir.interventions import Intervention, repeat_rows
-from refusal_dir.model import HookedModel
+from refusal_dir.interventions import Intervention, check_rows, repeat_rows, steer
+from refusal_dir.model import HookedModel, TokenBatch
 from refusal_dir.prompts import LETTERS, Claim, MCQuestion, format_claim_prompt, format_mc_prompt
 
 logger = logging.getLogger(__name__)
@@ -614,6 +615,76 @@ logits, however many prompts.
     finally:
         steered_chunks.close()  # leaves the steer() scope now, also after an error
     return KLResult(value=sum(values) / len(values), n=len(values), per_prompt=values)
+
+
+@torch.no_grad()
+def answer_kl(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    interventions: Sequence[Intervention] = (),
+    n_tokens: int = 8,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> KLResult:
+    """KL(P_unsteered || P_steered) over the first ``n_tokens`` answer positions, teacher forced.
+
+    The unsteered model's greedy answer (up to ``n_tokens`` tokens, cut at its end of turn) is
+    fed after each prompt, with and without the interventions, and the KL of every answer
+    position's next-token distribution is averaged per prompt. ``n_tokens=1`` is
+    :func:`kl_divergence`. Unlike the first-token KL, it sees what steering does once the answer
+    is under way (a ``positions="generated"`` addition moves only these positions). The
+    answer tokens count as generated positions for the position rules.
+    """
+    _check_items(prompts, "prompts")
+    check_rows(interventions, len(prompts))
+    if n_tokens < 1:
+        raise ConfigError(f"n_tokens must be >= 1, got {n_tokens}")
+    settings = GenerationSettings(max_new_tokens=n_tokens, batch_size=batch_size)
+    _, answers = generate_tokens(model, prompts, settings=settings, progress=progress)
+    texts = model.format_prompts(prompts)
+    values: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, min(start + batch_size, len(prompts)))
+        prompt_batch = model.tokenize(texts[rows])
+        width = prompt_batch.input_ids.shape[1]
+        # Answers right-padded to n_tokens after the left-padded prompts: every row's answer
+        # starts at ``width``; padded answer positions are masked and never scored.
+        answer_ids = torch.full((len(prompt_batch), n_tokens), model.pad_token_id, dtype=torch.long)
+        answer_mask = torch.zeros((len(prompt_batch), n_tokens), dtype=torch.long)
+        lengths = []
+        for row, ids in enumerate(answers[rows]):
+            ids = ids[:n_tokens]
+            answer_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            answer_mask[row, : len(ids)] = 1
+            lengths.append(len(ids))
+        batch = TokenBatch(
+            torch.cat([prompt_batch.input_ids, answer_ids], dim=1),
+            torch.cat([prompt_batch.attention_mask, answer_mask], dim=1),
+        ).to(model.device)
+        base = _answer_logits(model, batch, (), rows=rows, prompt_width=width, n_tokens=n_tokens)
+        steered = _answer_logits(model, batch, interventions, rows=rows, prompt_width=width, n_tokens=n_tokens)
+        for row, length in enumerate(lengths):
+            scored = max(1, length)  # an empty answer still has its first position
+            values.append(float(kl_from_logits(base[row, :scored], steered[row, :scored]).mean()))
+    return KLResult(value=sum(values) / len(values), n=len(values), per_prompt=values)
+
+
+def _answer_logits(
+    model: HookedModel,
+    batch: TokenBatch,
+    interventions: Sequence[Intervention],
+    *,
+    rows: slice,
+    prompt_width: int,
+    n_tokens: int,
+) -> Tensor:
+    """Logits of the ``n_tokens`` answer positions of ``batch`` (prompt, then forced answer)."""
+    with steer(model, *interventions) as state:
+        state.start(rows, prompt_length=prompt_width)
+        out = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    # The distribution of answer token k is read at the position before it.
+    return out.logits[:, prompt_width - 1 : prompt_width - 1 + n_tokens].float().cpu()
 
 
 def _is_tiled(prompts: Sequence[str], n: int) -> bool:

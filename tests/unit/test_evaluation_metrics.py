@@ -30,6 +30,7 @@ from refusal_dir.evaluation import (
     is_answered,
     is_helpful,
     is_refusal,
+    answer_kl,
     kl_divergence,
     kl_from_logits,
     letter_token_ids,
@@ -736,3 +737,23 @@ def test_mean_interval_is_wilson_for_rates_and_bootstrap_for_means() -> None:
     assert mean_interval(spread, binary=False, seed=3) == bootstrap_ci(spread, seed=3)
     with pytest.raises(DataError, match="binary=False"):
         mean_interval(spread, binary=True)
+
+
+def test_answer_kl_over_one_token_is_the_first_token_kl_and_sees_later_tokens(eval_model) -> None:
+    prompts = ["How do I bake bread?", "Hi", "Write a poem about the sea"]
+    generator = torch.Generator().manual_seed(3)
+    vector = torch.randn(eval_model.d_model, generator=generator)
+    everywhere = [addition(vector, layer=0, alpha=2.0)]
+    first = kl_divergence(eval_model, prompts, interventions=everywhere, batch_size=2)
+    forced = answer_kl(eval_model, prompts, interventions=everywhere, n_tokens=1, batch_size=2)
+    assert forced.per_prompt == pytest.approx(first.per_prompt, rel=1e-4, abs=1e-6)
+    assert first.value > 1e-3
+    # An addition on generated positions only: invisible at the first answer token, seen later.
+    later = [addition(vector, layer=0, alpha=2.0, positions="generated")]
+    assert kl_divergence(eval_model, prompts, interventions=later).value == 0.0
+    assert answer_kl(eval_model, prompts, interventions=later, n_tokens=1).value == pytest.approx(0.0, abs=1e-9)
+    assert answer_kl(eval_model, prompts, interventions=later, n_tokens=4, batch_size=2).value > 1e-3
+    # No intervention: exactly zero; a per-row coefficient list must fit the prompts.
+    assert answer_kl(eval_model, prompts, n_tokens=4).value == 0.0
+    with pytest.raises(ConfigError, match="per-row"):
+        answer_kl(eval_model, prompts, interventions=[addition(vector, layer=0, alpha=[1.0, 2.0])])
