@@ -204,9 +204,12 @@ class EvaluationSettings:
     bootstrap_resamples: int = 2000
     honesty: bool = True
     seed: int = 0
+    answer_kl_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_types("evaluation", self)
+        if self.answer_kl_tokens < 0:
+            _fail("evaluation.answer_kl_tokens", f"must be >= 0, got {self.answer_kl_tokens}")
         if self.mmlu_scoring not in ("letter", "option"):
             _fail("evaluation.mmlu_scoring", f"{self.mmlu_scoring!r} is not one of letter, option")
         if self.mmlu_prompt not in ("standard", "as_is"):

@@ -1031,7 +1031,15 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
             ctx.model, prompts, interventions=interventions, reference_logits=reference,
             progress=ctx.progress,
         )
-        return rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval), binary=False), samples
+        rows = rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval), binary=False)
+        n_tokens = ctx.config.evaluation.answer_kl_tokens
+        if n_tokens:
+            answer = metrics.answer_kl(
+                ctx.model, prompts, interventions=interventions, n_tokens=n_tokens,
+                batch_size=ctx.config.generation.batch_size, progress=ctx.progress,
+            )
+            rows += rows_of("kl_answer_benign", answer.per_prompt, len(ctx.datasets.benign_eval), binary=False)
+        return rows, samples
     if group == "honesty":
         return ([] if method == "conditional" else _honesty_rows(ctx, method)), samples
     raise ConfigError(f"unknown metric group {group!r}")

@@ -366,3 +366,16 @@ def test_evaluate_and_tune_refuse_other_refusal_pairs(capsys, extracted, tmp_pat
     lines = [line for line in err.strip().splitlines() if line.startswith("refusal-dir")]
     assert code == 2 and len(lines) == 1
     assert "other refusal pairs" in lines[0] and "--pairs-file" in lines[0]
+
+
+def test_answer_kl_rows_when_asked(tiny_model, extracted, tmp_path: Path) -> None:
+    config, datasets, extraction, _ = extracted
+    config = config.with_overrides({"steering.alphas": (0.0, 1.0), "evaluation.honesty": False, "steering.methods": ("addition",)})
+    plain = sweep(SweepContext(tiny_model, config, datasets, extraction, progress=False), prepare_output_dir(tmp_path / "a", config))
+    assert not any(r["metric"] == "kl_answer_benign" for r in plain)
+    one = config.with_overrides({"evaluation.answer_kl_tokens": 1})
+    rows = sweep(SweepContext(tiny_model, one, datasets, extraction, progress=False), prepare_output_dir(tmp_path / "b", one))
+    index = {(r["alpha"], r["metric"]): r["value"] for r in rows}
+    for alpha in (0.0, 1.0):  # one forced token is the first-token KL
+        assert index[(alpha, "kl_answer_benign")] == pytest.approx(index[(alpha, "kl_benign")], rel=1e-4, abs=1e-6)
+    assert index[(1.0, "kl_benign")] > 0
