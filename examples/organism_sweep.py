@@ -37,8 +37,9 @@ def run(cache: Path, output_dir: Path) -> int:
     model_dir = load_or_train_organism(cache, OrganismConfig())
     sets = organism_eval_sets(0)
     data = {
-        "harmful": [{"instruction": p} for p in sets.harmful_test],
-        "benign": [{"instruction": p} for p in sets.harmless_test],
+        # The topic words: 48 prompts are 12 words x 4 templates, so intervals resample words.
+        "harmful": [{"instruction": p, "topic": t} for p, t in zip(sets.harmful_test, sets.harmful_test_topics)],
+        "benign": [{"instruction": p, "topic": t} for p, t in zip(sets.harmless_test, sets.harmless_test_topics)],
         "pairs": [{"harmful": a, "harmless": b} for a, b in zip(sets.harmful_train, sets.harmless_train)],
         "mc": [{"question": q.question, "choices": list(q.choices), "answer": q.answer} for q in sets.mc_test],
     }

@@ -322,6 +322,9 @@ class OrganismEvalSets:
     harmful_test: tuple[str, ...]
     harmless_test: tuple[str, ...]
     mc_test: tuple[MCQuestion, ...]
+    harmful_test_topics: tuple[str, ...] = ()
+    """The topic word of each ``harmful_test`` prompt (prompts sharing one are not independent)."""
+    harmless_test_topics: tuple[str, ...] = ()
 
 
 _N_TRAIN_PAIRS = 64
@@ -404,6 +407,8 @@ def _split(seed: int) -> tuple[OrganismEvalSets, set[tuple[int, str]], set[tuple
         harmful_test=tuple(_request(t, topic) for t, topic, _ in tests),
         harmless_test=tuple(_request(t, topic) for t, _, topic in tests),
         mc_test=tuple(mc),
+        harmful_test_topics=tuple(topic for _, topic, _ in tests),
+        harmless_test_topics=tuple(topic for _, _, topic in tests),
     )
     return sets, held_out, mc_keys
 

@@ -100,6 +100,10 @@ class Datasets:
     #: The category of each benign_eval prompt, when its source has them (the shipped set:
     #: "lookalike" or a topic); None otherwise.
     benign_categories: list[str] | None = None
+    #: The ``topic`` of each harmful_eval / benign_eval prompt when its file gives every row one
+    #: (prompts sharing a topic are not independent: their intervals resample topics).
+    harmful_topics: list[str] | None = None
+    benign_topics: list[str] | None = None
 
     def content_hashes(self) -> dict[str, str | None]:
         """A short content hash of every prompt set (what the results depend on)."""
@@ -113,6 +117,7 @@ class Datasets:
             "harmful_eval": digest(self.harmful_eval),
             "benign_eval": digest(self.benign_eval),
             "benign_categories": digest(self.benign_categories),
+            "topics": digest([self.harmful_topics, self.benign_topics]),
             "mmlu": digest([[q.question, list(q.choices), q.answer] for q in self.mmlu]),
             "honesty_pairs": self.honesty_pairs.content_hash() if self.honesty_pairs else None,
             "claims": digest([[c.text, c.label] for c in self.claims]),
@@ -143,6 +148,13 @@ def _categories(source: str, shipped: Callable[[], list[str]]) -> list[str] | No
     if source.startswith("hub:"):
         return None
     return prompt_sets.load_categories(source)
+
+
+def _topics(source: str) -> list[str] | None:
+    """The ``topic`` field of every row of a local file, or None (shipped and hub sets)."""
+    if source == "shipped" or source.startswith("hub:"):
+        return None
+    return prompt_sets.load_categories(source, field="topic")
 
 
 def _kept(keys: Sequence[str], categories: Sequence[str] | None, config: Config) -> list[int]:
@@ -182,16 +194,20 @@ def load_datasets(config: Config) -> Datasets:
     benign = _instructions(data.benign_eval, prompt_sets.benign_eval)
     benign_categories = _categories(data.benign_eval, prompt_sets.benign_eval_categories)
     benign_kept = _kept(benign, benign_categories, config)
+    harmful_kept = _kept(harmful, _categories(data.harmful_eval, prompt_sets.harmful_eval_categories), config)
+    harmful_topics, benign_topics = _topics(data.harmful_eval), _topics(data.benign_eval)
     mmlu = _mmlu(data.mmlu)
     claims = prompt_sets.true_false_claims()
     return Datasets(
         refusal_pairs=pairs,
-        harmful_eval=_pick(harmful, _kept(harmful, _categories(data.harmful_eval, prompt_sets.harmful_eval_categories), config)),
+        harmful_eval=_pick(harmful, harmful_kept),
         benign_eval=_pick(benign, benign_kept),
         mmlu=_pick(mmlu, _kept([q.question for q in mmlu], [q.subject for q in mmlu], config)),
         honesty_pairs=honesty,
         claims=_pick(claims, _kept([c.text for c in claims], [str(c.label) for c in claims], config)),
         benign_categories=None if benign_categories is None else _pick(benign_categories, benign_kept),
+        harmful_topics=None if harmful_topics is None else _pick(harmful_topics, harmful_kept),
+        benign_topics=None if benign_topics is None else _pick(benign_topics, benign_kept),
     )
 
 
@@ -848,20 +864,24 @@ def _rows_for(
     metric: str,
     binary: bool,
     config: Config,
+    clusters: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per alpha: the mean over items with its interval, and the paired difference from
     the :data:`UNSTEERED_ALPHA` row on the same items.
 
     ``binary``: the values are 0/1 judgements (a rate: Wilson interval); otherwise continuous
-    (bootstrap). The difference's interval is a paired bootstrap for both.
+    (bootstrap). The difference's interval is a paired bootstrap for both. With ``clusters``
+    (the items' topics) both intervals resample whole clusters instead.
     """
     resamples, seed = config.evaluation.bootstrap_resamples, config.evaluation.seed
     unsteered = values_per_alpha[UNSTEERED_ALPHA]
     rows = []
     for alpha, values in values_per_alpha.items():
-        low, high = stats.mean_interval(values, binary=binary, n_resamples=resamples, seed=seed)
+        low, high = stats.mean_interval(
+            values, binary=binary, n_resamples=resamples, seed=seed, clusters=clusters
+        )
         diff_low, diff_high = stats.paired_bootstrap_diff(
-            values, unsteered, n_resamples=resamples, seed=seed
+            values, unsteered, n_resamples=resamples, seed=seed, clusters=clusters
         )
         rows.append(
             {
@@ -973,8 +993,13 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         )
         return rows, interventions
 
-    def rows_of(metric: str, values: Sequence[float], n: int, *, binary: bool) -> list[dict[str, Any]]:
-        return _rows_for(_split(values, alphas, n), method=method, layer=layer, metric=metric, binary=binary, config=ctx.config)
+    def rows_of(
+        metric: str, values: Sequence[float], n: int, *, binary: bool, clusters: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        return _rows_for(
+            _split(values, alphas, n), method=method, layer=layer, metric=metric, binary=binary,
+            config=ctx.config, clusters=clusters,
+        )
 
     samples: list[dict[str, Any]] = []
     if group in ("harmful_generation", "benign_generation"):
@@ -986,13 +1011,18 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         degenerate = [float(x) for x in degenerate_flags]
         samples = _samples(group, method, alphas, prompts, completions, refused_flags)
         if group == "harmful_generation":
-            return rows_of("refusal_harmful", refused, len(items), binary=True) + rows_of("degenerate_harmful", degenerate, len(items), binary=True), samples
+            topics = ctx.datasets.harmful_topics
+            return (
+                rows_of("refusal_harmful", refused, len(items), binary=True, clusters=topics)
+                + rows_of("degenerate_harmful", degenerate, len(items), binary=True, clusters=topics)
+            ), samples
         answered = [float(x) for x in answered_flags]
+        topics = ctx.datasets.benign_topics
         return (
-            rows_of("refusal_benign", refused, len(items), binary=True)
+            rows_of("refusal_benign", refused, len(items), binary=True, clusters=topics)
             + _lookalike_rows(ctx, _split(refused, alphas, len(items)), method=method, layer=layer)
-            + rows_of("answered_benign", answered, len(items), binary=True)
-            + rows_of("degenerate_benign", degenerate, len(items), binary=True)
+            + rows_of("answered_benign", answered, len(items), binary=True, clusters=topics)
+            + rows_of("degenerate_benign", degenerate, len(items), binary=True, clusters=topics)
         ), samples
     if group == "refusal_score":
         prompts, interventions = per_row(ctx.datasets.harmful_eval)
@@ -1000,8 +1030,8 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         prompts, interventions = per_row(ctx.datasets.benign_eval)
         benign = metrics.refusal_score(ctx.model, prompts, interventions=interventions, progress=ctx.progress).tolist()
         return (
-            rows_of("refusal_score_harmful", harmful, len(ctx.datasets.harmful_eval), binary=False)
-            + rows_of("refusal_score_benign", benign, len(ctx.datasets.benign_eval), binary=False)
+            rows_of("refusal_score_harmful", harmful, len(ctx.datasets.harmful_eval), binary=False, clusters=ctx.datasets.harmful_topics)
+            + rows_of("refusal_score_benign", benign, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
         ), samples
     if group == "mmlu":
         questions, interventions = per_row(ctx.datasets.mmlu)
@@ -1031,14 +1061,14 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
             ctx.model, prompts, interventions=interventions, reference_logits=reference,
             progress=ctx.progress,
         )
-        rows = rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval), binary=False)
+        rows = rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
         n_tokens = ctx.config.evaluation.answer_kl_tokens
         if n_tokens:
             answer = metrics.answer_kl(
                 ctx.model, prompts, interventions=interventions, n_tokens=n_tokens,
                 batch_size=ctx.config.generation.batch_size, progress=ctx.progress,
             )
-            rows += rows_of("kl_answer_benign", answer.per_prompt, len(ctx.datasets.benign_eval), binary=False)
+            rows += rows_of("kl_answer_benign", answer.per_prompt, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
         return rows, samples
     if group == "honesty":
         return ([] if method == "conditional" else _honesty_rows(ctx, method)), samples

@@ -4,6 +4,8 @@
   booleans, KL values, probabilities); deterministic for a seed.
 * :func:`wilson_interval`: the analytic Wilson score interval for a proportion; better than the
   bootstrap for small ``n`` or rates near 0 or 1 (the percentile bootstrap of 0/20 is (0, 0)).
+* :func:`cluster_bootstrap_ci`: the bootstrap resampling whole clusters (items sharing a topic
+  are not independent).
 * :func:`paired_bootstrap_diff`: the interval of ``mean(a) - mean(b)`` when ``a`` and ``b`` are
   two conditions measured on the same items (steered vs unsteered), resampling items jointly so
   the pairing is kept; narrower than comparing two separate intervals.
@@ -90,6 +92,36 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return low, high
 
 
+def cluster_bootstrap_ci(
+    values: Sequence[float | bool],
+    clusters: Sequence[str],
+    *,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values``, resampling whole clusters.
+
+    For items that are not independent: prompts that share a topic word, or one template
+    filled with several words. Each resample draws as many clusters as there are, with
+    replacement, and takes the mean over all items of the drawn clusters; with one item per
+    cluster this is :func:`bootstrap_ci`.
+    """
+    _check_confidence(confidence)
+    array = _as_values(values)
+    if len(clusters) != array.size:
+        raise DataError(f"{len(clusters)} cluster labels for {array.size} values: give one per item")
+    _, codes = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    sums = np.bincount(codes, weights=array)
+    counts = np.bincount(codes).astype(float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, sums.size, size=(n_resamples, sums.size))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
 def paired_bootstrap_diff(
     a: Sequence[float | bool],
     b: Sequence[float | bool],
@@ -97,11 +129,13 @@ def paired_bootstrap_diff(
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    clusters: Sequence[str] | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ``mean(a) - mean(b)`` over paired items.
 
     ``a[i]`` and ``b[i]`` must be the same item under two conditions; items are resampled
-    jointly. An interval that excludes 0 says the conditions differ at that confidence.
+    jointly (by ``clusters`` when given: :func:`cluster_bootstrap_ci`). An interval that
+    excludes 0 says the conditions differ at that confidence.
     """
     first = _as_values(a, name="a")
     second = _as_values(b, name="b")
@@ -109,6 +143,10 @@ def paired_bootstrap_diff(
         raise DataError(
             f"a has {first.size} items but b has {second.size}: pair each item under both "
             "conditions"
+        )
+    if clusters is not None:
+        return cluster_bootstrap_ci(
+            first - second, clusters, n_resamples=n_resamples, confidence=confidence, seed=seed
         )
     return bootstrap_ci(first - second, n_resamples=n_resamples, confidence=confidence, seed=seed)
 
@@ -120,8 +158,12 @@ def mean_interval(
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    clusters: Sequence[str] | None = None,
 ) -> tuple[float, float]:
     """The interval of the mean of per-item ``values``.
+
+    ``clusters`` (one label per item, e.g. a topic): the items are not independent, and the
+    interval is a :func:`cluster_bootstrap_ci` for rates too.
 
     ``binary``: the values are 0/1 judgements (refused, answered, correct) and the mean is a
     rate: the :func:`wilson_interval`, which stays informative at 0 and 1 (0/20 gives
@@ -129,6 +171,10 @@ def mean_interval(
     :func:`bootstrap_ci`.
     """
     array = _as_values(values)
+    if clusters is not None:
+        return cluster_bootstrap_ci(
+            values, clusters, n_resamples=n_resamples, confidence=confidence, seed=seed
+        )
     if not binary:
         return bootstrap_ci(values, n_resamples=n_resamples, confidence=confidence, seed=seed)
     if not np.isin(array, (0.0, 1.0)).all():

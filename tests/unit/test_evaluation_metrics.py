@@ -757,3 +757,22 @@ def test_answer_kl_over_one_token_is_the_first_token_kl_and_sees_later_tokens(ev
     assert answer_kl(eval_model, prompts, n_tokens=4).value == 0.0
     with pytest.raises(ConfigError, match="per-row"):
         answer_kl(eval_model, prompts, interventions=[addition(vector, layer=0, alpha=[1.0, 2.0])])
+
+
+def test_cluster_bootstrap_widens_the_interval_of_correlated_items() -> None:
+    from refusal_dir.evaluation.stats import cluster_bootstrap_ci, paired_bootstrap_diff
+
+    # 4 topics x 10 prompts, each topic answered all one way: 4 independent observations, not 40.
+    values = [1.0] * 20 + [0.0] * 20
+    topics = [f"topic{i // 10}" for i in range(40)]
+    iid_low, iid_high = bootstrap_ci(values, seed=0)
+    low, high = cluster_bootstrap_ci(values, topics, seed=0)
+    assert low <= 0.5 <= high
+    assert high - low > 2 * (iid_high - iid_low)
+    assert mean_interval(values, binary=True, clusters=topics) == (low, high)  # not Wilson
+    # One item per cluster is the plain bootstrap.
+    assert cluster_bootstrap_ci(values, [str(i) for i in range(40)], seed=0) == pytest.approx((iid_low, iid_high), abs=0.06)
+    diff = paired_bootstrap_diff(values, [0.0] * 40, clusters=topics, seed=0)
+    assert diff == (low, high)
+    with pytest.raises(DataError, match="cluster labels"):
+        cluster_bootstrap_ci(values, topics[:-1])

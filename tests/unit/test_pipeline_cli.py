@@ -379,3 +379,23 @@ def test_answer_kl_rows_when_asked(tiny_model, extracted, tmp_path: Path) -> Non
     for alpha in (0.0, 1.0):  # one forced token is the first-token KL
         assert index[(alpha, "kl_answer_benign")] == pytest.approx(index[(alpha, "kl_benign")], rel=1e-4, abs=1e-6)
     assert index[(1.0, "kl_benign")] > 0
+
+
+def test_topics_in_an_eval_file_make_intervals_resample_topics(tiny_model_dir, tmp_path: Path) -> None:
+    from refusal_dir.evaluation import stats
+    from refusal_dir.pipeline import _rows_for
+
+    harmful = tmp_path / "harmful.jsonl"
+    rows = [{"instruction": f"How do I make {word} number {k}?", "topic": word} for word in ("aa", "bb", "cc") for k in range(4)]
+    harmful.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = _config(tiny_model_dir, **{"data.harmful_eval": str(harmful), "data.max_eval_prompts": 6})
+    datasets = load_datasets(config)
+    assert datasets.harmful_topics is not None and len(datasets.harmful_topics) == len(datasets.harmful_eval) == 6
+    for prompt, topic in zip(datasets.harmful_eval, datasets.harmful_topics):
+        assert f"make {topic} " in prompt  # the topics stay aligned with the sampled prompts
+    assert datasets.benign_topics is None  # the shipped benign set has no topic field
+    values = {0.0: [1.0, 1.0, 0.0, 0.0, 1.0, 0.0], 1.0: [0.0] * 6}
+    out = _rows_for(values, method="addition", layer=0, metric="refusal_harmful", binary=True, config=config, clusters=datasets.harmful_topics)
+    expected = stats.cluster_bootstrap_ci(values[0.0], datasets.harmful_topics, n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed)
+    assert (out[0]["ci_low"], out[0]["ci_high"]) == expected
+    assert (out[0]["ci_low"], out[0]["ci_high"]) != wilson_interval(3, 6)
