@@ -769,7 +769,11 @@ def test_cluster_bootstrap_widens_the_interval_of_correlated_items() -> None:
     low, high = cluster_bootstrap_ci(values, topics, seed=0)
     assert low <= 0.5 <= high
     assert high - low > 2 * (iid_high - iid_low)
-    assert mean_interval(values, binary=True, clusters=topics) == (low, high)  # not Wilson
+    assert mean_interval(values, binary=False, clusters=topics) == (low, high)
+    rate_low, rate_high = mean_interval(values, binary=True, clusters=topics)
+    assert rate_low <= low and rate_high >= high and (rate_low, rate_high) != wilson_interval(20, 40)
+    # A rate of 0 over 4 topics is not a point: the Wilson interval of 0 in 4 observations.
+    assert mean_interval([0.0] * 40, binary=True, clusters=topics) == pytest.approx(wilson_interval(0, 4))
     # One item per cluster is the plain bootstrap.
     assert cluster_bootstrap_ci(values, [str(i) for i in range(40)], seed=0) == pytest.approx((iid_low, iid_high), abs=0.06)
     diff = paired_bootstrap_diff(values, [0.0] * 40, clusters=topics, seed=0)

@@ -396,6 +396,6 @@ def test_topics_in_an_eval_file_make_intervals_resample_topics(tiny_model_dir, t
     assert datasets.benign_topics is None  # the shipped benign set has no topic field
     values = {0.0: [1.0, 1.0, 0.0, 0.0, 1.0, 0.0], 1.0: [0.0] * 6}
     out = _rows_for(values, method="addition", layer=0, metric="refusal_harmful", binary=True, config=config, clusters=datasets.harmful_topics)
-    expected = stats.cluster_bootstrap_ci(values[0.0], datasets.harmful_topics, n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed)
+    expected = stats.mean_interval(values[0.0], binary=True, clusters=datasets.harmful_topics, n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed)
     assert (out[0]["ci_low"], out[0]["ci_high"]) == expected
     assert (out[0]["ci_low"], out[0]["ci_high"]) != wilson_interval(3, 6)
