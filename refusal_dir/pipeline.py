@@ -142,19 +142,16 @@ def _mmlu(source: str) -> list[MCQuestion]:
     return prompt_sets.load_mc_questions(source)
 
 
-def _categories(source: str, shipped: Callable[[], list[str]]) -> list[str] | None:
+def _categories(
+    source: str, shipped: Callable[[], list[str]] | None, *, field: str = "category"
+) -> list[str] | None:
+    """The ``field`` of every item of a set: ``shipped()`` for the shipped set (None: it has
+    none), read from a local file, None for hub sets or a file whose rows lack it."""
     if source == "shipped":
-        return shipped()
+        return shipped() if shipped is not None else None
     if source.startswith("hub:"):
         return None
-    return prompt_sets.load_categories(source)
-
-
-def _topics(source: str) -> list[str] | None:
-    """The ``topic`` field of every row of a local file, or None (shipped and hub sets)."""
-    if source == "shipped" or source.startswith("hub:"):
-        return None
-    return prompt_sets.load_categories(source, field="topic")
+    return prompt_sets.load_categories(source, field=field)
 
 
 def _kept(keys: Sequence[str], categories: Sequence[str] | None, config: Config) -> list[int]:
@@ -195,7 +192,8 @@ def load_datasets(config: Config) -> Datasets:
     benign_categories = _categories(data.benign_eval, prompt_sets.benign_eval_categories)
     benign_kept = _kept(benign, benign_categories, config)
     harmful_kept = _kept(harmful, _categories(data.harmful_eval, prompt_sets.harmful_eval_categories), config)
-    harmful_topics, benign_topics = _topics(data.harmful_eval), _topics(data.benign_eval)
+    harmful_topics = _categories(data.harmful_eval, None, field="topic")
+    benign_topics = _categories(data.benign_eval, None, field="topic")
     mmlu = _mmlu(data.mmlu)
     claims = prompt_sets.true_false_claims()
     return Datasets(
