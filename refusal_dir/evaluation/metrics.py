@@ -35,6 +35,7 @@ from refusal_dir.evaluation.judges import (
 from refusal_dir.evaluation.stats import wilson_interval
 from refusal_dir.generation import (
     GenerationSettings,
+    _forward_logits,
     continuation_logprobs,
     generate,
     generate_tokens,
@@ -641,7 +642,11 @@ def answer_kl(
     if n_tokens < 1:
         raise ConfigError(f"n_tokens must be >= 1, got {n_tokens}")
     settings = GenerationSettings(max_new_tokens=n_tokens, batch_size=batch_size)
-    _, answers = generate_tokens(model, prompts, settings=settings, progress=progress)
+    # The unsteered answer of each distinct prompt, once (a sweep repeats prompts per alpha).
+    distinct = list(dict.fromkeys(prompts))
+    _, distinct_answers = generate_tokens(model, distinct, settings=settings, progress=progress)
+    answer_of = dict(zip(distinct, distinct_answers, strict=True))
+    answers = [answer_of[prompt] for prompt in prompts]
     texts = model.format_prompts(prompts)
     values: list[float] = []
     for start in range(0, len(prompts), batch_size):
@@ -661,7 +666,7 @@ def answer_kl(
         batch = TokenBatch(
             torch.cat([prompt_batch.input_ids, answer_ids], dim=1),
             torch.cat([prompt_batch.attention_mask, answer_mask], dim=1),
-        ).to(model.device)
+        )
         base = _answer_logits(model, batch, (), rows=rows, prompt_width=width, n_tokens=n_tokens)
         steered = _answer_logits(model, batch, interventions, rows=rows, prompt_width=width, n_tokens=n_tokens)
         for row, length in enumerate(lengths):
@@ -682,9 +687,10 @@ def _answer_logits(
     """Logits of the ``n_tokens`` answer positions of ``batch`` (prompt, then forced answer)."""
     with steer(model, *interventions) as state:
         state.start(rows, prompt_length=prompt_width)
-        out = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    # The distribution of answer token k is read at the position before it.
-    return out.logits[:, prompt_width - 1 : prompt_width - 1 + n_tokens].float().cpu()
+        # The distribution of answer token k is read at the position before it: the last
+        # n_tokens + 1 positions but the very last (no unembedding over the prompt).
+        logits = _forward_logits(model, batch, keep=n_tokens + 1)
+    return logits[:, :n_tokens].cpu()
 
 
 def _is_tiled(prompts: Sequence[str], n: int) -> bool:
