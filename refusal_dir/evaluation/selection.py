@@ -39,7 +39,7 @@ import torch
 
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DataError
-from refusal_dir.evaluation.metrics import kl_from_logits, refusal_score
+from refusal_dir.evaluation.metrics import kl_divergence, refusal_score
 from refusal_dir.generation import next_token_logits
 from refusal_dir.interventions import Intervention, ablation, addition
 from refusal_dir.model import HookedModel
@@ -125,13 +125,14 @@ def layer_effects(
     ablated_harmful = refusal_score(
         model, rows(harmful), interventions=ablate(harmful), batch_size=batch_size, progress=progress
     )
-    ablated_harmless = next_token_logits(
-        model, rows(harmless), interventions=ablate(harmless), batch_size=batch_size, progress=progress
-    )
+    # Compared with the unsteered logits batch by batch: memory stays one batch of logits.
+    kl = kl_divergence(
+        model, rows(harmless), interventions=ablate(harmless), reference_logits=base_harmless_logits,
+        batch_size=batch_size, progress=progress,
+    ).per_prompt
     added_harmless = refusal_score(
         model, rows(harmless), interventions=add(harmless), batch_size=batch_size, progress=progress
     )
-    kl = kl_from_logits(base_harmless_logits.repeat(n, 1), ablated_harmless)
     effects = []
     for i, candidate in enumerate(candidates):
         block_h = slice(i * len(harmful), (i + 1) * len(harmful))
@@ -141,7 +142,7 @@ def layer_effects(
                 position=candidate.position,
                 layer=candidate.layer,
                 separation_accuracy=candidate.separation_accuracy,
-                ablation_kl=float(kl[block_b].mean()),
+                ablation_kl=sum(kl[block_b]) / len(kl[block_b]),
                 bypass=float((base_harmful - ablated_harmful[block_h]).mean()),
                 induce=float((added_harmless[block_b] - base_harmless).mean()),
             )
