@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-mmlu-drop", type=float, default=0.01, help="accuracy points (0.01 = 1 point)")
     tune.add_argument("--max-kl", type=float, default=0.1)
     tune.add_argument("--max-helpfulness-drop", type=float, default=1.0)
+    tune.add_argument(
+        "--limits-on", choices=["mean", "bound"], default="mean",
+        help="check each limit on the paired drop (mean) or on its 95%% upper bound (bound)",
+    )
 
     export = commands.add_parser("export", help="bake directional ablation into a model copy")
     _common(export)
@@ -398,7 +402,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from refusal_dir import outdir, pipeline, tune
 
-    limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop)
+    limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop, check=args.limits_on)
     if args.n_layers < 1:
         raise ConfigError(f"--n-layers must be >= 1, got {args.n_layers}")
     config, directions_dir, extraction = _saved_extraction(args, _config(args))
@@ -443,7 +447,10 @@ def _tune(
         on_event=reporter,
     )
     payload = {
-        "limits": {"max_mmlu_drop": limits.max_mmlu_drop, "max_kl": limits.max_kl, "max_helpfulness_drop": limits.max_helpfulness_drop},
+        "limits": {
+            "max_mmlu_drop": limits.max_mmlu_drop, "max_kl": limits.max_kl,
+            "max_helpfulness_drop": limits.max_helpfulness_drop, "check": limits.check,
+        },
         "layers": layers,
         "baseline": result.baseline.as_row(),
         "chosen": result.chosen.as_row(),

@@ -867,9 +867,10 @@ def _rows_for(
     """One row per alpha: the mean over items with its interval, and the paired difference from
     the :data:`UNSTEERED_ALPHA` row on the same items.
 
-    ``binary``: the values are 0/1 judgements (a rate: Wilson interval); otherwise continuous
-    (bootstrap). The difference's interval is a paired bootstrap for both. With ``clusters``
-    (the items' topics) both intervals resample whole clusters instead.
+    ``binary``: the values are 0/1 judgements (a rate: Wilson interval, and Newcombe's paired
+    interval for the difference); otherwise continuous (bootstrap, and a paired bootstrap for the
+    difference). With ``clusters`` (the items' topics) the intervals resample whole clusters,
+    widened for rates to the analytic interval on as many observations as there are clusters.
     """
     resamples, seed = config.evaluation.bootstrap_resamples, config.evaluation.seed
     unsteered = values_per_alpha[UNSTEERED_ALPHA]
@@ -878,9 +879,16 @@ def _rows_for(
         low, high = stats.mean_interval(
             values, binary=binary, n_resamples=resamples, seed=seed, clusters=clusters
         )
-        diff_low, diff_high = stats.paired_bootstrap_diff(
-            values, unsteered, n_resamples=resamples, seed=seed, clusters=clusters
-        )
+        if alpha == UNSTEERED_ALPHA:
+            diff_low, diff_high = 0.0, 0.0  # the unsteered row against itself: 0 by construction
+        elif binary:
+            diff_low, diff_high = stats.paired_rate_diff_interval(
+                values, unsteered, n_resamples=resamples, seed=seed, clusters=clusters
+            )
+        else:
+            diff_low, diff_high = stats.paired_bootstrap_diff(
+                values, unsteered, n_resamples=resamples, seed=seed, clusters=clusters
+            )
         rows.append(
             {
                 "method": method,
@@ -910,10 +918,12 @@ def _subgroup_rows(
     method: str,
     layer: int,
     config: Config,
+    clusters: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of a rate over subgroups of the items: metric name -> one keep-flag per item.
 
-    An empty subgroup has no rows."""
+    ``clusters``: the items' topics (one per item); each subgroup's intervals resample its own
+    items' topics. An empty subgroup has no rows."""
     rows: list[dict[str, Any]] = []
     for metric, keep in groups.items():
         if not any(keep):
@@ -922,7 +932,13 @@ def _subgroup_rows(
             alpha: [value for value, kept in zip(values, keep, strict=True) if kept]
             for alpha, values in values_per_alpha.items()
         }
-        rows += _rows_for(subset, method=method, layer=layer, metric=metric, binary=True, config=config)
+        kept_clusters = (
+            None if clusters is None else [c for c, kept in zip(clusters, keep, strict=True) if kept]
+        )
+        rows += _rows_for(
+            subset, method=method, layer=layer, metric=metric, binary=True, config=config,
+            clusters=kept_clusters,
+        )
     return rows
 
 
@@ -936,7 +952,9 @@ def _lookalike_rows(ctx: SweepContext, refused: dict[float, list[float]], *, met
         "refusal_benign_lookalike": lookalike,
         "refusal_benign_ordinary": [not flag for flag in lookalike],
     }
-    return _subgroup_rows(refused, groups, method=method, layer=layer, config=ctx.config)
+    return _subgroup_rows(
+        refused, groups, method=method, layer=layer, config=ctx.config, clusters=ctx.datasets.benign_topics
+    )
 
 
 METRIC_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl", "honesty")

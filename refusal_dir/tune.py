@@ -14,20 +14,25 @@ chosen point maximizes refusal subject to ``MMLU drop <= max_mmlu_drop`` (in acc
 e.g. 0.01 = 1 point), ``KL <= max_kl`` and ``helpfulness drop <= max_helpfulness_drop``; ties go
 to the lower KL. With no point within the limits, the unsteered model is chosen.
 
-The limits are checked on validation means. Every point is measured on the same validation
-items as the baseline, so each drop is already the mean *paired* difference; the rule does not
-use its interval (requiring, say, the upper bound of the paired MMLU drop to stay within 0.01
-would reject every point that changes a single answer among a few dozen questions). The
-held-out report gives each chosen metric with its interval (Wilson for rates, bootstrap for KL)
-and the paired difference from the baseline on the same held-out items, with a paired
-bootstrap interval (``heldout["difference"]``).
+Every point is measured on the same validation items as the baseline, so each drop is a mean
+*paired* difference. ``Limits.check`` says what must stay within a limit:
+
+* ``"mean"`` (default): the drop itself (the point estimate);
+* ``"bound"``: the upper end of the drop's 95% interval (Newcombe's paired interval for the
+  MMLU and helpfulness rates, the bootstrap for the mean KL): "we are confident the loss is at
+  most the limit". Strict on small sets: with a few dozen questions the upper bound of a paired
+  MMLU drop is several points even when no answer changes, so a 0.01 limit admits nothing.
+
+The held-out report gives each chosen metric with its interval (Wilson for rates, bootstrap for
+KL) and the paired difference from the baseline on the same held-out items with its interval
+(Newcombe for rates, paired bootstrap for KL; ``heldout["difference"]``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from refusal_dir.conditional import Condition, conditional_addition, fit_condition
@@ -45,17 +50,24 @@ BINARY_METRICS = frozenset({"refusal", "helpfulness", "mmlu"})
 """Per-item 0/1 metrics (rates: Wilson intervals); ``kl`` is continuous (bootstrap)."""
 
 
+LIMIT_CHECKS = ("mean", "bound")
+
+
 @dataclass(frozen=True)
 class Limits:
     max_mmlu_drop: float = 0.01
     max_kl: float = 0.1
     max_helpfulness_drop: float = 1.0
+    #: ``mean``: the paired drop must stay within each limit; ``bound``: its 95% upper bound.
+    check: str = "mean"
 
     def __post_init__(self) -> None:
         for name in ("max_mmlu_drop", "max_kl", "max_helpfulness_drop"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"limit {name} must be a finite number >= 0, got {value!r}")
+        if self.check not in LIMIT_CHECKS:
+            raise ConfigError(f"limit check {self.check!r} is not one of {', '.join(LIMIT_CHECKS)} (--limits-on)")
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,11 @@ class Point:
     helpfulness: float
     mmlu: float
     kl: float
+    #: Upper 95% bounds of the paired drops from the baseline on the same items (MMLU and
+    #: helpfulness: Newcombe; KL: bootstrap of the mean); None for the baseline itself.
+    mmlu_drop_high: float | None = None
+    helpfulness_drop_high: float | None = None
+    kl_high: float | None = None
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,12 +175,25 @@ class Evaluator:
         size = len(values) // n
         return [list(values[i * size : (i + 1) * size]) for i in range(n)]
 
-    def points(self, method: str, layer: int, alphas: Sequence[float], split: EvalSplit) -> list[Point]:
+    def points(
+        self, method: str, layer: int, alphas: Sequence[float], split: EvalSplit,
+        *, baseline: dict[str, list[float]] | None = None,
+    ) -> list[Point]:
+        """The points of ``alphas``; with ``baseline`` (its per-item values on the same items)
+        each point also carries the upper bounds of its paired drops."""
         values = self.per_item(method, layer, alphas, split)
-        return [
-            Point(method, layer, float(alpha), *(sum(values[m][i]) / len(values[m][i]) for m in ("refusal", "helpfulness", "mmlu", "kl")))
-            for i, alpha in enumerate(alphas)
-        ]
+        points = []
+        for i, alpha in enumerate(alphas):
+            means = (sum(values[m][i]) / len(values[m][i]) for m in ("refusal", "helpfulness", "mmlu", "kl"))
+            bounds: dict[str, float] = {}
+            if baseline is not None:
+                bounds = {
+                    "mmlu_drop_high": stats.paired_rate_diff_interval(baseline["mmlu"], values["mmlu"][i])[1],
+                    "helpfulness_drop_high": stats.paired_rate_diff_interval(baseline["helpfulness"], values["helpfulness"][i])[1],
+                    "kl_high": stats.bootstrap_ci(values["kl"][i])[1],
+                }
+            points.append(Point(method, layer, float(alpha), *means, **bounds))
+        return points
 
 
 def pareto_front(points: Sequence[Point]) -> list[Point]:
@@ -182,14 +212,24 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
     return front
 
 
+def _within(p: Point, baseline: Point, limits: Limits) -> bool:
+    if limits.check == "bound":
+        if p.mmlu_drop_high is None or p.helpfulness_drop_high is None or p.kl_high is None:
+            raise ConfigError("limits checked on bounds need points measured with their baseline's items")
+        drops = (p.mmlu_drop_high, p.kl_high, p.helpfulness_drop_high)
+    else:
+        drops = (baseline.mmlu - p.mmlu, p.kl, baseline.helpfulness - p.helpfulness)
+    mmlu_drop, kl, helpfulness_drop = drops
+    return (
+        mmlu_drop <= limits.max_mmlu_drop + 1e-12
+        and kl <= limits.max_kl
+        and helpfulness_drop <= limits.max_helpfulness_drop + 1e-12
+    )
+
+
 def choose(points: Sequence[Point], baseline: Point, limits: Limits) -> Point:
     """Max refusal within the limits (module docstring); the baseline if nothing qualifies."""
-    allowed = [
-        p for p in points
-        if baseline.mmlu - p.mmlu <= limits.max_mmlu_drop + 1e-12
-        and p.kl <= limits.max_kl
-        and baseline.helpfulness - p.helpfulness <= limits.max_helpfulness_drop + 1e-12
-    ]
+    allowed = [p for p in points if _within(p, baseline, limits)]
     if not allowed:
         return baseline
     return max(allowed, key=lambda p: (p.refusal, -p.kl, p.mmlu))
@@ -249,12 +289,15 @@ def tune(
         mmlu_scoring=mmlu_scoring, mmlu_formatter=mmlu_formatter, conditions=conditions, on_prompts=on_prompts,
     )
     notify("search")
-    baseline = replace(evaluator.points("addition", layers[0], [0.0], validation)[0], method="none", layer=-1)
+    baseline_values = {metric: v[0] for metric, v in evaluator.per_item("addition", layers[0], [0.0], validation).items()}
+    baseline = Point(
+        "none", -1, 0.0, *(sum(baseline_values[m]) / len(baseline_values[m]) for m in ("refusal", "helpfulness", "mmlu", "kl"))
+    )
     points: list[Point] = []
     for method in methods:
         for layer in layers:
             notify(f"search {method} layer {layer}")
-            points += evaluator.points(method, layer, alphas, validation)
+            points += evaluator.points(method, layer, alphas, validation, baseline=baseline_values)
     front = pareto_front(points)
     chosen = choose(points, baseline, limits)
     notify("selected")
@@ -278,7 +321,11 @@ def tune(
     heldout_report["difference"] = {
         metric: {
             "value": (sum(chosen_values) - sum(per_item["baseline"][metric])) / len(chosen_values),
-            "ci": stats.paired_bootstrap_diff(chosen_values, per_item["baseline"][metric], n_resamples=bootstrap_resamples),
+            "ci": (
+                stats.paired_rate_diff_interval(chosen_values, per_item["baseline"][metric])
+                if metric in BINARY_METRICS
+                else stats.paired_bootstrap_diff(chosen_values, per_item["baseline"][metric], n_resamples=bootstrap_resamples)
+            ),
             "n": len(chosen_values),
         }
         for metric, chosen_values in per_item["chosen"].items()

@@ -780,3 +780,31 @@ def test_cluster_bootstrap_widens_the_interval_of_correlated_items() -> None:
     assert diff == (low, high)
     with pytest.raises(DataError, match="cluster labels"):
         cluster_bootstrap_ci(values, topics[:-1])
+
+
+def test_paired_rate_diff_interval_is_newcombe_square_and_add() -> None:
+    from refusal_dir.evaluation.stats import paired_rate_diff_interval
+
+    # Fagerland, Lydersen and Laake, ch. 8 (Cavo et al. 2012): the paired table
+    # [[59, 6], [16, 80]] gives -0.0621 (95% CI -0.1186 to -0.0046).
+    first = [1] * 59 + [1] * 6 + [0] * 16 + [0] * 80
+    second = [1] * 59 + [0] * 6 + [1] * 16 + [0] * 80
+    low, high = paired_rate_diff_interval(first, second)
+    assert (low, high) == pytest.approx((-0.1186, -0.0046), abs=5e-5)
+    # Every item flipping: the paired bootstrap collapses to [1, 1]; Newcombe does not.
+    low, high = paired_rate_diff_interval([1] * 20, [0] * 20)
+    assert high == 1.0 and 0.7 < low < 0.8
+    low, high = paired_rate_diff_interval([0] * 20, [1] * 20)
+    assert low == -1.0 and -0.8 < high < -0.7
+    with pytest.raises(DataError, match="0/1"):
+        paired_rate_diff_interval([0.5, 1.0], [1.0, 1.0])
+
+
+def test_paired_rate_diff_interval_with_clusters_is_at_least_the_cluster_count_interval() -> None:
+    from refusal_dir.evaluation.stats import paired_rate_diff_interval
+
+    topics = [f"t{i // 4}" for i in range(48)]  # 12 topics x 4 templates
+    low, high = paired_rate_diff_interval([1] * 48, [0] * 48, clusters=topics)
+    iid_low, _ = paired_rate_diff_interval([1] * 12, [0] * 12)
+    assert high == 1.0 and low == pytest.approx(iid_low)  # 12 observations, not 48
+    assert low < paired_rate_diff_interval([1] * 48, [0] * 48)[0]

@@ -399,3 +399,22 @@ def test_topics_in_an_eval_file_make_intervals_resample_topics(tiny_model_dir, t
     expected = stats.mean_interval(values[0.0], binary=True, clusters=datasets.harmful_topics, n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed)
     assert (out[0]["ci_low"], out[0]["ci_high"]) == expected
     assert (out[0]["ci_low"], out[0]["ci_high"]) != wilson_interval(3, 6)
+
+
+def test_rate_rows_use_newcombe_for_the_difference_and_the_split_rows_resample_topics(tiny_model_dir, tmp_path: Path) -> None:
+    from refusal_dir.evaluation import stats
+    from refusal_dir.pipeline import _rows_for, _subgroup_rows
+
+    config = _config(tiny_model_dir)
+    unsteered, steered = [0.0] * 8, [1.0] * 8  # every item flips: a paired bootstrap gives [1, 1]
+    rows = _rows_for({0.0: unsteered, 1.0: steered}, method="addition", layer=0, metric="refusal_benign", binary=True, config=config)
+    assert (rows[0]["diff_ci_low"], rows[0]["diff_ci_high"]) == (0.0, 0.0)
+    assert (rows[1]["diff_ci_low"], rows[1]["diff_ci_high"]) == stats.paired_rate_diff_interval(steered, unsteered)
+    assert rows[1]["diff_ci_low"] < 1.0
+    topics = ["a", "a", "a", "a", "b", "b", "c", "c"]
+    keep = [True] * 4 + [False] * 4
+    split = _subgroup_rows({0.0: unsteered, 1.0: steered}, {"refusal_benign_lookalike": keep}, method="addition", layer=0, config=config, clusters=topics)
+    kept = topics[:4]
+    expected = stats.mean_interval(steered[:4], binary=True, clusters=kept, n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed)
+    assert (split[1]["ci_low"], split[1]["ci_high"]) == expected  # one topic: Wilson on n=1
+    assert (split[1]["ci_low"], split[1]["ci_high"]) != stats.wilson_interval(4, 4)

@@ -76,3 +76,26 @@ def test_selection_never_looks_at_the_heldout_split(tiny_model, record_tokenized
     assert (zero.refusal, zero.helpfulness, zero.mmlu) == (result.baseline.refusal, result.baseline.helpfulness, result.baseline.mmlu)
     assert zero.kl == pytest.approx(0.0, abs=1e-9)
     assert torch.isfinite(torch.tensor([p.kl for p in result.points])).all()
+    # Every point carries the bounds of its paired drops; on 4 MMLU questions even an unchanged
+    # point's bound exceeds a zero limit, so checked on bounds nothing qualifies.
+    assert all(p.mmlu_drop_high is not None and p.kl_high is not None for p in result.points)
+    assert zero.mmlu_drop_high is not None and zero.mmlu_drop_high > 0
+    bound = Limits(max_mmlu_drop=0.0, max_kl=100.0, max_helpfulness_drop=1.0, check="bound")
+    assert choose(result.points, result.baseline, bound) == result.baseline
+    assert choose(result.points, result.baseline, Limits(max_mmlu_drop=0.0, max_kl=100.0, max_helpfulness_drop=1.0)) != result.baseline
+
+
+def test_limits_on_bounds_reject_a_point_whose_drop_is_uncertain() -> None:
+    baseline = _p("none", 0.2, 0.9, 0.60, 0.0, alpha=0.0)
+    # No mean MMLU drop, but on a few questions the upper bound of the paired drop is large.
+    uncertain = Point("addition", 1, 1.0, 0.8, 0.9, 0.60, 0.02, mmlu_drop_high=0.15, helpfulness_drop_high=0.1, kl_high=0.03)
+    sure = Point("ablation", 1, 1.0, 0.5, 0.9, 0.60, 0.02, mmlu_drop_high=0.005, helpfulness_drop_high=0.1, kl_high=0.03)
+    limits = dict(max_mmlu_drop=0.01, max_kl=0.1, max_helpfulness_drop=0.2)
+    assert choose([uncertain, sure], baseline, Limits(**limits)) == uncertain
+    assert choose([uncertain, sure], baseline, Limits(**limits, check="bound")) == sure
+    kl_unsure = Point("ablation", 1, 1.0, 0.5, 0.9, 0.60, 0.02, mmlu_drop_high=0.005, helpfulness_drop_high=0.1, kl_high=0.3)
+    assert choose([kl_unsure], baseline, Limits(**limits, check="bound")) == baseline
+    with pytest.raises(ConfigError, match="limits-on"):
+        Limits(check="median")
+    with pytest.raises(ConfigError, match="baseline"):
+        choose([_p("addition", 0.8, 0.9, 0.6, 0.0)], baseline, Limits(check="bound"))
