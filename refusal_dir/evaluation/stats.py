@@ -265,8 +265,9 @@ def paired_rate_diff_interval(
     if clusters is None:
         return _newcombe(*counts, confidence)
     low, high = paired_bootstrap_diff(
-        first, second, n_resamples=n_resamples, confidence=confidence, seed=seed, clusters=clusters
+        a, b, n_resamples=n_resamples, confidence=confidence, seed=seed, clusters=clusters
     )
     scale = len(set(clusters)) / first.size
-    wide_low, wide_high = _newcombe(*(count * scale for count in counts), confidence)
+    both, only_first, only_second, neither = (count * scale for count in counts)
+    wide_low, wide_high = _newcombe(both, only_first, only_second, neither, confidence)
     return min(low, wide_low), max(high, wide_high)
