@@ -21,6 +21,8 @@ model is cached as a safetensors directory (``cache_root() / name``), written at
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,7 +211,8 @@ def ensure_offline_model(name: str, cache: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".convert-{name}-") as scratch:
+    remove_stale_scratch(target.parent)
+    with conversion_scratch(target.parent, name) as scratch:
         gguf_path = Path(scratch) / spec.gguf_name
         spec.assemble(gguf_path)
         size = gguf_path.stat().st_size
@@ -245,6 +248,7 @@ def ensure_offline_model(name: str, cache: Path) -> Path:
         staging = Path(scratch) / "model"
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _readable_as_usual(staging)
         source = {
             "model_id": name,
             "base_model": spec.base_model,
@@ -262,6 +266,56 @@ def ensure_offline_model(name: str, cache: Path) -> Path:
             if not _converted(target, spec):  # else another process finished first: use its copy
                 raise
     return target
+
+
+SCRATCH_PREFIX = ".convert-"
+SCRATCH_MARKER = ".refusal_dir_scratch"
+"""A conversion's scratch directory holds this file, locked (``flock``) while it runs."""
+
+
+@contextlib.contextmanager
+def conversion_scratch(parent: Path, name: str) -> Iterator[Path]:
+    """A scratch directory for one conversion, removed at the end; while the conversion runs it
+    holds :data:`SCRATCH_MARKER` under an exclusive lock, so that a directory left by a killed
+    conversion (several GB) is known as ours and as abandoned (:func:`remove_stale_scratch`)."""
+    scratch = Path(tempfile.mkdtemp(dir=parent, prefix=f"{SCRATCH_PREFIX}{name}-"))
+    try:
+        with (scratch / SCRATCH_MARKER).open("w") as marker:
+            fcntl.flock(marker.fileno(), fcntl.LOCK_EX)
+            yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def remove_stale_scratch(parent: Path) -> list[Path]:
+    """Remove the scratch directories in ``parent`` that killed conversions left behind: ours
+    (they hold :data:`SCRATCH_MARKER`) and abandoned (nobody holds its lock). A running
+    conversion's scratch and anything without the marker are left alone. Returns the removed."""
+    removed = []
+    for scratch in sorted(parent.glob(f"{SCRATCH_PREFIX}*")):
+        marker = scratch / SCRATCH_MARKER
+        if scratch.is_symlink() or not scratch.is_dir() or marker.is_symlink() or not marker.is_file():
+            continue
+        try:
+            with marker.open("r") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                logger.info("removing %s, left by an interrupted conversion", scratch)
+                shutil.rmtree(scratch, ignore_errors=True)
+        except OSError:  # locked by a running conversion, or already gone
+            continue
+        removed.append(scratch)
+    return removed
+
+
+def _readable_as_usual(directory: Path) -> None:
+    """Give the files ``save_pretrained`` wrote the permissions of any new file (the safetensors
+    writer creates them 0600, so another user of a shared cache could not read them)."""
+    probe = directory / ".refusal_dir_mode_probe"
+    os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666))  # the mode the umask gives
+    file_mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(file_mode | (file_mode & 0o444) >> 2 if path.is_dir() else file_mode)
 
 
 def _converted(target: Path, spec: OfflineModel) -> bool:

@@ -140,3 +140,62 @@ def test_a_conversion_finished_by_another_process_is_used(tmp_path: Path, monkey
     (target / "refusal_dir_source.json").write_text(json.dumps({"gguf_sha256": "0" * 64}))
     with pytest.raises(ModelLoadError, match="converted from another file"):
         offline.ensure_offline_model(name, tmp_path / "cache")
+
+
+def test_scratch_left_by_a_killed_conversion_is_removed_and_nothing_else(tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # A conversion killed mid-way: a child process holds a scratch and is SIGKILLed.
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from refusal_dir import offline\n"
+         "with offline.conversion_scratch(Path(sys.argv[1]), 'm') as s:\n"
+         "    (s / 'big.gguf').write_bytes(b'x' * 1000); print(s, flush=True); time.sleep(60)",
+         str(cache)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    abandoned = Path(child.stdout.readline().strip())
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert (abandoned / "big.gguf").exists()
+    # A running conversion (its lock held), and a directory that is not ours.
+    running = cache / ".convert-m-running"
+    running.mkdir()
+    (running / offline.SCRATCH_MARKER).write_text("")
+    holder = (running / offline.SCRATCH_MARKER).open("r")
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    foreign = cache / ".convert-someone-else"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    start = time.monotonic()
+    assert offline.remove_stale_scratch(cache) == [abandoned]
+    assert time.monotonic() - start < 5  # a held lock is skipped, not waited for
+    assert not abandoned.exists()
+    assert (running / offline.SCRATCH_MARKER).exists()
+    assert (foreign / "keep.txt").read_text() == "user data"
+    holder.close()
+    assert offline.remove_stale_scratch(cache) == [running]
+
+
+def test_converted_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"w")
+    weights.chmod(0o600)  # as the safetensors writer leaves it
+    old = os.umask(0o022)
+    try:
+        offline._readable_as_usual(model)
+    finally:
+        os.umask(old)
+    assert weights.stat().st_mode & 0o777 == 0o644
+    assert model.stat().st_mode & 0o777 == 0o755
