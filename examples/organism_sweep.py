@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from refusal_dir.cli import main
@@ -33,6 +32,15 @@ extraction:
 """
 
 
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory when under it: the saved config and
+    directions then record no machine path."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def run(cache: Path, output_dir: Path) -> int:
     model_dir = load_or_train_organism(cache, OrganismConfig())
     sets = organism_eval_sets(0)
@@ -43,19 +51,19 @@ def run(cache: Path, output_dir: Path) -> int:
         "pairs": [{"harmful": a, "harmless": b} for a, b in zip(sets.harmful_train, sets.harmless_train)],
         "mc": [{"question": q.question, "choices": list(q.choices), "answer": q.answer} for q in sets.mc_test],
     }
-    with tempfile.TemporaryDirectory() as scratch:
-        files = {}
-        for name, items in data.items():
-            files[name] = Path(scratch) / f"{name}.jsonl"
-            files[name].write_text("\n".join(json.dumps(item) for item in items) + "\n")
-        config = Path(scratch) / "organism.yaml"
-        config.write_text(CONFIG)
-        return main([
-            "run", "--config", str(config), "--model", str(model_dir), "--output-dir", str(output_dir),
-            "--pairs-file", str(files["pairs"]), "--harmful-file", str(files["harmful"]),
-            "--benign-file", str(files["benign"]), "--mmlu-file", str(files["mc"]), "--quiet", "--fresh",
-        ])
-
+    scratch = cache / "organism-eval-sets"  # beside the organism; rewritten on every run
+    scratch.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, items in data.items():
+        files[name] = scratch / f"{name}.jsonl"
+        files[name].write_text("\n".join(json.dumps(item) for item in items) + "\n")
+    config = scratch / "organism.yaml"
+    config.write_text(CONFIG)
+    return main([
+        "run", "--config", _relative(config), "--model", _relative(model_dir), "--output-dir", str(output_dir),
+        "--pairs-file", _relative(files["pairs"]), "--harmful-file", _relative(files["harmful"]),
+        "--benign-file", _relative(files["benign"]), "--mmlu-file", _relative(files["mc"]), "--quiet", "--fresh",
+    ])
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
