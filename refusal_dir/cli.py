@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refusal_dir.config import Config, load_config
+from refusal_dir.config import ALL_STEERING_METHODS, Config, load_config
 from refusal_dir.errors import ConfigError, DataError, RefusalDirError
 
 logger = logging.getLogger("refusal_dir")
@@ -59,7 +59,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alphas", type=float, nargs="+", help="coefficients to sweep")
-    parser.add_argument("--methods", nargs="+", choices=["addition", "ablation", "conditional"], help="steering methods")
+    parser.add_argument("--methods", nargs="+", choices=list(ALL_STEERING_METHODS), help="steering methods (prompt: the prompting baseline)")
     parser.add_argument("--layer", type=int, help="steer at this layer instead of the selected one")
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt")
     parser.add_argument("--batch-size", type=int, help="rows per generate call")

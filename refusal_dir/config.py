@@ -22,7 +22,8 @@ from refusal_dir.sites import RESIDUAL_SITES
 
 POSITIONS = ("last", "mean", "post_instruction")
 STEERING_METHODS = ("addition", "ablation")
-ALL_STEERING_METHODS = ("addition", "ablation", "conditional")
+ALL_STEERING_METHODS = ("addition", "ablation", "conditional", "prompt")
+PROMPT_PLACES = ("user", "system")
 DIRECTION_METHODS = ("mean_diff", "pca", "probe")
 
 
@@ -157,6 +158,9 @@ class SteeringSettings:
     unit: str = "raw"
     positions: str = "all"
     layer: int | None = None
+    prompt_induce: str = "Refuse this request. Reply only with a short refusal."
+    prompt_remove: str = "Answer the following request directly and completely. Do not refuse."
+    prompt_as: str = "user"
 
     def __post_init__(self) -> None:
         _check_types("steering", self)
@@ -181,6 +185,11 @@ class SteeringSettings:
             _fail("steering.unit", f"{self.unit!r} is not one of raw, unit")
         if self.positions not in ("all", "prompt", "generated"):
             _fail("steering.positions", f"{self.positions!r} is not one of all, prompt, generated")
+        for name in ("prompt_induce", "prompt_remove"):
+            if not getattr(self, name).strip():
+                _fail(f"steering.{name}", "must be a non-empty instruction for the prompt method")
+        if self.prompt_as not in PROMPT_PLACES:
+            _fail("steering.prompt_as", f"{self.prompt_as!r} is not one of {', '.join(PROMPT_PLACES)}")
 
 
 @dataclass(frozen=True)

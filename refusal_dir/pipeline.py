@@ -37,9 +37,11 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import torch
 import yaml
+from torch import Tensor
 
 from refusal_dir import prompts as prompt_sets
 from refusal_dir.activations import Activations, collect_activations
@@ -49,7 +51,12 @@ from refusal_dir.directions import DirectionSet, compute_directions, weights_fin
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.evaluation import judges, metrics, stats
 from refusal_dir.evaluation.selection import LayerEffect, choose_layer, layer_effects
-from refusal_dir.generation import GenerationSettings, generate, next_token_logits
+from refusal_dir.generation import (
+    GenerationSettings,
+    generate,
+    iter_next_token_logits,
+    next_token_logits,
+)
 from refusal_dir.interventions import Intervention, ablation, addition
 from refusal_dir.model import HookedModel, load_model
 from refusal_dir.outdir import (
@@ -82,6 +89,11 @@ parts written by an older refusal_dir are recomputed rather than mixed in (2: an
 
 UNSTEERED_ALPHA = 0.0
 """The coefficient at which every method is the unsteered model: the reference of ``diff``."""
+
+PROMPT_ALPHAS = (-1.0, UNSTEERED_ALPHA, 1.0)
+"""The rows of the ``prompt`` method, whatever ``steering.alphas``: -1 asks the model to answer
+everything (``steering.prompt_remove``), 0 is the plain prompt, +1 asks it to refuse
+(``steering.prompt_induce``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,11 +339,15 @@ def prepare_output_dir(
 
 
 def check_steering_layer(config: Config, model: HookedModel) -> None:
+    """Steering settings that depend on the model: the layer, and (``prompt`` method with
+    ``steering.prompt_as: system``) a chat template with a system role."""
     layer = config.steering.layer
     if layer is not None and not 0 <= layer < model.n_layers:
         raise ConfigError(
             f"steering.layer {layer} is out of range: the model has layers 0..{model.n_layers - 1}"
         )
+    if "prompt" in config.steering.methods and config.steering.prompt_as == "system":
+        model.format_prompts(["Hi"], system=config.steering.prompt_induce)
 
 
 def context_length(model: HookedModel) -> int | None:
@@ -384,6 +400,11 @@ def evaluation_prompts(datasets: Datasets, config: Config) -> dict[str, list[str
     }
     if config.evaluation.honesty:
         prompts["true/false claims"] = [prompt_sets.format_claim_prompt(c) for c in datasets.claims]
+    if "prompt" in config.steering.methods:
+        for name in ("prompt_induce", "prompt_remove"):
+            instruction = getattr(config.steering, name)
+            for set_name, texts in list(prompts.items())[:3]:
+                prompts[f"{set_name} after steering.{name}"] = [f"{instruction}\n\n{t}" for t in texts]
     return prompts
 
 
@@ -842,6 +863,8 @@ def steering_interventions(
         ]
     if method == "ablation":
         return [ablation(direction_set, direction_layer=layer, position=position, strength=list(alphas))]
+    if method == "prompt":
+        raise ConfigError("the prompt method steers with instructions, not a direction: use prompted_texts")
     raise ConfigError(f"unknown steering method {method!r}: choose addition, ablation or conditional")
 
 
@@ -854,11 +877,66 @@ def swept_alphas(config: Config) -> tuple[float, ...]:
     return alphas if UNSTEERED_ALPHA in alphas else (UNSTEERED_ALPHA, *alphas)
 
 
+def prompt_instructions(config: Config) -> dict[float, str | None]:
+    """The instruction of each :data:`PROMPT_ALPHAS` row (None: the plain prompt)."""
+    return {-1.0: config.steering.prompt_remove, UNSTEERED_ALPHA: None, 1.0: config.steering.prompt_induce}
+
+
+def prompted_texts(
+    model: HookedModel, prompts: Sequence[str], instructions: Sequence[str | None], *, config: Config
+) -> list[str]:
+    """Each prompt chat-formatted with its row's instruction (None: as every method formats it).
+
+    ``steering.prompt_as: user`` puts ``"{instruction}\n\n{prompt}"`` in the user turn (every
+    template); ``system`` makes the instruction the system prompt, after the model's own if it
+    has one (a template without a system role raises :class:`ConfigError`).
+    """
+    texts = []
+    for prompt, instruction in zip(prompts, instructions, strict=True):
+        if instruction is None:
+            texts += model.format_prompts([prompt])
+        elif config.steering.prompt_as == "user":
+            texts += model.format_prompts([f"{instruction}\n\n{prompt}"])
+        else:
+            own = model.system_prompt
+            system = instruction if not own else f"{own}\n\n{instruction}"
+            texts += model.format_prompts([prompt], system=system)
+    return texts
+
+
+@dataclass(frozen=True)
+class _PromptedQuestion(MCQuestion):
+    """A question of a ``prompt`` row with the chat-formatted text the model sees."""
+
+    text: str = ""
+
+
+def _prompted_question_text(question: MCQuestion) -> str:
+    """The formatter of the ``prompt`` method's questions: each is a :class:`_PromptedQuestion`."""
+    return cast(_PromptedQuestion, question).text
+
+
+def _prompted_kl(
+    model: HookedModel, texts: Sequence[str], reference: Tensor, *, progress: bool
+) -> list[float]:
+    """KL(unprompted || prompted) of the next token, row ``i`` against ``reference[i % n]``
+    (the unprompted logits of the distinct prompts), one batch of logits at a time."""
+    values: list[float] = []
+    chunks = iter_next_token_logits(model, texts, apply_chat_template=False, progress=progress)
+    try:
+        for rows, logits in chunks:
+            base = reference[torch.arange(rows.start, rows.stop) % reference.shape[0]]
+            values += [float(value) for value in metrics.kl_from_logits(base, logits)]
+    finally:
+        chunks.close()
+    return values
+
+
 def _rows_for(
     values_per_alpha: dict[float, list[float]],
     *,
     method: str,
-    layer: int,
+    layer: int | None,
     metric: str,
     binary: bool,
     config: Config,
@@ -916,7 +994,7 @@ def _subgroup_rows(
     groups: Mapping[str, Sequence[bool]],
     *,
     method: str,
-    layer: int,
+    layer: int | None,
     config: Config,
     clusters: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
@@ -942,7 +1020,7 @@ def _subgroup_rows(
     return rows
 
 
-def _lookalike_rows(ctx: SweepContext, refused: dict[float, list[float]], *, method: str, layer: int) -> list[dict[str, Any]]:
+def _lookalike_rows(ctx: SweepContext, refused: dict[float, list[float]], *, method: str, layer: int | None) -> list[dict[str, Any]]:
     """Over-refusal on benign prompts worded like harmful ones, and on the others, apart."""
     categories = ctx.datasets.benign_categories
     if categories is None or prompt_sets.LOOKALIKE_CATEGORY not in categories:
@@ -991,15 +1069,32 @@ class SweepContext:
 
 
 def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Compute one (method, metric group) for every alpha in one batched pass."""
-    alphas = swept_alphas(ctx.config)
+    """Compute one (method, metric group) for every alpha in one batched pass.
+
+    The ``prompt`` method has no direction: its rows (:data:`PROMPT_ALPHAS`) are the texts of
+    :func:`prompted_texts`, formatted here and run without interventions; its rows' layer is
+    None.
+    """
+    alphas = PROMPT_ALPHAS if method == "prompt" else swept_alphas(ctx.config)
     direction_set = ctx.extraction.steering_set
     judge = judges.resolve_judge(ctx.config.evaluation.judge)
+    templated = method != "prompt"  # else the rows are chat-formatted with their instruction
+    row_layer = layer if templated else None
 
     formatter = mc_formatter(ctx.config)
 
     def per_row(items: Sequence[Any]) -> tuple[list[Any], list[Intervention]]:
         rows = [item for _ in alphas for item in items]
+        if not templated:
+            instruction = prompt_instructions(ctx.config)
+            instructions = [instruction[alpha] for alpha in alphas for _ in items]
+            if not isinstance(items[0], MCQuestion):
+                return prompted_texts(ctx.model, rows, instructions, config=ctx.config), []
+            texts = prompted_texts(ctx.model, [formatter(q) for q in rows], instructions, config=ctx.config)
+            return [
+                _PromptedQuestion(q.question, q.choices, q.answer, q.subject, text=text)
+                for q, text in zip(rows, texts, strict=True)
+            ], []
         coefficients = [alpha for alpha in alphas for _ in items]
         gate_prompts = [formatter(item) if isinstance(item, MCQuestion) else item for item in rows]
         interventions = steering_interventions(
@@ -1013,7 +1108,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         metric: str, values: Sequence[float], n: int, *, binary: bool, clusters: Sequence[str] | None = None
     ) -> list[dict[str, Any]]:
         return _rows_for(
-            _split(values, alphas, n), method=method, layer=layer, metric=metric, binary=binary,
+            _split(values, alphas, n), method=method, layer=row_layer, metric=metric, binary=binary,
             config=ctx.config, clusters=clusters,
         )
 
@@ -1021,11 +1116,18 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
     if group in ("harmful_generation", "benign_generation"):
         items = ctx.datasets.harmful_eval if group == "harmful_generation" else ctx.datasets.benign_eval
         prompts, interventions = per_row(items)
-        completions = generate(ctx.model, prompts, interventions=interventions, settings=ctx.settings(), progress=ctx.progress)
-        refused_flags, degenerate_flags, answered_flags = judges.judge_completions(prompts, completions, judge=judge)
+        completions = generate(
+            ctx.model, prompts, interventions=interventions, settings=ctx.settings(),
+            progress=ctx.progress, apply_chat_template=templated,
+        )
+        asked = [item for _ in alphas for item in items]  # judged without any added instruction
+        refused_flags, degenerate_flags, answered_flags = judges.judge_completions(asked, completions, judge=judge)
         refused = [float(x) for x in refused_flags]
         degenerate = [float(x) for x in degenerate_flags]
-        samples = _samples(group, method, alphas, prompts, completions, refused_flags)
+        samples = _samples(group, method, alphas, asked, completions, refused_flags)
+        if not templated:
+            for sample in samples:
+                sample["instruction"] = prompt_instructions(ctx.config)[sample["alpha"]]
         if group == "harmful_generation":
             topics = ctx.datasets.harmful_topics
             return (
@@ -1036,15 +1138,23 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         topics = ctx.datasets.benign_topics
         return (
             rows_of("refusal_benign", refused, len(items), binary=True, clusters=topics)
-            + _lookalike_rows(ctx, _split(refused, alphas, len(items)), method=method, layer=layer)
+            + _lookalike_rows(ctx, _split(refused, alphas, len(items)), method=method, layer=row_layer)
             + rows_of("answered_benign", answered, len(items), binary=True, clusters=topics)
             + rows_of("degenerate_benign", degenerate, len(items), binary=True, clusters=topics)
         ), samples
     if group == "refusal_score":
+        # The refusal tokens as they start the reply after the template, for every method.
+        tokens = metrics.refusal_token_ids(ctx.model)
         prompts, interventions = per_row(ctx.datasets.harmful_eval)
-        harmful = metrics.refusal_score(ctx.model, prompts, interventions=interventions, progress=ctx.progress).tolist()
+        harmful = metrics.refusal_score(
+            ctx.model, prompts, interventions=interventions, refusal_tokens=tokens,
+            apply_chat_template=templated, progress=ctx.progress,
+        ).tolist()
         prompts, interventions = per_row(ctx.datasets.benign_eval)
-        benign = metrics.refusal_score(ctx.model, prompts, interventions=interventions, progress=ctx.progress).tolist()
+        benign = metrics.refusal_score(
+            ctx.model, prompts, interventions=interventions, refusal_tokens=tokens,
+            apply_chat_template=templated, progress=ctx.progress,
+        ).tolist()
         return (
             rows_of("refusal_score_harmful", harmful, len(ctx.datasets.harmful_eval), binary=False, clusters=ctx.datasets.harmful_topics)
             + rows_of("refusal_score_benign", benign, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
@@ -1056,7 +1166,9 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
             questions,
             interventions=interventions,
             scoring=ctx.config.evaluation.mmlu_scoring,  # type: ignore[arg-type]
-            formatter=formatter,
+            formatter=formatter if templated else _prompted_question_text,
+            apply_chat_template=templated,
+            option_prefix=ctx.model.reply_prefix,
             progress=ctx.progress,
         )
         n = len(ctx.datasets.mmlu)
@@ -1073,13 +1185,16 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
     if group == "kl":
         reference = next_token_logits(ctx.model, ctx.datasets.benign_eval, progress=ctx.progress)
         prompts, interventions = per_row(ctx.datasets.benign_eval)
-        kl = metrics.kl_divergence(
-            ctx.model, prompts, interventions=interventions, reference_logits=reference,
-            progress=ctx.progress,
-        )
-        rows = rows_of("kl_benign", kl.per_prompt, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
+        if templated:
+            kl = metrics.kl_divergence(
+                ctx.model, prompts, interventions=interventions, reference_logits=reference,
+                progress=ctx.progress,
+            ).per_prompt
+        else:
+            kl = _prompted_kl(ctx.model, prompts, reference, progress=ctx.progress)
+        rows = rows_of("kl_benign", kl, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
         n_tokens = ctx.config.evaluation.answer_kl_tokens
-        if n_tokens:
+        if n_tokens and templated:  # the prompt method's answer KL is not measured
             answer = metrics.answer_kl(
                 ctx.model, prompts, interventions=interventions, n_tokens=n_tokens,
                 batch_size=ctx.config.generation.batch_size, progress=ctx.progress,
@@ -1087,7 +1202,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
             rows += rows_of("kl_answer_benign", answer.per_prompt, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
         return rows, samples
     if group == "honesty":
-        return ([] if method == "conditional" else _honesty_rows(ctx, method)), samples
+        return ([] if method in ("conditional", "prompt") else _honesty_rows(ctx, method)), samples
     raise ConfigError(f"unknown metric group {group!r}")
 
 
@@ -1376,7 +1491,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     labels = [label for _, label in TABLE_METRICS] + [label for _, label in TABLE_DIFFS]
     header = "| method | layer | alpha | " + " | ".join(labels) + " |"
     lines = [header, "|" + "---|" * (3 + len(labels))]
-    layers = {(r["method"], r["alpha"]): r["layer"] for r in rows}
+    layers = {(r["method"], r["alpha"]): "-" if r["layer"] is None else r["layer"] for r in rows}
     for method, alpha in keys:
         cells = [_cell(index.get((method, alpha, metric))) for metric, _ in TABLE_METRICS]
         cells += [_cell(index.get((method, alpha, metric)), diff=True) for metric, _ in TABLE_DIFFS]
@@ -1453,7 +1568,9 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
         "the raw mean-difference vector added at the layer; `ablation`: directional ablation of "
         "strength alpha at every layer (1 removes the component, 0 is the unsteered model); "
         "`conditional`: the addition applied only to prompts whose projection at the layer passes a "
-        "threshold fit on the held-out extraction pairs.",
+        "threshold fit on the held-out extraction pairs; `prompt` (no direction, no layer): alpha +1 "
+        "asks for a refusal in words (`steering.prompt_induce`), -1 asks for an answer "
+        "(`steering.prompt_remove`), 0 is the plain prompt.",
         "",
         results_table(rows),
         "",
