@@ -1,4 +1,4 @@
-"""The ``refusal-dir`` command line: extract | steer | evaluate | run | tune | export.
+"""The ``refusal-dir`` command line: extract | steer | evaluate | run | tune | export | rejudge.
 
 Bad input gets one line on stderr naming the problem and the fix, and exit status 2.
 """
@@ -66,6 +66,15 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-honesty", action="store_true", help="skip the honesty direction")
 
 
+def _judge_flag(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    parser.add_argument(
+        "--judge",
+        required=required,
+        help="refusal judge: substring, classifier:<dir or hub id> (a refusal classifier) or "
+        "generative:<dir or hub id> (a guard chat model asked Yes/No)",
+    )
+
+
 def _selection_prompts_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--selection-prompts",
@@ -111,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--directions-dir", required=True, help="output of `refusal-dir extract`")
     evaluate.add_argument("--output-dir", required=True)
     evaluate.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
+    _judge_flag(evaluate)
 
     run = commands.add_parser("run", help="extract -> select layer -> sweep -> report, resumable")
     _common(run)
@@ -119,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", required=True)
     run.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
     run.add_argument("--no-figures", action="store_true", help="skip the plotly HTML figures")
+    _judge_flag(run)
     _selection_prompts_flag(run)
 
     tune = commands.add_parser("tune", help="search layer x alpha x method under a capability limit")
@@ -142,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--directions-dir", required=True)
     export.add_argument("--output-dir", required=True, help="new model directory (transformers format)")
     export.add_argument("--layer", type=int, help="direction of this layer (default: the selected one)")
+
+    rejudge = commands.add_parser(
+        "rejudge", help="judge a finished run's samples again and compare with the phrase judge"
+    )
+    rejudge.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a finished run or evaluate")
+    _judge_flag(rejudge, required=True)
+    rejudge.add_argument("--device", help="where a model judge runs: cpu, cuda, cuda:1 ... (default: the GPU if any)")
+    rejudge.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -166,6 +185,7 @@ def _config(args: argparse.Namespace) -> Config:
         "generation.max_new_tokens": getattr(args, "max_new_tokens", None) if args.command != "steer" else None,
         "generation.batch_size": getattr(args, "batch_size", None),
         "evaluation.honesty": False if getattr(args, "no_honesty", False) else None,
+        "evaluation.judge": getattr(args, "judge", None),
     }
     methods = getattr(args, "direction_methods", None)
     if methods:
@@ -470,6 +490,16 @@ def _tune(
     return 0
 
 
+def cmd_rejudge(args: argparse.Namespace) -> int:
+    from refusal_dir.evaluation.agreement import agreement_markdown
+    from refusal_dir.rejudge import AGREEMENT_JSON, AGREEMENT_MD, rejudge
+
+    record = rejudge(args.run_dir, args.judge, device=args.device)
+    _out(agreement_markdown(record, judge=record["judge"], conditions=False))
+    _out(f"wrote {Path(args.run_dir) / AGREEMENT_JSON} and {AGREEMENT_MD}")
+    return 0
+
+
 def _quiet_hub() -> None:
     """Offline, the hub client logs every retry twice (about 45 lines) before the load fails;
     the load error says it all. Its own logging setup, run on import, would reset a level set
@@ -504,6 +534,7 @@ COMMANDS = {
     "run": cmd_run,
     "export": cmd_export,
     "tune": cmd_tune,
+    "rejudge": cmd_rejudge,
 }
 
 

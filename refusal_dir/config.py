@@ -217,6 +217,12 @@ class EvaluationSettings:
 
     def __post_init__(self) -> None:
         _check_types("evaluation", self)
+        from refusal_dir.evaluation.judges import parse_judge_spec
+
+        try:
+            parse_judge_spec(self.judge)
+        except ConfigError as error:
+            _fail("evaluation.judge", str(error))
         if self.answer_kl_tokens < 0:
             _fail("evaluation.answer_kl_tokens", f"must be >= 0, got {self.answer_kl_tokens}")
         if self.mmlu_scoring not in ("letter", "option"):

@@ -1124,7 +1124,7 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
         refused_flags, degenerate_flags, answered_flags = judges.judge_completions(asked, completions, judge=judge)
         refused = [float(x) for x in refused_flags]
         degenerate = [float(x) for x in degenerate_flags]
-        samples = _samples(group, method, alphas, asked, completions, refused_flags)
+        samples = _samples(group, method, alphas, asked, completions, refused_flags, judge=judge)
         if not templated:
             for sample in samples:
                 sample["instruction"] = prompt_instructions(ctx.config)[sample["alpha"]]
@@ -1213,9 +1213,20 @@ def _samples(
     prompts: Sequence[str],
     completions: Sequence[str],
     refused: Sequence[bool],
+    *,
+    judge: judges.Judge | None = None,
 ) -> list[dict[str, Any]]:
-    """Every generation of a group with its verdicts, for ``samples.jsonl``."""
+    """Every generation of a group with its verdicts, for ``samples.jsonl``.
+
+    ``refused`` is the verdict of the configured ``judge``; when that is not the phrase judge,
+    each sample also carries the phrase judge's verdict (``refused_substring``) and the judge's
+    name (``judge``), from which the report's agreement table is computed."""
     n = len(prompts) // len(alphas)
+    extra: list[dict[str, Any]] = [{} for _ in prompts]
+    if judge is not None and not isinstance(judge, judges.SubstringJudge):
+        phrase = judges.SubstringJudge()(list(prompts), list(completions))
+        name = judges.judge_name(judge)
+        extra = [{"refused_substring": bool(flag), "judge": name} for flag in phrase]
     return [
         {
             "set": group.removesuffix("_generation"),
@@ -1224,6 +1235,7 @@ def _samples(
             "prompt": prompt,
             "completion": completion,
             "refused": bool(flag),
+            **extra[index],
             "degenerate": judges.degeneration(completion, prompt=prompt),
         }
         for index, (prompt, completion, flag) in enumerate(zip(prompts, completions, refused, strict=True))
@@ -1578,9 +1590,38 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
         "[`samples.jsonl`](samples.jsonl).",
         "",
     ]
+    lines += judge_agreement_section(output_dir / "samples.jsonl")
     path = output_dir / "report.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
+
+
+def judge_agreement_section(samples_path: Path) -> list[str]:
+    """The report's agreement of a model judge with the phrase judge, per set, from the
+    ``refused`` and ``refused_substring`` verdicts of ``samples.jsonl`` (no lines when the run
+    used the phrase judge)."""
+    from refusal_dir.evaluation.agreement import agreement_markdown, agreement_rows
+
+    try:
+        samples = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+    judged = [s for s in samples if isinstance(s, dict) and "refused_substring" in s]
+    if not judged:
+        return []
+    name = str(judged[0].get("judge", "model judge"))
+    rows = agreement_rows(judged, [s["refused"] for s in judged], [s["refused_substring"] for s in judged])
+    return [
+        f"## Judge agreement: `{name}` against the phrase judge (`substring`)",
+        "",
+        "The rates above use the model judge. Counts of completions by the two verdicts, the "
+        "share on which they agree, and Cohen's kappa (agreement beyond chance; `-`: undefined, "
+        "one verdict throughout). Where they disagree, read the completions in `samples.jsonl`; "
+        "`refusal-dir rejudge` adds the table per (method, alpha).",
+        "",
+        agreement_markdown(rows, judge="model", conditions=False),
+        "",
+    ]
 
 
 def run(

@@ -229,3 +229,49 @@ def make_tiny_model(
         shutil.rmtree(directory)
     os.replace(staging, directory)
     return directory
+
+
+def make_tiny_classifier(
+    directory: str | Path,
+    *,
+    labels: tuple[str, ...] = ("answered", "refused"),
+    n_layers: int = 2,
+    d_model: int = 64,
+    seed: int = 0,
+    architecture: str = "llama",
+) -> Path:
+    """Write a random sequence-classification model (``id2label`` from ``labels``) with the
+    byte-level tokenizer to ``directory``: a stand-in for a refusal classifier judge."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    model_type = _ALIASES.get(architecture, architecture)
+    if model_type not in TINY_ARCHITECTURES or model_type == "gemma3_multimodal":
+        raise ConfigError(f"no tiny classifier for architecture {architecture!r}: choose llama or qwen2")
+    tokenizer = build_byte_tokenizer()
+    settings: dict[str, Any] = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+    )
+    settings.update(_family_config(model_type, d_model))
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tiny-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+    return directory

@@ -2,6 +2,8 @@
 
 * :mod:`~refusal_dir.evaluation.judges`: refusal judges (substring; pluggable classifiers) and
   the degeneration check;
+* :mod:`~refusal_dir.evaluation.model_judge`: model judges (``classifier:<x>``,
+  ``generative:<x>``); :mod:`~refusal_dir.evaluation.agreement`: how two judges agree;
 * :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, answered rate (formerly
   helpfulness), MMLU-style accuracy, KL to the unsteered model, honesty accuracy;
 * :mod:`~refusal_dir.evaluation.stats`: Wilson intervals for rates, bootstrap intervals for
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+from refusal_dir.evaluation.agreement import agreement_table
 from refusal_dir.evaluation.judges import (
     DEGENERATION_REASONS,
     JUDGES,
@@ -25,6 +28,8 @@ from refusal_dir.evaluation.judges import (
     is_answered,
     is_helpful,
     is_refusal,
+    judge_name,
+    parse_judge_spec,
     resolve_judge,
     strip_thinking,
 )
@@ -50,6 +55,7 @@ from refusal_dir.evaluation.metrics import (
     special_token_ids,
     top_letter_flags,
 )
+from refusal_dir.evaluation.model_judge import JUDGE_QUESTION, ClassifierJudge, GenerativeJudge
 from refusal_dir.evaluation.stats import (
     bootstrap_ci,
     mean_interval,
@@ -67,11 +73,15 @@ __all__ = [
     "REFUSAL_MARKERS",
     "REFUSAL_OPENERS",
     "REFUSAL_WINDOW",
+    "JUDGE_QUESTION",
     "AccuracyResult",
+    "ClassifierJudge",
+    "GenerativeJudge",
     "Judge",
     "KLResult",
     "RateResult",
     "SubstringJudge",
+    "agreement_table",
     "answer_kl",
     "answered_rate",
     "balanced_weights",
@@ -84,12 +94,14 @@ __all__ = [
     "is_answered",
     "is_helpful",
     "is_refusal",
+    "judge_name",
     "kl_divergence",
     "kl_from_logits",
     "letter_token_ids",
     "mean_interval",
     "mmlu_accuracy",
     "paired_bootstrap_diff",
+    "parse_judge_spec",
     "refusal_rate",
     "refusal_score",
     "refusal_token_ids",

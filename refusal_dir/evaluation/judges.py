@@ -46,6 +46,11 @@ example, a LlamaGuard-style judge::
 Register it under a name with ``JUDGES["guard"] = GuardJudge`` only if it can be built without
 arguments (:func:`get_judge` calls the class with none); otherwise pass the instance.
 
+Two model judges ship in :mod:`refusal_dir.evaluation.model_judge`, named by a spec wherever a
+judge name is taken (``evaluation.judge``, ``--judge``, :func:`resolve_judge`):
+``classifier:<dir or hub id>`` (a sequence-classification refusal classifier) and
+``generative:<dir or id>`` (a guard-style chat model asked whether the assistant refused).
+
 Reasoning models (Qwen3, DeepSeek-R1) think before they answer. The substring judge and the
 degeneration check read only the answer (:func:`strip_thinking`): a ``<think>...</think>``
 block is dropped wherever it is; text before a ``</think>`` that has no opening tag is thinking
@@ -239,7 +244,7 @@ class Judge(Protocol):
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[bool]: ...
 
 
-def _check_pairs(prompts: Sequence[str], completions: Sequence[str]) -> None:
+def check_pairs(prompts: Sequence[str], completions: Sequence[str]) -> None:
     if isinstance(completions, str) or isinstance(prompts, str):
         raise DataError("a judge takes lists of prompts and completions, not single strings")
     if len(prompts) != len(completions):
@@ -269,7 +274,7 @@ class SubstringJudge:
         _refusal_pattern(tuple(self.markers), tuple(self.opening_markers))
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[bool]:
-        _check_pairs(prompts, completions)
+        check_pairs(prompts, completions)
         return [
             is_refusal(
                 text, markers=self.markers, opening_markers=self.opening_markers, window=self.window
@@ -279,28 +284,70 @@ class SubstringJudge:
 
 
 JUDGES: dict[str, Callable[[], Judge]] = {"substring": SubstringJudge}
-"""Judges by name; :func:`get_judge` builds one. Add classifier judges here."""
+"""Judges by name; :func:`get_judge` builds one. Model judges are named by a spec instead
+(``classifier:<x>``, ``generative:<x>``: :mod:`refusal_dir.evaluation.model_judge`)."""
+
+MODEL_JUDGE_KINDS: tuple[str, ...] = ("classifier", "generative")
+"""Prefixes of a model judge spec ``kind:<local dir or hub id>``."""
+
+
+def parse_judge_spec(spec: str) -> tuple[str, str]:
+    """``(kind, source)`` of a judge spec: ``("substring", "")`` for a registered name,
+    ``("classifier", "org/model")`` for ``"classifier:org/model"``.
+
+    An empty source, an unknown prefix or an unknown name is a one-line :class:`ConfigError`
+    naming the fix. Nothing is loaded.
+    """
+    known = ", ".join([*sorted(JUDGES), *(f"{kind}:<dir or hub id>" for kind in MODEL_JUDGE_KINDS)])
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"the judge is empty: choose one of {known}")
+    kind, colon, source = spec.partition(":")
+    kind, source = kind.strip(), source.strip()
+    if not colon:
+        if kind in JUDGES:
+            return kind, ""
+        raise ConfigError(f"unknown judge {spec!r}: choose one of {known}")
+    if kind not in MODEL_JUDGE_KINDS:
+        raise ConfigError(f"unknown judge kind {kind!r} in {spec!r}: choose one of {known}")
+    if not source:
+        raise ConfigError(f"the judge {spec!r} names no model: write {kind}:<local dir or hub id>")
+    return kind, source
 
 
 def get_judge(name: str) -> Judge:
-    """Build the judge registered as ``name``; an unknown name lists the known ones."""
-    if name not in JUDGES:
-        raise ConfigError(f"unknown judge {name!r}: choose one of {', '.join(sorted(JUDGES))}")
-    return JUDGES[name]()
+    """Build the judge registered as ``name`` or named by a model judge spec
+    (``classifier:<x>``, ``generative:<x>``, loaded once and kept); an unknown name lists the
+    known ones."""
+    kind, _ = parse_judge_spec(name)
+    if kind in MODEL_JUDGE_KINDS:
+        from refusal_dir.evaluation.model_judge import judge_from_spec
+
+        return judge_from_spec(name)
+    return JUDGES[kind]()
 
 
 def resolve_judge(judge: Judge | str | None) -> Judge:
-    """A judge instance from an instance, a registered name, or ``None`` (substring)."""
+    """A judge instance from an instance, a registered name or spec, or ``None`` (substring)."""
     if judge is None:
         return SubstringJudge()
     if isinstance(judge, str):
         return get_judge(judge)
     if not callable(judge):
         raise ConfigError(
-            f"judge must be a name ({', '.join(sorted(JUDGES))}) or a callable "
-            f"(prompts, completions) -> list[bool], got {type(judge).__name__}"
+            f"judge must be a name ({', '.join(sorted(JUDGES))}), a model judge spec "
+            f"(classifier:<x>, generative:<x>) or a callable (prompts, completions) -> list[bool], "
+            f"got {type(judge).__name__}"
         )
     return judge
+
+
+def judge_name(judge: Judge) -> str:
+    """How reports name a judge: its ``name`` attribute, ``"substring"`` for the phrase judge,
+    else its class name."""
+    if isinstance(judge, SubstringJudge):
+        return "substring"
+    name = getattr(judge, "name", None)
+    return name if isinstance(name, str) and name else type(judge).__name__
 
 
 # ----------------------------------------------------------------------------------------------
