@@ -142,7 +142,7 @@ def build_figures(
         honest_pos, honest_neg, site="resid_pre", model=model, position_rule="last", name="honesty"
     )
 
-    steer = addition(directions, layer=layer, alpha=settings.alpha, positions="prompt")
+    steer = addition(directions, layer=layer, alpha=settings.alpha, apply_to="prompt")
     figures: dict[str, go.Figure] = {
         "separation": separation_figure(scores, selected=best),
         "pca_scatter": pca_scatter_figure(
@@ -189,7 +189,7 @@ def build_figures(
                 "ablate on harmful": frozen_attention_effect(
                     model,
                     held_harmful,
-                    ablation(directions, direction_layer=layer),
+                    ablation(directions, layer=layer),
                     batch_size=settings.batch_size,
                 ),
             }

@@ -290,7 +290,7 @@ def sparsified_effect(
         return measure(
             [
                 addition(
-                    candidate, layer=layer, alpha=alpha, site=site, unit="raw", positions=positions
+                    candidate, layer=layer, alpha=alpha, site=site, unit="raw", apply_to=positions
                 )
             ]
         )

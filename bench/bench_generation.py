@@ -229,8 +229,8 @@ def run_sweep(model, direction, args) -> None:
             [addition(direction, layer=LAYER, alpha=a) for a in ALPHAS],
         ),
         "ablation": (
-            ablation(direction, strength=per_row),
-            [ablation(direction, strength=a) for a in ALPHAS],
+            ablation(direction, alpha=per_row),
+            [ablation(direction, alpha=a) for a in ALPHAS],
         ),
     }
     batch = args.sweep_batch or len(rows)

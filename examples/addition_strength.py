@@ -28,16 +28,17 @@ from refusal_dir.pipeline import load_extraction
 
 
 def conditions(layer: int, n_layers: int) -> list[tuple[str, dict]]:
-    """(label, addition keywords) relative to the selected layer."""
+    """(label, addition keywords) relative to the selected layer: where the selected layer's
+    direction is added (``at_layers``), how much, and to which positions."""
     clip = lambda x: max(0, min(n_layers - 1, x))  # noqa: E731
     spread = list(range(clip(layer - 9), clip(layer + 1) + 1))
     return [
-        ("none (unsteered)", {"layer": layer, "alpha": 0.0}),
-        *[(f"layer {layer}, alpha {a:g}", {"layer": layer, "alpha": a}) for a in (1.0, 2.0, 3.0, 4.0)],
-        (f"layer {layer}, alpha 2, prompt positions only", {"layer": layer, "alpha": 2.0, "positions": "prompt"}),
-        *[(f"layer {clip(layer + d)}, alpha 3", {"layer": clip(layer + d), "alpha": 3.0}) for d in (-6, -2)],
-        (f"layers {clip(layer - 2)}-{layer}, alpha 1 each", {"layer": list(range(clip(layer - 2), layer + 1)), "alpha": 1.0}),
-        (f"layers {spread[0]}-{spread[-1]}, alpha 0.3 each", {"layer": spread, "alpha": 0.3}),
+        ("none (unsteered)", {"at_layers": [layer], "alpha": 0.0}),
+        *[(f"layer {layer}, alpha {a:g}", {"at_layers": [layer], "alpha": a}) for a in (1.0, 2.0, 3.0, 4.0)],
+        (f"layer {layer}, alpha 2, prompt positions only", {"at_layers": [layer], "alpha": 2.0, "apply_to": "prompt"}),
+        *[(f"layer {clip(layer + d)}, alpha 3", {"at_layers": [clip(layer + d)], "alpha": 3.0}) for d in (-6, -2)],
+        (f"layers {clip(layer - 2)}-{layer}, alpha 1 each", {"at_layers": list(range(clip(layer - 2), layer + 1)), "alpha": 1.0}),
+        (f"layers {spread[0]}-{spread[-1]}, alpha 0.3 each", {"at_layers": spread, "alpha": 0.3}),
     ]
 
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         alpha = keywords.pop("alpha")
         per_row = [alpha if i // len(prompts) == index else 0.0 for i in range(len(rows))]
         interventions.append(
-            addition(directions, alpha=per_row, direction_layer=selected.layer, position=selected.position, **keywords)
+            addition(directions, alpha=per_row, layer=selected.layer, token=selected.position, **keywords)
         )
     start = time.time()
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=len(rows))

@@ -291,10 +291,10 @@ def cmd_steer(args: argparse.Namespace) -> int:
     position = selected.get("position")
     intervention: Intervention
     if args.ablate:
-        intervention = ablation(directions, direction_layer=layer, position=position, positions=args.positions)
+        intervention = ablation(directions, layer=layer, token=position, apply_to=args.positions)
         label = f"ablation of the layer-{layer} direction at every layer"
     else:
-        intervention = addition(directions, layer=layer, alpha=args.alpha, positions=args.positions, position=position)
+        intervention = addition(directions, layer=layer, alpha=args.alpha, apply_to=args.positions, token=position)
         label = f"addition at layer {layer}, alpha {args.alpha:+g} x raw mean difference (norm {directions.norm(layer, position):.1f})"
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     baseline = generate(model, prompts, settings=settings, progress=not args.quiet)

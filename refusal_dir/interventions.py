@@ -15,7 +15,7 @@ Units of the steering coefficient ``alpha`` (``addition(..., unit=...)``):
   direction, whatever the residual norm (Gemma residual norms are in the thousands);
 * ``"unit"``: ``alpha`` times the unit direction, in the residual stream's own units.
 
-Position rules (``positions=``), correct with and without the KV cache:
+Where an addition acts in the sequence (``apply_to=``), correct with and without the KV cache:
 
 * ``"all"``: every position, prompt and generated;
 * ``"prompt"``: prompt positions only (including the template's post-instruction tokens);
@@ -30,11 +30,18 @@ direction rescaled by that norm's gain, so the norm's output has no component al
 direction. On models without post-norms (Llama, Mistral, Qwen, Phi-3) the two modes are the
 same. Which modules these are, family by family, is declared in :mod:`refusal_dir.architectures`.
 ``clamp(...)`` sets the component to a fixed value instead of zero (its opposite use).
+
+The words (docs/glossary.md): ``layer`` is whose direction, ``token`` which direction-set label
+(the prompt token it was read at), ``at_layers`` where the intervention acts, ``apply_to`` which
+positions of the sequence, ``alpha`` every coefficient. The older keywords (``direction_layer``,
+``position``, ``positions``, ``layers``, ``strength``, a list as addition's ``layer``) still work
+for one release with a :class:`DeprecationWarning`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -113,7 +120,7 @@ class PositionState:
 def _check_positions(positions: str) -> str:
     if positions not in POSITION_RULES:
         raise ConfigError(
-            f"unknown position rule {positions!r}: choose one of {', '.join(POSITION_RULES)}"
+            f"unknown apply_to {positions!r}: choose one of {', '.join(POSITION_RULES)}"
         )
     return positions
 
@@ -141,37 +148,54 @@ class Addition:
     """Add ``alpha * vector`` at ``site`` of ``layers``. ``alpha`` may be one value per row."""
 
     vector: Float[Tensor, " d_model"]
-    layers: tuple[int, ...]
+    at_layers: tuple[int, ...]
     alpha: float | Tensor = 1.0
     site: str = "resid_pre"
-    positions: str = "all"
+    apply_to: str = "all"
 
 
 @dataclass(frozen=True)
 class Ablation:
     """Move the component along ``unit`` to ``value`` (0: ablation) at every layer.
 
-    ``strength`` interpolates: the component becomes ``(1 - s) * c + s * value``; 1 is full
+    ``alpha`` interpolates: the component becomes ``(1 - alpha) * c + alpha * value``; 1 is full
     ablation (or clamping), 0 leaves the model alone, 2 reflects the component, negative values
-    amplify it. ``value`` and ``strength`` may be one value per batch row (a tensor), so one
+    amplify it. ``value`` and ``alpha`` may be one value per batch row (a tensor), so one
     batched call sweeps them.
     """
 
     unit: Float[Tensor, " d_model"] | Float[Tensor, "rows d_model"]
     """One direction, or one per row (``rows x d_model``, stream mode only)."""
-    layers: tuple[int, ...] | None = None
+    at_layers: tuple[int, ...] | None = None
     value: float | Tensor = 0.0
-    strength: float | Tensor = 1.0
+    alpha: float | Tensor = 1.0
     mode: str = "stream"
-    positions: str = "all"
+    apply_to: str = "all"
 
 
 Intervention = Addition | Ablation
 
 
-def _direction_vector(directions: DirectionSet | Tensor, layer: int, position: str | int | None, unit: str) -> Tensor:
+def _renamed(old: dict[str, Any], function: str, names: dict[str, str], given: dict[str, Any]) -> dict[str, Any]:
+    """Map the deprecated keywords in ``old`` onto their new names (a DeprecationWarning each);
+    ``given`` holds the new keywords' values as passed (None: not passed)."""
+    out = dict(given)
+    for name, value in old.items():
+        if name not in names:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+        new = names[name]
+        warnings.warn(
+            f"{function}({name}=) is deprecated: use {new}= (docs/glossary.md)", DeprecationWarning, stacklevel=3
+        )
+        if out.get(new) is not None:
+            raise ConfigError(f"{function}() got both {name}= and {new}=: use {new}= only")
+        out[new] = value
+    return out
+
+
+def _direction_vector(directions: DirectionSet | Tensor, layer: int, token: str | int | None, unit: str) -> Tensor:
     if isinstance(directions, DirectionSet):
-        return directions.unit(layer, position) if unit == "unit" else directions.vector(layer, position)
+        return directions.unit(layer, token) if unit == "unit" else directions.vector(layer, token)
     vector = torch.as_tensor(directions, dtype=torch.float32)
     if vector.ndim != 1:
         raise DirectionMismatchError(
@@ -183,79 +207,101 @@ def _direction_vector(directions: DirectionSet | Tensor, layer: int, position: s
 def addition(
     directions: DirectionSet | Tensor,
     *,
-    layer: int | Sequence[int],
+    layer: int | None = None,
     alpha: Alpha = 1.0,
     site: str = "resid_pre",
     unit: Literal["raw", "unit"] = "raw",
-    positions: str = "all",
-    direction_layer: int | None = None,
-    position: str | int | None = None,
+    apply_to: str | None = None,
+    at_layers: Sequence[int] | None = None,
+    token: str | int | None = None,
+    **deprecated: Any,
 ) -> Addition:
-    """Activation addition of the direction at ``layer`` (one layer or several).
-
-    The vector is the direction of ``direction_layer`` (default: the first of ``layer``) at the
-    given direction-set ``position`` (default: its last one).
-    """
+    """Activation addition of the direction of ``layer`` (read at ``token``, default the set's
+    last label), added at ``at_layers`` (default: ``layer`` itself) to the ``apply_to``
+    positions (default all)."""
+    if layer is not None and not isinstance(layer, int):
+        # The old form: a list of layers to act at, with the direction of the first (or of
+        # direction_layer=).
+        warnings.warn(
+            "addition(layer=[...]) is deprecated: use layer= (whose direction) and at_layers= (where)",
+            DeprecationWarning, stacklevel=2,
+        )
+        if at_layers is not None:
+            raise ConfigError("addition() got a list as layer= and at_layers=: use at_layers= for where")
+        at_layers, layer = tuple(int(x) for x in layer), None
+    names = {"direction_layer": "layer", "position": "token", "positions": "apply_to"}
+    given = _renamed(deprecated, "addition", names, {"layer": layer, "token": token, "apply_to": apply_to})
+    layer, token, apply_to = given["layer"], given["token"], given["apply_to"] or "all"
     check_site(site)
-    layers = (layer,) if isinstance(layer, int) else tuple(int(x) for x in layer)
-    if not layers:
-        raise ConfigError("addition needs at least one layer")
+    if layer is None:
+        if not at_layers:
+            raise ConfigError("addition needs layer= (whose direction)")
+        layer = int(at_layers[0])
+    where = (int(layer),) if at_layers is None else tuple(int(x) for x in at_layers)
+    if not where:
+        raise ConfigError("addition needs at least one layer in at_layers")
     if unit not in ("raw", "unit"):
         raise ConfigError(f"unknown unit {unit!r}: choose raw or unit")
-    source_layer = layers[0] if direction_layer is None else direction_layer
-    vector = _direction_vector(directions, source_layer, position, unit)
+    vector = _direction_vector(directions, int(layer), token, unit)
     return Addition(
         vector=vector.float(),
-        layers=layers,
+        at_layers=where,
         alpha=_as_alpha(alpha),
         site=site,
-        positions=_check_positions(positions),
+        apply_to=_check_positions(apply_to),
     )
 
 
 def ablation(
     directions: DirectionSet | Tensor,
     *,
-    direction_layer: int | None = None,
-    position: str | int | None = None,
-    layers: Sequence[int] | None = None,
+    layer: int | None = None,
+    token: str | int | None = None,
+    at_layers: Sequence[int] | None = None,
     mode: Literal["stream", "weights"] = "stream",
-    positions: str = "all",
-    strength: Alpha = 1.0,
+    apply_to: str | None = None,
+    alpha: Alpha | None = None,
+    **deprecated: Any,
 ) -> Ablation:
-    """Directional ablation of one direction at every layer (or the given ``layers``).
+    """Directional ablation of one direction at every layer (or at ``at_layers``).
 
-    With a DirectionSet, ``direction_layer`` names the layer whose direction is ablated.
-    ``strength`` (one value or one per row) scales the ablation; 1 removes the component.
+    With a DirectionSet, ``layer`` names whose direction is ablated (and ``token`` its label).
+    ``alpha`` (one value or one per row) scales the ablation; 1 removes the component.
     """
-    return clamp(
-        directions,
-        value=0.0,
-        strength=strength,
-        direction_layer=direction_layer,
-        position=position,
-        layers=layers,
-        mode=mode,
-        positions=positions,
-    )
+    return clamp(directions, value=0.0, layer=layer, token=token, at_layers=at_layers, mode=mode,
+                 apply_to=apply_to, alpha=alpha, _function="ablation", **deprecated)
 
 
 def clamp(
     directions: DirectionSet | Tensor,
     *,
     value: Alpha,
-    direction_layer: int | None = None,
-    position: str | int | None = None,
-    layers: Sequence[int] | None = None,
+    layer: int | None = None,
+    token: str | int | None = None,
+    at_layers: Sequence[int] | None = None,
     mode: Literal["stream", "weights"] = "stream",
-    positions: str = "all",
-    strength: Alpha = 1.0,
+    apply_to: str | None = None,
+    alpha: Alpha | None = None,
+    _function: str = "clamp",
+    **deprecated: Any,
 ) -> Ablation:
-    """Set the residual stream's component along the direction to ``value`` everywhere."""
+    """Set the residual stream's component along the direction to ``value`` everywhere
+    (``alpha`` interpolates, as in :class:`Ablation`)."""
+    names = {
+        "direction_layer": "layer", "position": "token", "positions": "apply_to",
+        "layers": "at_layers", "strength": "alpha",
+    }
+    given = _renamed(
+        deprecated, _function, names,
+        {"layer": layer, "token": token, "apply_to": apply_to, "at_layers": at_layers, "alpha": alpha},
+    )
+    layer, token, at_layers = given["layer"], given["token"], given["at_layers"]
+    apply_to = given["apply_to"] or "all"
+    alpha = 1.0 if given["alpha"] is None else given["alpha"]
     if mode not in ("stream", "weights"):
         raise ConfigError(f"unknown ablation mode {mode!r}: choose stream or weights")
-    if isinstance(directions, DirectionSet) and direction_layer is None:
-        raise ConfigError("ablation with a DirectionSet needs direction_layer=")
+    if isinstance(directions, DirectionSet) and layer is None:
+        raise ConfigError(f"{_function} with a DirectionSet needs layer= (whose direction)")
     if isinstance(directions, Tensor) and directions.ndim == 2:
         # One direction per row: a batch compares several directions in one pass.
         if mode != "stream":
@@ -263,21 +309,21 @@ def clamp(
         rows = directions.float()
         unit_vector = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     else:
-        unit_vector = _direction_vector(directions, direction_layer or 0, position, "unit")
+        unit_vector = _direction_vector(directions, layer or 0, token, "unit")
     target = _as_alpha(value)
     if mode == "weights" and not (isinstance(target, float) and target == 0.0):
         raise ConfigError("mode='weights' supports ablation (value 0) only: use mode='stream'")
     return Ablation(
         unit=unit_vector.float(),
-        layers=None if layers is None else tuple(int(x) for x in layers),
+        at_layers=None if at_layers is None else tuple(int(x) for x in at_layers),
         value=target,
-        strength=_as_alpha(strength),
+        alpha=_as_alpha(alpha),
         mode=mode,
-        positions=_check_positions(positions),
+        apply_to=_check_positions(apply_to),
     )
 
 
-_PER_ROW_FIELDS = {Addition: ("alpha",), Ablation: ("value", "strength")}
+_PER_ROW_FIELDS = {Addition: ("alpha",), Ablation: ("value", "alpha")}
 
 
 def _per_row(intervention: Intervention) -> dict[str, Tensor]:
@@ -439,15 +485,15 @@ def _edit_for(intervention: Intervention, unit_or_vector: Tensor, state: Positio
         alpha = _coefficient(intervention.alpha)
 
         def add(act: Tensor) -> Tensor:
-            mask = state.mask(act.shape[1], intervention.positions, act.device)
+            mask = state.mask(act.shape[1], intervention.apply_to, act.device)
             return _apply_addition(act, vector, alpha, mask, state)
 
         return add
 
-    value, strength = _coefficient(intervention.value), _coefficient(intervention.strength)
+    value, strength = _coefficient(intervention.value), _coefficient(intervention.alpha)
 
     def project(act: Tensor) -> Tensor:
-        mask = state.mask(act.shape[1], intervention.positions, act.device)
+        mask = state.mask(act.shape[1], intervention.apply_to, act.device)
         return _apply_projection(act, vector, value, strength, mask, state)
 
     return project
@@ -461,7 +507,7 @@ def _writes_of(intervention: Ablation) -> Ablation:
 def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state: PositionState) -> None:
     if isinstance(intervention, Addition):
         edit = _edit_for(intervention, intervention.vector, state)
-        for layer in intervention.layers:
+        for layer in intervention.at_layers:
             check_layer(layer, model.n_layers)
             block = model.layers[layer]
             if intervention.site == "resid_pre":
@@ -476,7 +522,7 @@ def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state:
             f"the direction has d_model {intervention.unit.shape[-1]} but the model has "
             f"{model.d_model}: extract directions for this model"
         )
-    candidate_layers = range(model.n_layers) if intervention.layers is None else intervention.layers
+    candidate_layers = range(model.n_layers) if intervention.at_layers is None else intervention.at_layers
     layers = [check_layer(layer, model.n_layers) for layer in candidate_layers]
     architecture = model.architecture
     for layer in layers:
@@ -508,7 +554,7 @@ def _place_embedding_edit(model: HookedModel, intervention: Intervention, scope:
     if (
         isinstance(intervention, Ablation)
         and intervention.mode == "weights"
-        and (intervention.layers is None or 0 in intervention.layers)
+        and (intervention.at_layers is None or 0 in intervention.at_layers)
     ):
         scope.on_input(model.layers[0], _edit_for(intervention, intervention.unit, state))
 
@@ -607,13 +653,13 @@ def bridge_hooks(
     for intervention in interventions:
         if isinstance(intervention, Addition):
             edit = _edit_for(intervention, intervention.vector, state)
-            hooks += [(hook_name(intervention.site, layer), as_hook(edit)) for layer in intervention.layers]
+            hooks += [(hook_name(intervention.site, layer), as_hook(edit)) for layer in intervention.at_layers]
             continue
         if intervention.mode != "stream":
             raise ConfigError("bridge hooks support mode='stream' ablation only")
         stream_edit = as_hook(_edit_for(intervention, intervention.unit, state))
         write_edit = as_hook(_edit_for(_writes_of(intervention), intervention.unit, state))
-        layers = list(range(model.n_layers)) if intervention.layers is None else list(intervention.layers)
+        layers = list(range(model.n_layers)) if intervention.at_layers is None else list(intervention.at_layers)
         for layer in layers:
             if layer == layers[0]:
                 hooks.append((hook_name("resid_pre", layer), stream_edit))

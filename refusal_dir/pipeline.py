@@ -846,7 +846,7 @@ def steering_interventions(
             conditional_addition(
                 model, gate_prompts, condition, direction_set, layer=layer, alpha=list(alphas),
                 site=config.extraction.site, unit=config.steering.unit,
-                positions=config.steering.positions, position=position,
+                apply_to=config.steering.positions, token=position,
             )
         ]
     if method == "addition":
@@ -857,12 +857,12 @@ def steering_interventions(
                 alpha=list(alphas),
                 site=config.extraction.site,
                 unit=config.steering.unit,  # type: ignore[arg-type]
-                positions=config.steering.positions,
-                position=position,
+                apply_to=config.steering.positions,
+                token=position,
             )
         ]
     if method == "ablation":
-        return [ablation(direction_set, direction_layer=layer, position=position, strength=list(alphas))]
+        return [ablation(direction_set, layer=layer, token=position, alpha=list(alphas))]
     if method == "prompt":
         raise ConfigError("the prompt method steers with instructions, not a direction: use prompted_texts")
     raise ConfigError(f"unknown steering method {method!r}: choose addition, ablation or conditional")

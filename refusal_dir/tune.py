@@ -130,14 +130,14 @@ class Evaluator:
 
     def interventions(self, method: str, layer: int, alphas: Sequence[float], prompts: Sequence[str]) -> list[Intervention]:
         if method == "addition":
-            return [addition(self.directions, layer=layer, alpha=list(alphas), positions=self.positions, position=self.position)]
+            return [addition(self.directions, layer=layer, alpha=list(alphas), apply_to=self.positions, token=self.position)]
         if method == "ablation":
-            return [ablation(self.directions, direction_layer=layer, position=self.position, strength=list(alphas))]
+            return [ablation(self.directions, layer=layer, token=self.position, alpha=list(alphas))]
         if method == "conditional":
             return [
                 conditional_addition(
                     self.model, prompts, self.conditions[layer], self.directions, layer=layer,
-                    alpha=list(alphas), positions=self.positions, position=self.position,
+                    alpha=list(alphas), apply_to=self.positions, token=self.position,
                 )
             ]
         raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(TUNE_METHODS)}")

@@ -4,7 +4,7 @@ Every function takes a :class:`~refusal_dir.model.HookedModel` and the intervent
 (none: the unsteered model), so a notebook can compare conditions with the same call::
 
     base = refusal_rate(model, harmful)
-    steered = refusal_rate(model, harmful, interventions=[ablation(directions, direction_layer=9)])
+    steered = refusal_rate(model, harmful, interventions=[ablation(directions, layer=9)])
 
 Per-row coefficients (``addition(..., alpha=[...])``) index the prompts, questions or claims
 passed in, as everywhere in the package: row ``i`` uses coefficient ``i``.

@@ -115,7 +115,7 @@ def layer_effects(
 
     def add(items: Sequence[str]) -> list[Intervention]:
         return [
-            addition(directions, layer=c.layer, position=c.position, site=site, alpha=[alpha * x for x in _one_hot_rows(n, len(items), i)])
+            addition(directions, layer=c.layer, token=c.position, site=site, alpha=[alpha * x for x in _one_hot_rows(n, len(items), i)])
             for i, c in enumerate(candidates)
         ]
 

@@ -60,7 +60,7 @@ def test_ablation_removes_and_addition_induces_refusal(instruct_model, tmp_path:
 
     base_harmful, k = _rate(instruct_model, harmful, [])
     low, _ = wilson_interval(k, N_PROMPTS)
-    ablated, _ = _rate(instruct_model, harmful, [ablation(directions, direction_layer=layer)])
+    ablated, _ = _rate(instruct_model, harmful, [ablation(directions, layer=layer)])
     random_ablated, _ = _rate(instruct_model, harmful, [ablation(random_vector)])
     print(f"harmful refusal {base_harmful:.2f} (low {low:.2f}) -> ablated {ablated:.2f}, random {random_ablated:.2f}")
     assert ablated < low

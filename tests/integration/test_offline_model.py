@@ -95,7 +95,7 @@ def test_addition_and_ablation_move_later_representations_along_the_direction(of
     assert sum(abs(shift) for shift in random_shifts) / len(random_shifts) < 0.5 * (added - base)
 
     # Ablating the direction at every layer closes most of the harmful-harmless gap downstream.
-    ablate = [ablation(directions, direction_layer=layer)]
+    ablate = [ablation(directions, layer=layer)]
     gap_before = _later_projection(offline_model, harmful, unit_later, later) - base
     gap_after = _later_projection(offline_model, harmful, unit_later, later, ablate) - _later_projection(
         offline_model, harmless, unit_later, later, ablate

@@ -69,7 +69,7 @@ def test_baseline_refuses_harmful_not_harmless(organism) -> None:
 
 def test_ablation_makes_it_comply_and_a_random_direction_does_not(organism) -> None:
     model, sets, directions, layer = organism
-    ablated = _rate(model, sets.harmful_test, [ablation(directions, direction_layer=layer)])
+    ablated = _rate(model, sets.harmful_test, [ablation(directions, layer=layer)])
     randoms = [_rate(model, sets.harmful_test, [ablation(_random_like(directions, layer, s))]) for s in range(3)]
     print(f"\nharmful refusal under ablation: {ablated:.2f}; random directions: {randoms}")
     assert ablated <= 0.2
@@ -79,12 +79,12 @@ def test_ablation_makes_it_comply_and_a_random_direction_does_not(organism) -> N
 def test_addition_induces_refusal_with_the_right_sign_only(organism) -> None:
     model, sets, directions, layer = organism
     results = {
-        rule: _rate(model, sets.harmless_test, [addition(directions, layer=layer, alpha=1.0, positions=rule)])
+        rule: _rate(model, sets.harmless_test, [addition(directions, layer=layer, alpha=1.0, apply_to=rule)])
         for rule in ("prompt", "all", "generated")
     }
-    wrong_sign = _rate(model, sets.harmless_test, [addition(directions, layer=layer, alpha=-1.0, positions="prompt")])
+    wrong_sign = _rate(model, sets.harmless_test, [addition(directions, layer=layer, alpha=-1.0, apply_to="prompt")])
     randoms = [
-        _rate(model, sets.harmless_test, [addition(_random_like(directions, layer, s), layer=layer, alpha=1.0, positions="prompt")])
+        _rate(model, sets.harmless_test, [addition(_random_like(directions, layer, s), layer=layer, alpha=1.0, apply_to="prompt")])
         for s in range(3)
     ]
     print(f"\nharmless refusal with +1.0 x direction by position rule: {results}; "
@@ -96,7 +96,7 @@ def test_addition_induces_refusal_with_the_right_sign_only(organism) -> None:
     prompts = list(sets.harmless_test)
     plain = generate(model, prompts, settings=first, progress=False)
     by_rule = {
-        rule: generate(model, prompts, interventions=[addition(directions, layer=layer, alpha=1.0, positions=rule)], settings=first, progress=False)
+        rule: generate(model, prompts, interventions=[addition(directions, layer=layer, alpha=1.0, apply_to=rule)], settings=first, progress=False)
         for rule in ("generated", "prompt")
     }
     assert by_rule["generated"] == plain
@@ -113,7 +113,7 @@ def test_four_choice_accuracy_across_the_sweep(organism) -> None:
     coefficients = [a for a in alphas for _ in questions]
     result = mmlu_accuracy(
         model, rows, scoring="option", formatter=lambda q: q.question,
-        interventions=[addition(directions, layer=layer, alpha=coefficients, positions="prompt")],
+        interventions=[addition(directions, layer=layer, alpha=coefficients, apply_to="prompt")],
     )
     n = len(questions)
     curve = {a: sum(result.per_item[i * n : (i + 1) * n]) / n for i, a in enumerate(alphas)}
@@ -137,10 +137,10 @@ def test_conditional_steering_keeps_capability(organism) -> None:
     harmful, harmless, questions = list(sets.harmful_test), list(sets.harmless_test), list(sets.mc_test)
 
     def unconditional(prompts):
-        return [addition(directions, layer=layer, alpha=alpha, positions="prompt")]
+        return [addition(directions, layer=layer, alpha=alpha, apply_to="prompt")]
 
     def conditional(prompts):
-        return [conditional_addition(model, prompts, condition, directions, layer=layer, alpha=alpha, positions="prompt")]
+        return [conditional_addition(model, prompts, condition, directions, layer=layer, alpha=alpha, apply_to="prompt")]
 
     def mc(interventions):
         return mmlu_accuracy(model, questions, scoring="option", formatter=lambda q: q.question, interventions=interventions)

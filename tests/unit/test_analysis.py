@@ -309,7 +309,7 @@ def test_generation_projections_match_cached_activations(
         unit,
         max_new_tokens=3,
         prompt_positions=4,
-        interventions=[addition(unit, layer=0, alpha=3.0, positions="generated")],
+        interventions=[addition(unit, layer=0, alpha=3.0, apply_to="generated")],
     )
     # the rule spares prompt positions exactly as generation did
     torch.testing.assert_close(later.values[:, : last + 1], result.values[:, : last + 1])

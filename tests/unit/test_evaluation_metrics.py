@@ -749,7 +749,7 @@ def test_answer_kl_over_one_token_is_the_first_token_kl_and_sees_later_tokens(ev
     assert forced.per_prompt == pytest.approx(first.per_prompt, rel=1e-4, abs=1e-6)
     assert first.value > 1e-3
     # An addition on generated positions only: invisible at the first answer token, seen later.
-    later = [addition(vector, layer=0, alpha=2.0, positions="generated")]
+    later = [addition(vector, layer=0, alpha=2.0, apply_to="generated")]
     assert kl_divergence(eval_model, prompts, interventions=later).value == 0.0
     assert answer_kl(eval_model, prompts, interventions=later, n_tokens=1).value == pytest.approx(0.0, abs=1e-9)
     assert answer_kl(eval_model, prompts, interventions=later, n_tokens=4, batch_size=2).value > 1e-3

@@ -197,7 +197,7 @@ def test_position_rules_under_the_kv_cache_equal_the_no_cache_reference(family, 
         cached = generate_tokens(
             family,
             PROMPTS,
-            interventions=[addition(steering, layer=LAYER, alpha=1.0, positions=rule)],
+            interventions=[addition(steering, layer=LAYER, alpha=1.0, apply_to=rule)],
             settings=GenerationSettings(max_new_tokens=N_NEW, batch_size=len(PROMPTS)),
             progress=False,
         )[1]

@@ -83,10 +83,10 @@ def test_one_ablation_direction_per_row_equals_separate_ablations(tiny_model, ve
     generator = torch.Generator().manual_seed(5)
     directions = torch.randn(len(PROMPTS), tiny_model.d_model, generator=generator)
     together = next_token_logits(
-        tiny_model, PROMPTS, interventions=[ablation(directions, strength=[1.0, 0.5, 1.0, 2.0])], batch_size=3
+        tiny_model, PROMPTS, interventions=[ablation(directions, alpha=[1.0, 0.5, 1.0, 2.0])], batch_size=3
     )
     separate = torch.cat([
-        next_token_logits(tiny_model, [p], interventions=[ablation(d, strength=s)])
+        next_token_logits(tiny_model, [p], interventions=[ablation(d, alpha=s)])
         for p, d, s in zip(PROMPTS, directions, [1.0, 0.5, 1.0, 2.0])
     ])
     torch.testing.assert_close(together, separate, atol=1e-5, rtol=1e-5)
@@ -131,7 +131,7 @@ def test_hooks_are_removed_after_an_exception(tiny_model, vector) -> None:
 
 @pytest.mark.parametrize("rule", ["all", "prompt", "generated"])
 def test_position_rules_under_kv_cache_match_no_cache_reference(tiny_model, vector, rule: str) -> None:
-    intervention = addition(vector, layer=1, alpha=3.0, positions=rule)
+    intervention = addition(vector, layer=1, alpha=3.0, apply_to=rule)
     cached = generate_tokens(tiny_model, PROMPTS, interventions=[intervention], settings=SHORT, progress=False)[1]
     uncached = generate_tokens(
         tiny_model, PROMPTS, interventions=[intervention],
@@ -144,7 +144,7 @@ def test_position_rules_act_where_they_claim(tiny_model, vector) -> None:
     plain = generate_tokens(tiny_model, PROMPTS, settings=SHORT, progress=False)[1]
     def run(rule: str) -> list[list[int]]:
         return generate_tokens(
-            tiny_model, PROMPTS, interventions=[addition(vector, layer=1, alpha=3.0, positions=rule)],
+            tiny_model, PROMPTS, interventions=[addition(vector, layer=1, alpha=3.0, apply_to=rule)],
             settings=SHORT, progress=False,
         )[1]
     generated_only, prompt_only, everywhere = run("generated"), run("prompt"), run("all")
@@ -153,7 +153,7 @@ def test_position_rules_act_where_they_claim(tiny_model, vector) -> None:
     assert generated_only != plain and prompt_only != plain and everywhere != prompt_only
     # Outside generation every position is a prompt position.
     assert torch.equal(
-        next_token_logits(tiny_model, PROMPTS, interventions=[addition(vector, layer=1, alpha=3.0, positions="generated")]),
+        next_token_logits(tiny_model, PROMPTS, interventions=[addition(vector, layer=1, alpha=3.0, apply_to="generated")]),
         next_token_logits(tiny_model, PROMPTS),
     )
 
@@ -221,8 +221,8 @@ def test_bad_intervention_inputs(tiny_model, vector) -> None:
             pass
     with pytest.raises(DataError, match="empty"):
         generate(tiny_model, [], progress=False)
-    with pytest.raises(ConfigError, match="position rule"):
-        addition(vector, layer=0, positions="middle")
+    with pytest.raises(ConfigError, match="unknown apply_to"):
+        addition(vector, layer=0, apply_to="middle")
     with pytest.raises(ConfigError, match="per-row"):
         next_token_logits(tiny_model, PROMPTS, interventions=[addition(vector, layer=0, alpha=[1.0, 2.0])])
     with pytest.raises(ConfigError, match="per-row"):
@@ -233,16 +233,16 @@ def test_bad_intervention_inputs(tiny_model, vector) -> None:
 def test_partial_ablation_scales_the_component_at_every_layer(tiny_model, vector, mode: str) -> None:
     unit = vector / vector.norm()
     before = collect_activations(tiny_model, PROMPTS, progress=False)
-    with steer(tiny_model, ablation(vector, strength=0.5, mode=mode)):
+    with steer(tiny_model, ablation(vector, alpha=0.5, mode=mode)):
         after = collect_activations(tiny_model, PROMPTS, progress=False)
     # The stream entering the model keeps half its component (later layers see changed inputs).
     torch.testing.assert_close(
         after.acts["resid_pre"][:, :, 0] @ unit, 0.5 * (before.acts["resid_pre"][:, :, 0] @ unit), atol=1e-4, rtol=1e-4
     )
     strengths = [0.0, 0.5, 1.0, 2.0]
-    together = next_token_logits(tiny_model, PROMPTS, interventions=[ablation(vector, strength=strengths, mode=mode)])
+    together = next_token_logits(tiny_model, PROMPTS, interventions=[ablation(vector, alpha=strengths, mode=mode)])
     separate = torch.cat([
-        next_token_logits(tiny_model, [p], interventions=[ablation(vector, strength=s, mode=mode)])
+        next_token_logits(tiny_model, [p], interventions=[ablation(vector, alpha=s, mode=mode)])
         for p, s in zip(PROMPTS, strengths)
     ])
     torch.testing.assert_close(together, separate, atol=1e-5, rtol=1e-5)
@@ -264,3 +264,23 @@ def test_next_token_logits_reduced_batch_by_batch_equals_reducing_all(tiny_model
     full = next_token_logits(tiny_model, prompts, batch_size=2)
     kept = next_token_logits(tiny_model, prompts, batch_size=2, reduce=lambda logits: logits[:, [5, 1]])
     torch.testing.assert_close(kept, full[:, [5, 1]])
+
+
+def test_old_keyword_names_still_work_with_a_deprecation_warning(tiny_model) -> None:
+    """docs/glossary.md: layer (whose), token (which label), at_layers (where), apply_to, alpha."""
+    vector = torch.randn(tiny_model.d_model)
+    new = addition(vector, layer=1, at_layers=[0, 1], alpha=[0.5, 2.0], apply_to="prompt")
+    with pytest.warns(DeprecationWarning) as record:
+        old = addition(vector, layer=[0, 1], alpha=[0.5, 2.0], positions="prompt")
+    assert sorted(str(w.message).split(" is ")[0] for w in record) == ["addition(layer=[...])", "addition(positions=)"]
+    assert (old.at_layers, old.apply_to) == (new.at_layers, new.apply_to) == ((0, 1), "prompt")
+    assert torch.equal(old.vector, new.vector) and torch.equal(old.alpha, new.alpha)
+    new_ablation = ablation(vector, at_layers=[1], alpha=0.5, apply_to="generated")
+    with pytest.warns(DeprecationWarning) as record:
+        old_ablation = ablation(vector, layers=[1], strength=0.5, positions="generated")
+    assert len(record) == 3
+    assert (old_ablation.at_layers, old_ablation.alpha, old_ablation.apply_to) == (new_ablation.at_layers, 0.5, "generated")
+    with pytest.raises(ConfigError, match="both strength= and alpha="), pytest.warns(DeprecationWarning):
+        ablation(vector, alpha=1.0, strength=0.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'strenght'"):
+        ablation(vector, strenght=0.5)

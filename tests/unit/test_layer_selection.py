@@ -183,8 +183,8 @@ def test_batched_effects_equal_each_candidate_measured_alone(tiny_model, tiny_mo
     base_harmless = refusal_score(tiny_model, harmless)
     base_logits = next_token_logits(tiny_model, harmless)
     for effect in effects:
-        ablate = [ablation(directions, direction_layer=effect.layer, position=effect.position)]
-        add = [addition(directions, layer=effect.layer, position=effect.position, alpha=1.0)]
+        ablate = [ablation(directions, layer=effect.layer, token=effect.position)]
+        add = [addition(directions, layer=effect.layer, token=effect.position, alpha=1.0)]
         bypass = float((base_harmful - refusal_score(tiny_model, harmful, interventions=ablate)).mean())
         induce = float((refusal_score(tiny_model, harmless, interventions=add) - base_harmless).mean())
         kl = float(kl_from_logits(base_logits, next_token_logits(tiny_model, harmless, interventions=ablate)).mean())

@@ -44,7 +44,7 @@ def test_fast_path_position_rules_equal_the_reference(tiny_model, vector, rule: 
     ours = generate_tokens(
         tiny_model,
         PROMPTS,
-        interventions=[addition(vector, layer=LAYER, alpha=ALPHA, positions=rule)],
+        interventions=[addition(vector, layer=LAYER, alpha=ALPHA, apply_to=rule)],
         settings=GenerationSettings(max_new_tokens=N_NEW, batch_size=4, use_cache=use_cache),
         progress=False,
     )[1]
@@ -66,8 +66,8 @@ def test_weights_mode_ablation_position_rules_are_the_same_with_and_without_the_
             progress=False,
         )[1]
 
-    intervention = ablation(vector * 50.0, mode="weights", positions=rule)
-    embedding_only = ablation(vector * 50.0, mode="weights", positions=rule, layers=[0])
+    intervention = ablation(vector * 50.0, mode="weights", apply_to=rule)
+    embedding_only = ablation(vector * 50.0, mode="weights", apply_to=rule, at_layers=[0])
     assert tokens([embedding_only], True) != tokens([], True)  # the embedding edit matters here
     assert tokens([embedding_only], True) == tokens([embedding_only], False)
     assert tokens([intervention], True) == tokens([intervention], False)
@@ -100,7 +100,7 @@ def test_bridge_kv_cached_generate_equals_the_reference_unsteered(tiny_model) ->
 
 @pytest.mark.parametrize("rule", ["all", "prompt", "generated"])
 def test_bridge_position_rules_equal_the_reference_and_the_fast_path(tiny_model, vector, rule: str) -> None:
-    intervention = addition(vector, layer=LAYER, alpha=ALPHA, positions=rule)
+    intervention = addition(vector, layer=LAYER, alpha=ALPHA, apply_to=rule)
     state = PositionState()
     bridge = _bridge_generate(tiny_model, bridge_hooks(tiny_model, intervention, state=state), state)
     fast = generate_tokens(
