@@ -3,7 +3,8 @@
 * :mod:`~refusal_dir.evaluation.judges`: refusal judges (substring; pluggable classifiers) and
   the degeneration check;
 * :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, answered rate (formerly
-  helpfulness), MMLU-style accuracy, KL to the unsteered model, honesty accuracy;
+  helpfulness), MMLU-style accuracy, KL to the unsteered model, cross-entropy of held-out
+  answers, honesty accuracy;
 * :mod:`~refusal_dir.evaluation.stats`: Wilson intervals for rates, bootstrap intervals for
   means and paired differences.
 """
@@ -32,8 +33,10 @@ from refusal_dir.evaluation.metrics import (
     DEFAULT_REFUSAL_STARTS,
     LETTER_VARIANTS,
     AccuracyResult,
+    CrossEntropyResult,
     KLResult,
     RateResult,
+    answer_cross_entropy,
     answer_kl,
     answered_rate,
     balanced_weights,
@@ -68,10 +71,12 @@ __all__ = [
     "REFUSAL_OPENERS",
     "REFUSAL_WINDOW",
     "AccuracyResult",
+    "CrossEntropyResult",
     "Judge",
     "KLResult",
     "RateResult",
     "SubstringJudge",
+    "answer_cross_entropy",
     "answer_kl",
     "answered_rate",
     "balanced_weights",
