@@ -54,6 +54,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--harmful-file", help="harmful evaluation instructions (field instruction)")
     parser.add_argument("--benign-file", help="benign evaluation instructions (field instruction)")
     parser.add_argument("--mmlu-file", help="four-choice questions (question, choices or A-D, answer)")
+    parser.add_argument("--harmless-answers-file", help="requests with answers for the cross-entropy (fields instruction, answer; optional topic)")
     parser.add_argument("--max-eval-prompts", type=int, help="evaluate a seeded sample of N items of each set, stratified by category")
 
 
@@ -64,6 +65,7 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt")
     parser.add_argument("--batch-size", type=int, help="rows per generate call")
     parser.add_argument("--no-honesty", action="store_true", help="skip the honesty direction")
+    parser.add_argument("--no-cross-entropy", action="store_true", help="skip the cross-entropy of held-out answers (ce_harmless)")
 
 
 def _judge_flag(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -174,6 +176,7 @@ def _config(args: argparse.Namespace) -> Config:
         "data.harmful_eval": getattr(args, "harmful_file", None),
         "data.benign_eval": getattr(args, "benign_file", None),
         "data.mmlu": getattr(args, "mmlu_file", None),
+        "data.harmless_answers": getattr(args, "harmless_answers_file", None),
         "data.max_eval_prompts": getattr(args, "max_eval_prompts", None),
         "extraction.position": getattr(args, "position", None),
         "extraction.batch_size": getattr(args, "extract_batch_size", None),
@@ -186,6 +189,7 @@ def _config(args: argparse.Namespace) -> Config:
         "generation.batch_size": getattr(args, "batch_size", None),
         "evaluation.honesty": False if getattr(args, "no_honesty", False) else None,
         "evaluation.judge": getattr(args, "judge", None),
+        "evaluation.cross_entropy": False if getattr(args, "no_cross_entropy", False) else None,
     }
     methods = getattr(args, "direction_methods", None)
     if methods:

@@ -93,6 +93,7 @@ class DataSettings:
     mmlu: str = "shipped"
     honesty_pairs: str = "shipped"
     true_false_claims: str = "shipped"
+    harmless_answers: str = "shipped"
     heldout_fraction: float = 0.25
     max_eval_prompts: int | None = None
     seed: int = 0
@@ -103,6 +104,8 @@ class DataSettings:
             _fail("data.heldout_fraction", f"must be in (0, 1), got {self.heldout_fraction}")
         if self.max_eval_prompts is not None and self.max_eval_prompts < 1:
             _fail("data.max_eval_prompts", f"must be null or >= 1, got {self.max_eval_prompts}")
+        if self.harmless_answers.startswith("hub:"):
+            _fail("data.harmless_answers", f"{self.harmless_answers!r}: hub sets have no answers; use shipped or a file with instruction/answer fields")
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ class EvaluationSettings:
     honesty: bool = True
     seed: int = 0
     answer_kl_tokens: int = 0
+    cross_entropy: bool = True
 
     def __post_init__(self) -> None:
         _check_types("evaluation", self)

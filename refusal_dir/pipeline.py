@@ -69,7 +69,7 @@ from refusal_dir.outdir import (
     swap_in,
     write_error,
 )
-from refusal_dir.prompts import Claim, MCQuestion, PairSet
+from refusal_dir.prompts import AnsweredInstruction, Claim, MCQuestion, PairSet
 from refusal_dir.scoring import LayerScore, score_layers, select_layer
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,10 @@ class Datasets:
     #: (prompts sharing a topic are not independent: their intervals resample topics).
     harmful_topics: list[str] | None = None
     benign_topics: list[str] | None = None
+    #: Instructions with answers whose cross-entropy is measured (``evaluation.cross_entropy``;
+    #: None when it is off), and their topics (clusters of the interval) when every item has one.
+    harmless_answers: list[AnsweredInstruction] | None = None
+    harmless_answer_topics: list[str] | None = None
 
     def content_hashes(self) -> dict[str, str | None]:
         """A short content hash of every prompt set (what the results depend on)."""
@@ -133,6 +137,9 @@ class Datasets:
             "mmlu": digest([[q.question, list(q.choices), q.answer] for q in self.mmlu]),
             "honesty_pairs": self.honesty_pairs.content_hash() if self.honesty_pairs else None,
             "claims": digest([[c.text, c.label] for c in self.claims]),
+            "harmless_answers": None if self.harmless_answers is None else digest(
+                [[[a.instruction, a.answer] for a in self.harmless_answers], self.harmless_answer_topics]
+            ),
         }
 
 
@@ -164,6 +171,12 @@ def _categories(
     if source.startswith("hub:"):
         return None
     return prompt_sets.load_categories(source, field=field)
+
+
+def _answered(source: str) -> list[AnsweredInstruction]:
+    if source == "shipped":
+        return prompt_sets.harmless_answers()
+    return prompt_sets.load_answered_instructions(source)
 
 
 def _kept(keys: Sequence[str], categories: Sequence[str] | None, config: Config) -> list[int]:
@@ -208,6 +221,14 @@ def load_datasets(config: Config) -> Datasets:
     benign_topics = _categories(data.benign_eval, None, field="topic")
     mmlu = _mmlu(data.mmlu)
     claims = prompt_sets.true_false_claims()
+    answered: list[AnsweredInstruction] | None = None
+    answered_topics: list[str] | None = None
+    if config.evaluation.cross_entropy:
+        answered = _answered(data.harmless_answers)
+        answered_topics = _categories(data.harmless_answers, prompt_sets.harmless_answer_topics, field="topic")
+        answered_kept = _kept([a.instruction for a in answered], answered_topics, config)
+        answered = _pick(answered, answered_kept)
+        answered_topics = None if answered_topics is None else _pick(answered_topics, answered_kept)
     return Datasets(
         refusal_pairs=pairs,
         harmful_eval=_pick(harmful, harmful_kept),
@@ -218,6 +239,8 @@ def load_datasets(config: Config) -> Datasets:
         benign_categories=None if benign_categories is None else _pick(benign_categories, benign_kept),
         harmful_topics=None if harmful_topics is None else _pick(harmful_topics, harmful_kept),
         benign_topics=None if benign_topics is None else _pick(benign_topics, benign_kept),
+        harmless_answers=answered,
+        harmless_answer_topics=answered_topics,
     )
 
 
@@ -405,6 +428,11 @@ def evaluation_prompts(datasets: Datasets, config: Config) -> dict[str, list[str
             instruction = getattr(config.steering, name)
             for set_name, texts in list(prompts.items())[:3]:
                 prompts[f"{set_name} after steering.{name}"] = [f"{instruction}\n\n{t}" for t in texts]
+    if datasets.harmless_answers is not None:
+        # The answer is read after the instruction: both must fit (checked as one prompt).
+        prompts[f"data.harmless_answers ({config.data.harmless_answers})"] = [
+            f"{a.instruction}\n{a.answer}" for a in datasets.harmless_answers
+        ]
     return prompts
 
 
@@ -1035,7 +1063,7 @@ def _lookalike_rows(ctx: SweepContext, refused: dict[float, list[float]], *, met
     )
 
 
-METRIC_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl", "honesty")
+METRIC_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl", "cross_entropy", "honesty")
 
 
 @dataclass
@@ -1201,6 +1229,24 @@ def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position
             )
             rows += rows_of("kl_answer_benign", answer.per_prompt, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
         return rows, samples
+    if group == "cross_entropy":
+        corpus = ctx.datasets.harmless_answers or []
+        if templated:
+            instructions, interventions = per_row([item.instruction for item in corpus])
+        elif ctx.config.steering.prompt_as == "user":  # the answer after the prompted request
+            instruction = prompt_instructions(ctx.config)
+            instructions = [
+                item.instruction if instruction[alpha] is None else f"{instruction[alpha]}\n\n{item.instruction}"
+                for alpha in alphas for item in corpus
+            ]
+            interventions = []
+        else:  # one system prompt per row is not supported by format_chat: not measured
+            return [], samples
+        cross_entropy = metrics.answer_cross_entropy(
+            ctx.model, instructions, [item.answer for _ in alphas for item in corpus],
+            interventions=interventions, progress=ctx.progress,
+        )
+        return rows_of("ce_harmless", cross_entropy.per_item, len(corpus), binary=False, clusters=ctx.datasets.harmless_answer_topics), samples
     if group == "honesty":
         return ([] if method in ("conditional", "prompt") else _honesty_rows(ctx, method)), samples
     raise ConfigError(f"unknown metric group {group!r}")
@@ -1419,7 +1465,8 @@ def sweep(
     if not 0 <= layer < ctx.model.n_layers:
         raise ConfigError(f"steering.layer {layer} is out of range: the model has layers 0..{ctx.model.n_layers - 1}")
     position = ctx.extraction.selected.position
-    groups = [g for g in METRIC_GROUPS if g != "honesty" or ctx.config.evaluation.honesty]
+    enabled = {"honesty": ctx.config.evaluation.honesty, "cross_entropy": ctx.datasets.harmless_answers is not None}
+    groups = [g for g in METRIC_GROUPS if enabled.get(g, True)]
     with lock_output_dir(output_dir):
         parts = output_dir / "sweep" / "parts"
         try:
@@ -1470,6 +1517,7 @@ TABLE_METRICS = (
     ("answered_benign", "answered (benign)"),
     ("mmlu_accuracy", "MMLU-style acc."),
     ("kl_benign", "KL (benign)"),
+    ("ce_harmless", "CE (harmless answers)"),
     ("refusal_score_harmful", "refusal score (harmful)"),
 )
 

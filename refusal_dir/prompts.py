@@ -19,10 +19,14 @@ Shipped sets (``refusal_dir/data``, original text written for this package):
   (:func:`harmful_eval_categories`, :func:`benign_eval_categories`); benign instructions worded
   like harmful ones are :data:`LOOKALIKE_CATEGORY`. :func:`stratified_sample` keeps the
   categories' shares when a run evaluates only some of the items.
+- :func:`harmless_answers` -- ordinary requests, each with a factual answer of 40-100 words
+  and a topic (:func:`harmless_answer_topics`): held-out text for the cross-entropy under
+  steering. None of them occurs in the evaluation or extraction sets.
 - :func:`mmlu_questions` -- four-choice questions, correct positions balanced over A-D.
 - :func:`true_false_claims` -- simple factual claims, half true and half false.
 
-Local files (:func:`load_instructions`, :func:`load_pairs`, :func:`load_mc_questions`):
+Local files (:func:`load_instructions`, :func:`load_pairs`, :func:`load_mc_questions`,
+:func:`load_answered_instructions`):
 
 - ``.jsonl``: one JSON object per line; blank lines are skipped.
 - ``.json``: one JSON list of objects.
@@ -148,6 +152,20 @@ class Claim:
     def answer_letter(self) -> str:
         """The correct letter under :func:`format_claim_prompt`: ``A`` (true) or ``B`` (false)."""
         return "A" if self.label else "B"
+
+
+@dataclass(frozen=True)
+class AnsweredInstruction:
+    """An instruction with a good answer to it: held-out text whose cross-entropy under
+    steering shows what steering costs in fluency
+    (:func:`refusal_dir.evaluation.metrics.answer_cross_entropy`)."""
+
+    instruction: str
+    answer: str
+
+    def __post_init__(self) -> None:
+        _check_text(self.instruction, what="AnsweredInstruction.instruction")
+        _check_text(self.answer, what="AnsweredInstruction.answer")
 
 
 @dataclass(frozen=True)
@@ -574,6 +592,20 @@ def benign_eval_categories() -> list[str]:
     return _categories(_read_shipped("benign_eval.jsonl")) or []
 
 
+def harmless_answers() -> list[AnsweredInstruction]:
+    """Ordinary requests with plainly written, factual answers of 40-100 words, for the
+    cross-entropy of held-out text (none of them occurs in the other shipped sets)."""
+    return [
+        AnsweredInstruction(record.text("instruction"), record.text("answer"))
+        for record in _read_shipped("harmless_answers.jsonl")
+    ]
+
+
+def harmless_answer_topics() -> list[str]:
+    """The topic of each :func:`harmless_answers` item ("cooking", "science", ...)."""
+    return _categories(_read_shipped("harmless_answers.jsonl"), "topic") or []
+
+
 def mmlu_questions() -> list[MCQuestion]:
     """Easy four-choice questions across subjects; correct positions balanced over A-D."""
     return [_mc_from_record(record) for record in _read_shipped("mmlu_style.jsonl")]
@@ -596,6 +628,19 @@ def load_instructions(path: str | Path, *, field: str = "instruction") -> list[s
     """The ``field`` of every row of a ``.json``, ``.jsonl`` or ``.csv`` file."""
     fix = f"pass field='<name>' to read another field, or rename it to {field!r}"
     return [record.text(field, fix=fix) for record in _read_records(path)]
+
+
+def load_answered_instructions(
+    path: str | Path, *, instruction_field: str = "instruction", answer_field: str = "answer"
+) -> list[AnsweredInstruction]:
+    """Instructions with their answers from a ``.json``, ``.jsonl`` or ``.csv`` file."""
+    return [
+        AnsweredInstruction(
+            record.text(instruction_field, fix=f"rename the field that holds the request to {instruction_field!r}"),
+            record.text(answer_field, fix=f"rename the field that holds the answer to {answer_field!r}"),
+        )
+        for record in _read_records(path)
+    ]
 
 
 def _categories(records: Sequence[_Record], field: str = "category") -> list[str] | None:

@@ -5,7 +5,8 @@
 * :mod:`~refusal_dir.evaluation.model_judge`: model judges (``classifier:<x>``,
   ``generative:<x>``); :mod:`~refusal_dir.evaluation.agreement`: how two judges agree;
 * :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, answered rate (formerly
-  helpfulness), MMLU-style accuracy, KL to the unsteered model, honesty accuracy;
+  helpfulness), MMLU-style accuracy, KL to the unsteered model, cross-entropy of held-out
+  answers, honesty accuracy;
 * :mod:`~refusal_dir.evaluation.stats`: Wilson intervals for rates, bootstrap intervals for
   means and paired differences.
 """
@@ -37,8 +38,10 @@ from refusal_dir.evaluation.metrics import (
     DEFAULT_REFUSAL_STARTS,
     LETTER_VARIANTS,
     AccuracyResult,
+    CrossEntropyResult,
     KLResult,
     RateResult,
+    answer_cross_entropy,
     answer_kl,
     answered_rate,
     balanced_weights,
@@ -77,11 +80,13 @@ __all__ = [
     "AccuracyResult",
     "ClassifierJudge",
     "GenerativeJudge",
+    "CrossEntropyResult",
     "Judge",
     "KLResult",
     "RateResult",
     "SubstringJudge",
     "agreement_table",
+    "answer_cross_entropy",
     "answer_kl",
     "answered_rate",
     "balanced_weights",

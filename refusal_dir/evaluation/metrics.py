@@ -1,4 +1,5 @@
-"""Evaluation metrics under interventions: refusal, answered rate, MMLU, KL, honesty.
+"""Evaluation metrics under interventions: refusal, answered rate, MMLU, KL, cross-entropy,
+honesty.
 
 Every function takes a :class:`~refusal_dir.model.HookedModel` and the interventions to apply
 (none: the unsteered model), so a notebook can compare conditions with the same call::
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from refusal_dir.errors import ConfigError, DataError
 from refusal_dir.evaluation.judges import (
@@ -35,6 +37,7 @@ from refusal_dir.evaluation.judges import (
 from refusal_dir.evaluation.stats import wilson_interval
 from refusal_dir.generation import (
     GenerationSettings,
+    _batches,
     _forward_logits,
     continuation_logprobs,
     generate,
@@ -128,6 +131,22 @@ class KLResult:
     value: float
     n: int
     per_prompt: list[float]
+
+
+@dataclass(frozen=True)
+class CrossEntropyResult:
+    """Cross-entropy of given answers, teacher forced (nats per answer token).
+
+    ``per_item[i]`` is the mean of ``-log p`` over the tokens of answer ``i`` (``n_tokens[i]``
+    of them); ``value`` is the mean over items (what a sweep reports, with intervals over
+    items); ``token_mean`` weighs every token alike (the mean over all answer tokens).
+    """
+
+    value: float
+    n: int
+    per_item: list[float]
+    n_tokens: list[int]
+    token_mean: float
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,28 +670,126 @@ def answer_kl(
     values: list[float] = []
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, min(start + batch_size, len(prompts)))
-        prompt_batch = model.tokenize(texts[rows])
-        width = prompt_batch.input_ids.shape[1]
-        # Answers right-padded to n_tokens after the left-padded prompts: every row's answer
-        # starts at ``width``; padded answer positions are masked and never scored.
-        answer_ids = torch.full((len(prompt_batch), n_tokens), model.pad_token_id, dtype=torch.long)
-        answer_mask = torch.zeros((len(prompt_batch), n_tokens), dtype=torch.long)
-        lengths = []
-        for row, ids in enumerate(answers[rows]):
-            ids = ids[:n_tokens]
-            answer_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            answer_mask[row, : len(ids)] = 1
-            lengths.append(len(ids))
-        batch = TokenBatch(
-            torch.cat([prompt_batch.input_ids, answer_ids], dim=1),
-            torch.cat([prompt_batch.attention_mask, answer_mask], dim=1),
+        forced = [ids[:n_tokens] for ids in answers[rows]]
+        batch, width = _forced_batch(
+            model, [model._encode(text) for text in texts[rows]], forced, answer_width=n_tokens
         )
+        lengths = [len(ids) for ids in forced]
         base = _answer_logits(model, batch, (), rows=rows, prompt_width=width, n_tokens=n_tokens)
         steered = _answer_logits(model, batch, interventions, rows=rows, prompt_width=width, n_tokens=n_tokens)
         for row, length in enumerate(lengths):
             scored = max(1, length)  # an empty answer still has its first position
             values.append(float(kl_from_logits(base[row, :scored], steered[row, :scored]).mean()))
     return KLResult(value=sum(values) / len(values), n=len(values), per_prompt=values)
+
+
+@torch.no_grad()
+def answer_cross_entropy(
+    model: HookedModel,
+    instructions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    interventions: Sequence[Intervention] = (),
+    batch_size: int = 8,
+    progress: bool = False,
+) -> CrossEntropyResult:
+    """Cross-entropy (nats per token) of each given answer after its instruction, teacher forced.
+
+    Each item is formatted with the chat template as a user turn followed by the start of the
+    assistant's reply (:meth:`~refusal_dir.model.HookedModel.format_chat`, after the template's
+    :attr:`~refusal_dir.model.HookedModel.reply_prefix`), and the mean of ``-log p`` over the
+    answer's tokens is taken under the interventions: Arditi et al.'s capability check on
+    held-out text. Lower is better; the unsteered value is the baseline, and a steering that
+    breaks fluency raises it. As in :func:`answer_kl`, the answer tokens count as generated
+    positions for the position rules. Prompts are left padded and answers right padded, so a
+    batch gives the values of one item at a time. ``batch_size`` is small by default: the
+    logits of every answer position are unembedded (``batch x answer tokens x vocabulary``).
+    """
+    _check_items(instructions, "instructions")
+    if isinstance(answers, str) or len(answers) != len(instructions):
+        raise DataError(
+            f"{len(instructions)} instructions but {0 if isinstance(answers, str) else len(answers)} "
+            "answers: pass one answer per instruction"
+        )
+    for index, (instruction, answer) in enumerate(zip(instructions, answers, strict=True)):
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise DataError(f"instruction {index} is empty or not a string: remove the item")
+        if not isinstance(answer, str) or not answer.strip():
+            raise DataError(f"answer {index} is empty or not a string: remove the item")
+    check_rows(interventions, len(instructions))
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    prompt_ids, answer_ids = [], []
+    for instruction, answer in zip(instructions, answers, strict=True):
+        prompt, ids = _split_chat(model, instruction, answer)
+        prompt_ids.append(prompt)
+        answer_ids.append(ids)
+    per_item: list[float] = []
+    for rows in tqdm(_batches(len(instructions), batch_size), desc="cross-entropy", disable=not progress, leave=False):
+        longest = max(len(ids) for ids in answer_ids[rows])
+        batch, width = _forced_batch(model, prompt_ids[rows], answer_ids[rows], answer_width=longest)
+        targets = batch.input_ids[:, width:]
+
+        def token_logprobs(logits: Tensor, targets: Tensor = targets) -> Tensor:
+            logits = logits.float()
+            picked = logits.gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+            return picked - torch.logsumexp(logits, dim=-1)
+
+        logprobs = _answer_logits(
+            model, batch, interventions, rows=rows, prompt_width=width, n_tokens=longest,
+            reduce=token_logprobs,
+        ).double()
+        for row, ids in enumerate(answer_ids[rows]):
+            per_item.append(float(-logprobs[row, : len(ids)].mean()))
+    counts = [len(ids) for ids in answer_ids]
+    return CrossEntropyResult(
+        value=sum(per_item) / len(per_item),
+        n=len(per_item),
+        per_item=per_item,
+        n_tokens=counts,
+        token_mean=sum(v * c for v, c in zip(per_item, counts, strict=True)) / sum(counts),
+    )
+
+
+def _split_chat(model: HookedModel, instruction: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of the formatted user turn and of the answer that follows it.
+
+    The whole text is tokenized at once, as the model would read it; the answer is every token
+    past the longest prefix shared with the user turn alone (so a token that merges the
+    template's last characters with the answer's first is scored as part of the answer).
+    """
+    full = model._encode(model.format_chat(instruction, model.reply_prefix + answer))
+    prompt = model._encode(model.chat.format(instruction))
+    shared = 0
+    while shared < min(len(prompt), len(full)) and prompt[shared] == full[shared]:
+        shared += 1
+    if shared == 0 or shared == len(full):
+        raise DataError(
+            f"the answer to {instruction[:60]!r} adds no tokens after the chat template: give "
+            "a non-empty answer"
+        )
+    return full[:shared], full[shared:]
+
+
+def _forced_batch(
+    model: HookedModel,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    *,
+    answer_width: int,
+) -> tuple[TokenBatch, int]:
+    """Left-padded prompt ids, then answer ids right-padded to ``answer_width``; and the
+    padded prompt width, where every row's answer starts. Padded answer positions are masked
+    and must never be scored (they follow the real tokens, so no real position sees them)."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width + answer_width), model.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        input_ids[row, width - len(prompt) : width] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) : width] = 1
+        input_ids[row, width : width + len(answer)] = torch.tensor(list(answer), dtype=torch.long)
+        mask[row, width : width + len(answer)] = 1
+    return TokenBatch(input_ids, mask), width
 
 
 def _answer_logits(
@@ -683,14 +800,19 @@ def _answer_logits(
     rows: slice,
     prompt_width: int,
     n_tokens: int,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Logits of the ``n_tokens`` answer positions of ``batch`` (prompt, then forced answer)."""
+    """Logits of the ``n_tokens`` answer positions of ``batch`` (prompt, then forced answer).
+
+    ``reduce`` maps them (``batch x n_tokens x vocab``, on the model's device) to what is kept
+    on the CPU, so a long answer over a large vocabulary is never copied whole.
+    """
     with steer(model, *interventions) as state:
         state.start(rows, prompt_length=prompt_width)
         # The distribution of answer token k is read at the position before it: the last
         # n_tokens + 1 positions but the very last (no unembedding over the prompt).
-        logits = _forward_logits(model, batch, keep=n_tokens + 1)
-    return logits[:, :n_tokens].cpu()
+        logits = _forward_logits(model, batch, keep=n_tokens + 1)[:, :n_tokens]
+    return (logits if reduce is None else reduce(logits)).cpu()
 
 
 def _is_tiled(prompts: Sequence[str], n: int) -> bool:

@@ -70,3 +70,49 @@ def reference_tokens(
                 handle.remove()
         results.append(until_stop(ids[prompt_length:], stop_ids))
     return results
+
+
+@torch.no_grad()
+def reference_continuation_logprobs(
+    model,
+    prompt_ids: Sequence[int],
+    continuation_ids: Sequence[int],
+    vector: torch.Tensor | None = None,
+    rule: str = "all",
+    *,
+    layer: int = 0,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """Per-token log-probabilities (float64) of ``continuation_ids`` after ``prompt_ids``: one
+    unpadded sequence through ``model.hf``, ``log_softmax`` and a gather, with ``alpha * vector``
+    added at ``layer``'s input at the positions of ``rule`` (the continuation counts as
+    generated); ``vector=None``: unsteered."""
+    ids = torch.tensor([list(prompt_ids) + list(continuation_ids)])
+    prompt_length = len(prompt_ids)
+
+    def add(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        position = torch.arange(hidden.shape[1])
+        covered = {
+            "all": torch.ones_like(position, dtype=torch.bool),
+            "prompt": position < prompt_length,
+            "generated": position >= prompt_length,
+        }[rule]
+        edited = hidden + alpha * vector * covered.view(1, -1, 1).to(hidden.dtype)
+        if args:
+            return (edited, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": edited}
+
+    handle = (
+        None
+        if vector is None
+        else model.layers[layer].register_forward_pre_hook(add, with_kwargs=True)
+    )
+    try:
+        logits = model.hf(input_ids=ids, use_cache=False).logits[0].double()
+    finally:
+        if handle is not None:
+            handle.remove()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    steps = logprobs[prompt_length - 1 : -1]
+    return steps.gather(1, torch.tensor(list(continuation_ids)).view(-1, 1)).squeeze(1)

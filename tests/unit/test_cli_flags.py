@@ -50,3 +50,16 @@ def test_named_flags_exist() -> None:
 def test_the_check_sees_flags_in_f_strings() -> None:
     flags = named_flags('x = 1\nraise ValueError(f"bad {x}: pass --no-such-flag instead")\n')
     assert flags == {"--no-such-flag"} and "--no-such-flag" not in cli_flags()
+
+
+def test_cross_entropy_flags_set_the_config(tmp_path: Path) -> None:
+    from refusal_dir.cli import _config
+
+    answers = tmp_path / "answers.jsonl"
+    args = build_parser().parse_args(
+        ["run", "--model", "m", "--output-dir", str(tmp_path / "o"), "--no-cross-entropy", "--harmless-answers-file", str(answers)]
+    )
+    config = _config(args)
+    assert config.evaluation.cross_entropy is False and config.data.harmless_answers == str(answers)
+    default = _config(build_parser().parse_args(["run", "--model", "m", "--output-dir", str(tmp_path / "o")]))
+    assert default.evaluation.cross_entropy is True and default.data.harmless_answers == "shipped"

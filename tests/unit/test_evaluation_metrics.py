@@ -13,6 +13,7 @@ import math
 import time
 from types import SimpleNamespace
 
+import plain_reference
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from refusal_dir.evaluation import (
     JUDGES,
     Judge,
     SubstringJudge,
+    answer_cross_entropy,
     answer_kl,
     answered_rate,
     bootstrap_ci,
@@ -757,6 +759,115 @@ def test_answer_kl_over_one_token_is_the_first_token_kl_and_sees_later_tokens(ev
     assert answer_kl(eval_model, prompts, n_tokens=4).value == 0.0
     with pytest.raises(ConfigError, match="per-row"):
         answer_kl(eval_model, prompts, interventions=[addition(vector, layer=0, alpha=[1.0, 2.0])])
+
+
+ANSWERED = [
+    ("How do I boil an egg?", "Put the egg in boiling water for about nine minutes, then cool it."),
+    ("Hi", "Hello! How can I help you today?"),
+    (
+        "Name a prime number.",
+        "Seven is a prime number: its only divisors are one and seven itself, so it qualifies.",
+    ),
+]
+
+
+def _plain_ids(model: HookedModel, instruction: str, answer: str) -> tuple[list[int], list[int]]:
+    """The user turn's ids and the answer's, by the tokenizer alone on the joined text."""
+    prompt = str(model.format_prompts([instruction])[0])
+    encode = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    full = encode(prompt + model.reply_prefix + answer)
+    assert full[: len(encode(prompt))] == encode(prompt)
+    return full[: len(encode(prompt))], full[len(encode(prompt)) :]
+
+
+def test_answer_cross_entropy_equals_plain_log_softmax_unsteered_and_steered(eval_model) -> None:
+    instructions = [instruction for instruction, _ in ANSWERED]
+    answers = [answer for _, answer in ANSWERED]
+    ids = [_plain_ids(eval_model, i, a) for i, a in ANSWERED]
+    plain = [
+        float(-plain_reference.reference_continuation_logprobs(eval_model, p, a).mean()) for p, a in ids
+    ]
+    result = answer_cross_entropy(eval_model, instructions, answers, batch_size=2)
+    assert result.per_item == pytest.approx(plain, abs=1e-5)
+    assert result.n_tokens == [len(a) for _, a in ids] and result.n == 3
+    assert result.value == pytest.approx(sum(plain) / 3, abs=1e-5)
+    total = sum(value * len(a) for value, (_, a) in zip(plain, ids, strict=True))
+    assert result.token_mean == pytest.approx(total / sum(len(a) for _, a in ids), abs=1e-5)
+    # Per-row coefficients of an addition, against a plain pre-hook adding the same vector.
+    vector = torch.randn(eval_model.d_model, generator=torch.Generator().manual_seed(5))
+    alphas = [0.0, 1.5, -2.0]
+    steered = answer_cross_entropy(
+        eval_model, instructions, answers, interventions=[addition(vector, layer=1, alpha=alphas)],
+        batch_size=2,
+    )
+    expected = [
+        float(-plain_reference.reference_continuation_logprobs(eval_model, p, a, vector, layer=1, alpha=alpha).mean())
+        for (p, a), alpha in zip(ids, alphas, strict=True)
+    ]
+    assert steered.per_item == pytest.approx(expected, abs=1e-5)
+    assert steered.per_item[0] == pytest.approx(plain[0], abs=1e-6)
+    assert abs(steered.per_item[1] - plain[1]) > 1e-3
+    # The answer counts as generated: an addition on generated positions moves it, on the
+    # prompt only it moves it through attention, and the plain reference agrees on both.
+    for rule in ("prompt", "generated"):
+        ruled = answer_cross_entropy(
+            eval_model, instructions, answers,
+            interventions=[addition(vector, layer=1, alpha=2.0, apply_to=rule)], batch_size=3,
+        )
+        expected = [
+            float(-plain_reference.reference_continuation_logprobs(eval_model, p, a, vector, rule, layer=1, alpha=2.0).mean())
+            for p, a in ids
+        ]
+        assert ruled.per_item == pytest.approx(expected, abs=1e-5)
+
+
+def test_answer_cross_entropy_does_not_depend_on_the_batch(eval_model) -> None:
+    instructions = [instruction for instruction, _ in ANSWERED] * 2
+    answers = [answer for _, answer in ANSWERED] * 2
+    vector = torch.randn(eval_model.d_model, generator=torch.Generator().manual_seed(6))
+    push = [addition(vector, layer=0, alpha=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0])]
+    together = answer_cross_entropy(eval_model, instructions, answers, interventions=push, batch_size=6)
+    for size in (1, 4):
+        batched = answer_cross_entropy(eval_model, instructions, answers, interventions=push, batch_size=size)
+        assert batched.per_item == pytest.approx(together.per_item, abs=1e-5)
+    # Reordered rows (other neighbours, other padding) give each item the same value.
+    order = [5, 2, 0, 4, 1, 3]
+    shuffled = answer_cross_entropy(
+        eval_model, [instructions[i] for i in order], [answers[i] for i in order],
+        interventions=[addition(vector, layer=0, alpha=[[0.5, 1.0, 1.5, 2.0, 2.5, 3.0][i] for i in order])],
+        batch_size=4,
+    )
+    assert shuffled.per_item == pytest.approx([together.per_item[i] for i in order], abs=1e-5)
+
+
+def test_answer_cross_entropy_rises_under_a_large_random_addition(eval_model, tmp_path) -> None:
+    # A random tiny model is near uniform (CE ~ log vocabulary) whatever is added; with a
+    # sharpened unembedding (x 20) its greedy answer is a run of newlines, whose CE is low
+    # unsteered and which noise breaks.
+    sharp = load_model(str(make_tiny_model(tmp_path / "sharp")), device="cpu", with_bridge=False)
+    with torch.no_grad():
+        sharp.hf.get_output_embeddings().weight.mul_(20.0)
+    instructions = [instruction for instruction, _ in ANSWERED]
+    greedy = generate(sharp, instructions, settings=GenerationSettings(max_new_tokens=16), progress=False)
+    assert greedy == ["\n" * 16] * 3
+    answers = ["OK" + text for text in greedy]
+    base = answer_cross_entropy(sharp, instructions, answers)
+    vector = torch.randn(sharp.d_model, generator=torch.Generator().manual_seed(7))
+    noisy = answer_cross_entropy(
+        sharp, instructions, answers, interventions=[addition(vector, layer=0, alpha=200.0, unit="unit")]
+    )
+    assert noisy.value > base.value + 2.0, (base.value, noisy.value)
+    zero = answer_cross_entropy(
+        sharp, instructions, answers, interventions=[addition(vector, layer=0, alpha=0.0)]
+    )
+    assert zero.per_item == base.per_item
+    answers = [answer for _, answer in ANSWERED]
+    with pytest.raises(DataError, match="one answer per instruction"):
+        answer_cross_entropy(eval_model, instructions, answers[:2])
+    with pytest.raises(DataError, match="answer 1 is empty"):
+        answer_cross_entropy(eval_model, instructions, [answers[0], " ", answers[2]])
+    with pytest.raises(ConfigError, match="per-row"):
+        answer_cross_entropy(eval_model, instructions, answers, interventions=[addition(vector, layer=0, alpha=[1.0])])
 
 
 def test_cluster_bootstrap_widens_the_interval_of_correlated_items() -> None:

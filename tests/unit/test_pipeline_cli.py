@@ -381,6 +381,58 @@ def test_answer_kl_rows_when_asked(tiny_model, extracted, tmp_path: Path) -> Non
     assert index[(1.0, "kl_benign")] > 0
 
 
+def test_cross_entropy_rows_equal_the_metric_and_show_in_the_table(tiny_model, extracted, tmp_path: Path) -> None:
+    from refusal_dir.evaluation import answer_cross_entropy
+
+    config, datasets, extraction, _ = extracted
+    config = config.with_overrides({"steering.alphas": (0.0, 1.0), "evaluation.honesty": False, "steering.methods": ("addition",)})
+    answered = datasets.harmless_answers
+    assert answered is not None and len(answered) == 4  # data.max_eval_prompts applies
+    assert datasets.harmless_answer_topics is not None and len(set(datasets.harmless_answer_topics)) == 4
+    rows = sweep(SweepContext(tiny_model, config, datasets, extraction, progress=False), prepare_output_dir(tmp_path / "a", config))
+    index = {(r["alpha"], r["metric"]): r for r in rows}
+    direct = answer_cross_entropy(tiny_model, [a.instruction for a in answered], [a.answer for a in answered])
+    unsteered = index[(0.0, "ce_harmless")]
+    assert unsteered["value"] == pytest.approx(direct.value, abs=1e-6) and unsteered["n"] == 4
+    assert unsteered["diff"] == 0.0 and unsteered["ci_low"] <= unsteered["value"] <= unsteered["ci_high"]
+    steered = index[(1.0, "ce_harmless")]
+    assert steered["value"] != pytest.approx(direct.value, abs=1e-6)
+    assert steered["diff"] == pytest.approx(steered["value"] - unsteered["value"])
+    table = results_table(rows)
+    assert "CE (harmless answers)" in table.splitlines()[0]
+    assert f"{unsteered['value']:.2f} [" in table
+    # Switched off: no rows, no part, and nothing loaded.
+    off = config.with_overrides({"evaluation.cross_entropy": False})
+    off_data = load_datasets(off)
+    assert off_data.harmless_answers is None
+    output = prepare_output_dir(tmp_path / "b", off)
+    plain = sweep(SweepContext(tiny_model, off, off_data, extraction, progress=False), output)
+    assert not any(r["metric"] == "ce_harmless" for r in plain)
+    assert not (output / "sweep" / "parts" / "addition__cross_entropy.json").exists()
+
+
+def test_harmless_answers_from_a_file_enter_the_resume_key(tiny_model, tiny_model_dir, extracted, tmp_path: Path) -> None:
+    _, _, extraction, _ = extracted
+    path = tmp_path / "answers.jsonl"
+
+    def write(answer: str) -> None:
+        rows = [{"instruction": f"Name fruit {k}.", "answer": f"{answer} {k}.", "topic": "fruit"} for k in range(3)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    config = _config(tiny_model_dir, **{"data.harmless_answers": str(path)})
+    write("Apple")
+    first = load_datasets(config)
+    assert [a.answer for a in first.harmless_answers] == ["Apple 0.", "Apple 1.", "Apple 2."]
+    assert first.harmless_answer_topics == ["fruit"] * 3
+    write("Pear")
+    second = load_datasets(config)
+    key = lambda data: resume_key(SweepContext(tiny_model, config, data, extraction, progress=False))["data"]  # noqa: E731
+    changed = {name for name, value in key(first).items() if key(second)[name] != value}
+    assert changed == {"harmless_answers"}
+    with pytest.raises(ConfigError, match="data.harmless_answers"):
+        _config(tiny_model_dir, **{"data.harmless_answers": "hub:alpaca"})
+
+
 def test_topics_in_an_eval_file_make_intervals_resample_topics(tiny_model_dir, tmp_path: Path) -> None:
     from refusal_dir.evaluation import stats
     from refusal_dir.pipeline import _rows_for

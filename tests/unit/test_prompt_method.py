@@ -85,7 +85,7 @@ def test_prompt_rows_have_alphas_minus_one_zero_one_and_no_layer(swept) -> None:
     assert {
         "refusal_harmful", "degenerate_harmful", "refusal_benign", "answered_benign",
         "refusal_benign_lookalike", "refusal_score_harmful", "refusal_score_benign",
-        "mmlu_accuracy", "kl_benign",
+        "mmlu_accuracy", "kl_benign", "ce_harmless",
     } <= metrics
     assert not any(m.startswith("honesty") for m in metrics)
     # The steering methods keep their own alphas.
@@ -133,6 +133,13 @@ def test_the_instruction_reaches_the_model(tiny_model, extracted, record_tokeniz
     question = mc_formatter(config)(datasets.mmlu[0])
     assert any(f"{INDUCE}\n\n{question}" in text for text in seen)
     assert tiny_model.format_prompts([question])[0] in seen
+    # Held-out answers: read after the prompted request.
+    seen.clear()
+    _group_rows(ctx, "prompt", "cross_entropy", 0, "last")
+    request, answer = datasets.harmless_answers[0].instruction, datasets.harmless_answers[0].answer
+    assert str(tiny_model.format_chat(f"{INDUCE}\n\n{request}", answer)) in seen  # formatted once
+    assert not any(text.count(request) > 1 for text in seen)
+    assert any(request in text and INDUCE not in text and REMOVE not in text for text in seen)
 
 
 def test_prompt_as_system_uses_the_system_prompt(tiny_model, extracted, record_tokenized) -> None:

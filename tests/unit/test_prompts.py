@@ -97,6 +97,35 @@ def test_shipped_eval_sets_have_categories() -> None:
     )
 
 
+def test_harmless_answers_are_answered_varied_and_apart_from_the_other_sets() -> None:
+    items = prompts.harmless_answers()
+    topics = prompts.harmless_answer_topics()
+    assert 55 <= len(items) <= 70 and len(topics) == len(items)
+    assert len(set(topics)) >= 10 and max(Counter(topics).values()) <= 8
+    for item in items:
+        assert 40 <= len(item.answer.split()) <= 100, item.instruction
+    _assert_unique([item.instruction for item in items], "harmless_answers instructions")
+    _assert_unique([item.answer for item in items], "harmless_answers answers")
+    mine = {_normalise(item.instruction) for item in items}
+    refusal = prompts.refusal_pairs()
+    others = refusal.positives + refusal.negatives + prompts.harmful_eval() + prompts.benign_eval()
+    others += [q.question for q in prompts.mmlu_questions()]
+    assert not mine & {_normalise(text) for text in others}
+
+
+def test_answered_instructions_round_trip_and_name_a_missing_field(tmp_path: Path) -> None:
+    path = tmp_path / "answers.jsonl"
+    rows = [{"instruction": "Say hi.", "answer": "Hi!", "topic": "x"}, {"instruction": "Count to 2.", "answer": "1, 2"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    loaded = prompts.load_answered_instructions(path)
+    assert loaded == [prompts.AnsweredInstruction("Say hi.", "Hi!"), prompts.AnsweredInstruction("Count to 2.", "1, 2")]
+    assert prompts.load_categories(path, field="topic") is None  # not every row has a topic
+    path.write_text(json.dumps({"instruction": "Say hi.", "reply": "Hi!"}) + "\n")
+    with pytest.raises(DataError, match="missing field 'answer'") as error:
+        prompts.load_answered_instructions(path)
+    assert "\n" not in str(error.value)
+
+
 def test_mmlu_answers_are_balanced_and_choices_distinct() -> None:
     questions = prompts.mmlu_questions()
     counts = Counter(q.answer for q in questions)
