@@ -9,7 +9,7 @@ RUN_MODEL ?= qwen2.5-coder-0.5b-instruct-offline
 RUN_DIR ?= outputs/$(RUN_MODEL)
 # The CPU default: about 15 minutes on 2 cores. On a GPU, the full grid of configs/default.yaml:
 #   make run RUN_ARGS=""
-RUN_ARGS ?= --max-eval-prompts 24 --alphas 0 1 4 --max-new-tokens 96 --selection-prompts 8 --no-honesty
+RUN_ARGS ?= --max-eval-prompts 24 --alphas 0 1 4 --max-new-tokens 96 --selection-prompts 8 --no-honesty --methods addition ablation prompt
 
 # torch is pinned and installed first: an unpinned torch pulls several GB of CUDA packages.
 TORCH ?= torch==2.13.0
