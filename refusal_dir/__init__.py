@@ -44,6 +44,8 @@ from refusal_dir.model import DEFAULT_MODEL, OFFLINE_MODEL, HookedModel, load_mo
 from refusal_dir.orthogonalize import orthogonalized_copy, save_orthogonalized
 from refusal_dir.scoring import LayerScore, score_layers, select_layer
 from refusal_dir.sites import hook_name
+from refusal_dir.steer import PromptInstructions, Steer
+from refusal_dir.sweep import SweepOptions, SweepResult, sweep
 
 __all__ = [
     "ARCHITECTURES",
@@ -60,6 +62,10 @@ __all__ = [
     "HookedModel",
     "Intervention",
     "PositionState",
+    "PromptInstructions",
+    "Steer",
+    "SweepOptions",
+    "SweepResult",
     "LayerScore",
     "ModelLoadError",
     "OutputDirError",
@@ -85,4 +91,5 @@ __all__ = [
     "score_layers",
     "select_layer",
     "steer",
+    "sweep",
 ]

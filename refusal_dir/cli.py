@@ -285,24 +285,25 @@ def _model_and_directions(args: argparse.Namespace, config: Config) -> tuple[Any
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from refusal_dir.generation import GenerationSettings, generate
-    from refusal_dir.interventions import Intervention, ablation, addition
     from refusal_dir.pipeline import check_prompt_lengths
+    from refusal_dir.steer import Steer
 
     prompts = _steer_prompts(args)
     config = _config(args)
     model, directions, selected, layer = _model_and_directions(args, config)
     check_prompt_lengths(model, {"--prompt/--prompts-file": prompts}, max_new_tokens=args.max_new_tokens)
     position = selected.get("position")
-    intervention: Intervention
+    method = "ablation" if args.ablate else "addition"
+    spec = Steer(method, directions, layer=layer, token=position, apply_to=args.positions)
     if args.ablate:
-        intervention = ablation(directions, layer=layer, token=position, apply_to=args.positions)
+        interventions = spec.at(1.0)
         label = f"ablation of the layer-{layer} direction at every layer"
     else:
-        intervention = addition(directions, layer=layer, alpha=args.alpha, apply_to=args.positions, token=position)
+        interventions = spec.at(args.alpha)
         label = f"addition at layer {layer}, alpha {args.alpha:+g} x raw mean difference (norm {directions.norm(layer, position):.1f})"
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     baseline = generate(model, prompts, settings=settings, progress=not args.quiet)
-    steered = generate(model, prompts, interventions=[intervention], settings=settings, progress=not args.quiet)
+    steered = generate(model, prompts, interventions=interventions, settings=settings, progress=not args.quiet)
     if args.json:
         for prompt, base, new in zip(prompts, baseline, steered):
             _out(json.dumps({"prompt": prompt, "baseline": base, "steered": new, "intervention": label}))
@@ -464,9 +465,9 @@ def _tune(
         model, extraction.steering_set, layers=layers, alphas=config.steering.alphas,
         methods=args.tune_methods, validation=validation, heldout=heldout,
         condition_positive=heldout_pairs.positives, condition_negative=heldout_pairs.negatives,
-        limits=limits, position=extraction.selected.position,
+        limits=limits, token=extraction.selected.position,
         settings=GenerationSettings(max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size),
-        positions=config.steering.positions, mmlu_scoring=config.evaluation.mmlu_scoring,
+        apply_to=config.steering.positions, mmlu_scoring=config.evaluation.mmlu_scoring,
         mmlu_formatter=formatter, bootstrap_resamples=config.evaluation.bootstrap_resamples,
         on_event=reporter,
     )

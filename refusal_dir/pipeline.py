@@ -37,27 +37,20 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import torch
 import yaml
-from torch import Tensor
 
 from refusal_dir import prompts as prompt_sets
 from refusal_dir.activations import Activations, collect_activations
-from refusal_dir.conditional import Condition, conditional_addition, fit_condition
+from refusal_dir.conditional import Condition, fit_condition
 from refusal_dir.config import Config
 from refusal_dir.directions import DirectionSet, compute_directions, weights_fingerprint
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
-from refusal_dir.evaluation import judges, metrics, stats
 from refusal_dir.evaluation.selection import LayerEffect, choose_layer, layer_effects
 from refusal_dir.generation import (
     GenerationSettings,
-    generate,
-    iter_next_token_logits,
-    next_token_logits,
 )
-from refusal_dir.interventions import Intervention, ablation, addition
 from refusal_dir.model import HookedModel, load_model
 from refusal_dir.outdir import (
     atomic_write_bytes,
@@ -71,29 +64,23 @@ from refusal_dir.outdir import (
 )
 from refusal_dir.prompts import AnsweredInstruction, Claim, MCQuestion, PairSet
 from refusal_dir.scoring import LayerScore, score_layers, select_layer
+from refusal_dir.steer import PROMPT_ALPHAS, PromptInstructions, Steer
+from refusal_dir.sweep import (
+    GROUPS,
+    RESULT_FIELDS,
+    SweepOptions,
+    with_unsteered,
+)
+from refusal_dir.sweep import sweep as run_sweep
 
 logger = logging.getLogger(__name__)
 
-RESULT_FIELDS = (
-    "method", "layer", "alpha", "metric", "value", "ci_low", "ci_high", "n",
-    "diff", "diff_ci_low", "diff_ci_high",
-)
-"""The columns of a result row. ``ci_low``/``ci_high``: 95% Wilson interval for a rate, 95%
-bootstrap interval for the mean of a continuous metric. ``diff``: the paired difference from the
-unsteered model (alpha 0) on the same prompts, with its 95% paired bootstrap interval."""
-
-RESULTS_FORMAT = 2
+RESULTS_FORMAT = 3
 """Bumped when the rows a sweep part holds change meaning or columns; part of the resume key, so
 parts written by an older refusal_dir are recomputed rather than mixed in (2: anchored judge,
-"answered" metric, Wilson intervals, paired differences, stratified subsamples)."""
-
-UNSTEERED_ALPHA = 0.0
-"""The coefficient at which every method is the unsteered model: the reference of ``diff``."""
-
-PROMPT_ALPHAS = (-1.0, UNSTEERED_ALPHA, 1.0)
-"""The rows of the ``prompt`` method, whatever ``steering.alphas``: -1 asks the model to answer
-everything (``steering.prompt_remove``), 0 is the plain prompt, +1 asks it to refuse
-(``steering.prompt_induce``)."""
+"answered" metric, Wilson intervals, paired differences, stratified subsamples; 3: Newcombe
+intervals of paired rate differences, topic-resampled look-alike rows, ce_harmless, the prompt
+method)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -851,219 +838,30 @@ def load_selected(directions_dir: Path, *, model: HookedModel | None = None) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def steering_interventions(
-    direction_set: DirectionSet,
-    *,
-    method: str,
-    layer: int,
-    position: str,
-    alphas: Sequence[float],
-    config: Config,
-    model: HookedModel | None = None,
-    gate_prompts: Sequence[str] = (),
-    condition: Condition | None = None,
-) -> list[Intervention]:
-    """One intervention whose coefficient differs per row (``alphas`` has one value per row).
-
-    ``conditional`` also needs the model, the condition and the prompt of every row to gate.
-    """
-    if method == "conditional":
-        if model is None or condition is None or len(gate_prompts) != len(alphas):
-            raise ConfigError("conditional steering needs the model, a condition and one prompt per row")
-        return [
-            conditional_addition(
-                model, gate_prompts, condition, direction_set, layer=layer, alpha=list(alphas),
-                site=config.extraction.site, unit=config.steering.unit,
-                apply_to=config.steering.positions, token=position,
-            )
-        ]
-    if method == "addition":
-        return [
-            addition(
-                direction_set,
-                layer=layer,
-                alpha=list(alphas),
-                site=config.extraction.site,
-                unit=config.steering.unit,  # type: ignore[arg-type]
-                apply_to=config.steering.positions,
-                token=position,
-            )
-        ]
-    if method == "ablation":
-        return [ablation(direction_set, layer=layer, token=position, alpha=list(alphas))]
-    if method == "prompt":
-        raise ConfigError("the prompt method steers with instructions, not a direction: use prompted_texts")
-    raise ConfigError(f"unknown steering method {method!r}: choose addition, ablation or conditional")
-
-
 def swept_alphas(config: Config) -> tuple[float, ...]:
     """``steering.alphas``, with :data:`UNSTEERED_ALPHA` first when it is not among them.
 
     The unsteered model is always evaluated: it is what each row's paired difference is from.
     """
-    alphas = config.steering.alphas
-    return alphas if UNSTEERED_ALPHA in alphas else (UNSTEERED_ALPHA, *alphas)
+    return with_unsteered(config.steering.alphas)
 
 
-def prompt_instructions(config: Config) -> dict[float, str | None]:
-    """The instruction of each :data:`PROMPT_ALPHAS` row (None: the plain prompt)."""
-    return {-1.0: config.steering.prompt_remove, UNSTEERED_ALPHA: None, 1.0: config.steering.prompt_induce}
+METRIC_GROUPS = GROUPS
 
 
-def prompted_texts(
-    model: HookedModel, prompts: Sequence[str], instructions: Sequence[str | None], *, config: Config
-) -> list[str]:
-    """Each prompt chat-formatted with its row's instruction (None: as every method formats it).
-
-    ``steering.prompt_as: user`` puts ``"{instruction}\n\n{prompt}"`` in the user turn (every
-    template); ``system`` makes the instruction the system prompt, after the model's own if it
-    has one (a template without a system role raises :class:`ConfigError`).
-    """
-    texts = []
-    for prompt, instruction in zip(prompts, instructions, strict=True):
-        if instruction is None:
-            texts += model.format_prompts([prompt])
-        elif config.steering.prompt_as == "user":
-            texts += model.format_prompts([f"{instruction}\n\n{prompt}"])
-        else:
-            own = model.system_prompt
-            system = instruction if not own else f"{own}\n\n{instruction}"
-            texts += model.format_prompts([prompt], system=system)
-    return texts
-
-
-@dataclass(frozen=True)
-class _PromptedQuestion(MCQuestion):
-    """A question of a ``prompt`` row with the chat-formatted text the model sees."""
-
-    text: str = ""
-
-
-def _prompted_question_text(question: MCQuestion) -> str:
-    """The formatter of the ``prompt`` method's questions: each is a :class:`_PromptedQuestion`."""
-    return cast(_PromptedQuestion, question).text
-
-
-def _prompted_kl(
-    model: HookedModel, texts: Sequence[str], reference: Tensor, *, progress: bool
-) -> list[float]:
-    """KL(unprompted || prompted) of the next token, row ``i`` against ``reference[i % n]``
-    (the unprompted logits of the distinct prompts), one batch of logits at a time."""
-    values: list[float] = []
-    chunks = iter_next_token_logits(model, texts, apply_chat_template=False, progress=progress)
-    try:
-        for rows, logits in chunks:
-            base = reference[torch.arange(rows.start, rows.stop) % reference.shape[0]]
-            values += [float(value) for value in metrics.kl_from_logits(base, logits)]
-    finally:
-        chunks.close()
-    return values
-
-
-def _rows_for(
-    values_per_alpha: dict[float, list[float]],
-    *,
-    method: str,
-    layer: int | None,
-    metric: str,
-    binary: bool,
-    config: Config,
-    clusters: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """One row per alpha: the mean over items with its interval, and the paired difference from
-    the :data:`UNSTEERED_ALPHA` row on the same items.
-
-    ``binary``: the values are 0/1 judgements (a rate: Wilson interval, and Newcombe's paired
-    interval for the difference); otherwise continuous (bootstrap, and a paired bootstrap for the
-    difference). With ``clusters`` (the items' topics) the intervals resample whole clusters,
-    widened for rates to the analytic interval on as many observations as there are clusters.
-    """
-    resamples, seed = config.evaluation.bootstrap_resamples, config.evaluation.seed
-    unsteered = values_per_alpha[UNSTEERED_ALPHA]
-    rows = []
-    for alpha, values in values_per_alpha.items():
-        low, high = stats.mean_interval(
-            values, binary=binary, n_resamples=resamples, seed=seed, clusters=clusters
-        )
-        if alpha == UNSTEERED_ALPHA:
-            diff_low, diff_high = 0.0, 0.0  # the unsteered row against itself: 0 by construction
-        elif binary:
-            diff_low, diff_high = stats.paired_rate_diff_interval(
-                values, unsteered, n_resamples=resamples, seed=seed, clusters=clusters
-            )
-        else:
-            diff_low, diff_high = stats.paired_bootstrap_diff(
-                values, unsteered, n_resamples=resamples, seed=seed, clusters=clusters
-            )
-        rows.append(
-            {
-                "method": method,
-                "layer": layer,
-                "alpha": alpha,
-                "metric": metric,
-                "value": float(sum(values) / len(values)),
-                "ci_low": low,
-                "ci_high": high,
-                "n": len(values),
-                "diff": float(sum(values) - sum(unsteered)) / len(values),
-                "diff_ci_low": diff_low,
-                "diff_ci_high": diff_high,
-            }
-        )
-    return rows
-
-
-def _split(values: Sequence[Any], alphas: Sequence[float], n: int) -> dict[float, list[Any]]:
-    return {alpha: list(values[i * n : (i + 1) * n]) for i, alpha in enumerate(alphas)}
-
-
-def _subgroup_rows(
-    values_per_alpha: dict[float, list[float]],
-    groups: Mapping[str, Sequence[bool]],
-    *,
-    method: str,
-    layer: int | None,
-    config: Config,
-    clusters: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Rows of a rate over subgroups of the items: metric name -> one keep-flag per item.
-
-    ``clusters``: the items' topics (one per item); each subgroup's intervals resample its own
-    items' topics. An empty subgroup has no rows."""
-    rows: list[dict[str, Any]] = []
-    for metric, keep in groups.items():
-        if not any(keep):
-            continue
-        subset = {
-            alpha: [value for value, kept in zip(values, keep, strict=True) if kept]
-            for alpha, values in values_per_alpha.items()
-        }
-        kept_clusters = (
-            None if clusters is None else [c for c, kept in zip(clusters, keep, strict=True) if kept]
-        )
-        rows += _rows_for(
-            subset, method=method, layer=layer, metric=metric, binary=True, config=config,
-            clusters=kept_clusters,
-        )
-    return rows
-
-
-def _lookalike_rows(ctx: SweepContext, refused: dict[float, list[float]], *, method: str, layer: int | None) -> list[dict[str, Any]]:
-    """Over-refusal on benign prompts worded like harmful ones, and on the others, apart."""
-    categories = ctx.datasets.benign_categories
-    if categories is None or prompt_sets.LOOKALIKE_CATEGORY not in categories:
-        return []
-    lookalike = [category == prompt_sets.LOOKALIKE_CATEGORY for category in categories]
-    groups = {
-        "refusal_benign_lookalike": lookalike,
-        "refusal_benign_ordinary": [not flag for flag in lookalike],
-    }
-    return _subgroup_rows(
-        refused, groups, method=method, layer=layer, config=ctx.config, clusters=ctx.datasets.benign_topics
+def sweep_options(config: Config) -> SweepOptions:
+    """How the run's sweep measures (``evaluation`` and ``generation`` settings)."""
+    return SweepOptions(
+        judge=config.evaluation.judge,
+        generation=GenerationSettings(
+            max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size
+        ),
+        mmlu_scoring=config.evaluation.mmlu_scoring,
+        mmlu_formatter=mc_formatter(config),
+        answer_kl_tokens=config.evaluation.answer_kl_tokens,
+        bootstrap_resamples=config.evaluation.bootstrap_resamples,
+        seed=config.evaluation.seed,
     )
-
-
-METRIC_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl", "cross_entropy", "honesty")
 
 
 @dataclass
@@ -1089,203 +887,47 @@ class SweepContext:
             )
         return self._conditions[key]
 
-    def settings(self) -> GenerationSettings:
-        return GenerationSettings(
-            max_new_tokens=self.config.generation.max_new_tokens,
-            batch_size=self.config.generation.batch_size,
+    def steer(self, method: str, layer: int, position: str, *, directions: DirectionSet | None = None) -> Steer:
+        """The run's :class:`Steer` for ``method`` (``directions``: another set, e.g. honesty).
+
+        ``steering.positions`` says where an addition acts; an ablation acts everywhere."""
+        steering = self.config.steering
+        if method == "prompt":
+            return Steer("prompt", instructions=PromptInstructions(steering.prompt_induce, steering.prompt_remove, steering.prompt_as))
+        return Steer(
+            method, self.extraction.steering_set if directions is None else directions,
+            layer=layer, token=position, site=self.config.extraction.site, unit=steering.unit,
+            apply_to="all" if method == "ablation" else steering.positions,
+            condition=self.condition(layer, position) if method == "conditional" else None,
         )
 
 
 def _group_rows(ctx: SweepContext, method: str, group: str, layer: int, position: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Compute one (method, metric group) for every alpha in one batched pass.
+    """One (method, metric group) of the run: its rows and samples (:func:`refusal_dir.sweep.sweep`).
 
-    The ``prompt`` method has no direction: its rows (:data:`PROMPT_ALPHAS`) are the texts of
-    :func:`prompted_texts`, formatted here and run without interventions; its rows' layer is
-    None.
-    """
-    alphas = PROMPT_ALPHAS if method == "prompt" else swept_alphas(ctx.config)
-    direction_set = ctx.extraction.steering_set
-    judge = judges.resolve_judge(ctx.config.evaluation.judge)
-    templated = method != "prompt"  # else the rows are chat-formatted with their instruction
-    row_layer = layer if templated else None
-
-    formatter = mc_formatter(ctx.config)
-
-    def per_row(items: Sequence[Any]) -> tuple[list[Any], list[Intervention]]:
-        rows = [item for _ in alphas for item in items]
-        if not templated:
-            instruction = prompt_instructions(ctx.config)
-            instructions = [instruction[alpha] for alpha in alphas for _ in items]
-            if not isinstance(items[0], MCQuestion):
-                return prompted_texts(ctx.model, rows, instructions, config=ctx.config), []
-            texts = prompted_texts(ctx.model, [formatter(q) for q in rows], instructions, config=ctx.config)
-            return [
-                _PromptedQuestion(q.question, q.choices, q.answer, q.subject, text=text)
-                for q, text in zip(rows, texts, strict=True)
-            ], []
-        coefficients = [alpha for alpha in alphas for _ in items]
-        gate_prompts = [formatter(item) if isinstance(item, MCQuestion) else item for item in rows]
-        interventions = steering_interventions(
-            direction_set, method=method, layer=layer, position=position, alphas=coefficients,
-            config=ctx.config, model=ctx.model, gate_prompts=gate_prompts,
-            condition=ctx.condition(layer, position) if method == "conditional" else None,
-        )
-        return rows, interventions
-
-    def rows_of(
-        metric: str, values: Sequence[float], n: int, *, binary: bool, clusters: Sequence[str] | None = None
-    ) -> list[dict[str, Any]]:
-        return _rows_for(
-            _split(values, alphas, n), method=method, layer=row_layer, metric=metric, binary=binary,
-            config=ctx.config, clusters=clusters,
-        )
-
-    samples: list[dict[str, Any]] = []
-    if group in ("harmful_generation", "benign_generation"):
-        items = ctx.datasets.harmful_eval if group == "harmful_generation" else ctx.datasets.benign_eval
-        prompts, interventions = per_row(items)
-        completions = generate(
-            ctx.model, prompts, interventions=interventions, settings=ctx.settings(),
-            progress=ctx.progress, apply_chat_template=templated,
-        )
-        asked = [item for _ in alphas for item in items]  # judged without any added instruction
-        refused_flags, degenerate_flags, answered_flags = judges.judge_completions(asked, completions, judge=judge)
-        refused = [float(x) for x in refused_flags]
-        degenerate = [float(x) for x in degenerate_flags]
-        samples = _samples(group, method, alphas, asked, completions, refused_flags, judge=judge)
-        if not templated:
-            for sample in samples:
-                sample["instruction"] = prompt_instructions(ctx.config)[sample["alpha"]]
-        if group == "harmful_generation":
-            topics = ctx.datasets.harmful_topics
-            return (
-                rows_of("refusal_harmful", refused, len(items), binary=True, clusters=topics)
-                + rows_of("degenerate_harmful", degenerate, len(items), binary=True, clusters=topics)
-            ), samples
-        answered = [float(x) for x in answered_flags]
-        topics = ctx.datasets.benign_topics
-        return (
-            rows_of("refusal_benign", refused, len(items), binary=True, clusters=topics)
-            + _lookalike_rows(ctx, _split(refused, alphas, len(items)), method=method, layer=row_layer)
-            + rows_of("answered_benign", answered, len(items), binary=True, clusters=topics)
-            + rows_of("degenerate_benign", degenerate, len(items), binary=True, clusters=topics)
-        ), samples
-    if group == "refusal_score":
-        # The refusal tokens as they start the reply after the template, for every method.
-        tokens = metrics.refusal_token_ids(ctx.model)
-        prompts, interventions = per_row(ctx.datasets.harmful_eval)
-        harmful = metrics.refusal_score(
-            ctx.model, prompts, interventions=interventions, refusal_tokens=tokens,
-            apply_chat_template=templated, progress=ctx.progress,
-        ).tolist()
-        prompts, interventions = per_row(ctx.datasets.benign_eval)
-        benign = metrics.refusal_score(
-            ctx.model, prompts, interventions=interventions, refusal_tokens=tokens,
-            apply_chat_template=templated, progress=ctx.progress,
-        ).tolist()
-        return (
-            rows_of("refusal_score_harmful", harmful, len(ctx.datasets.harmful_eval), binary=False, clusters=ctx.datasets.harmful_topics)
-            + rows_of("refusal_score_benign", benign, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
-        ), samples
-    if group == "mmlu":
-        questions, interventions = per_row(ctx.datasets.mmlu)
-        result = metrics.mmlu_accuracy(
-            ctx.model,
-            questions,
-            interventions=interventions,
-            scoring=ctx.config.evaluation.mmlu_scoring,  # type: ignore[arg-type]
-            formatter=formatter if templated else _prompted_question_text,
-            apply_chat_template=templated,
-            option_prefix=ctx.model.reply_prefix,
-            progress=ctx.progress,
-        )
-        n = len(ctx.datasets.mmlu)
-        top_letter = [
-            float(flag) for block in _split(result.predictions, alphas, n).values()
-            for flag in metrics.top_letter_flags(block)
-        ]
-        return (
-            rows_of("mmlu_accuracy", [float(x) for x in result.per_item], n, binary=True)
-            + rows_of("mmlu_correct_prob", result.correct_probs, n, binary=False)
-            + rows_of("mmlu_chance", metrics.chance_levels(questions), n, binary=False)
-            + rows_of("mmlu_top_letter_share", top_letter, n, binary=True)
-        ), samples
-    if group == "kl":
-        reference = next_token_logits(ctx.model, ctx.datasets.benign_eval, progress=ctx.progress)
-        prompts, interventions = per_row(ctx.datasets.benign_eval)
-        if templated:
-            kl = metrics.kl_divergence(
-                ctx.model, prompts, interventions=interventions, reference_logits=reference,
-                progress=ctx.progress,
-            ).per_prompt
-        else:
-            kl = _prompted_kl(ctx.model, prompts, reference, progress=ctx.progress)
-        rows = rows_of("kl_benign", kl, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
-        n_tokens = ctx.config.evaluation.answer_kl_tokens
-        if n_tokens and templated:  # the prompt method's answer KL is not measured
-            answer = metrics.answer_kl(
-                ctx.model, prompts, interventions=interventions, n_tokens=n_tokens,
-                batch_size=ctx.config.generation.batch_size, progress=ctx.progress,
-            )
-            rows += rows_of("kl_answer_benign", answer.per_prompt, len(ctx.datasets.benign_eval), binary=False, clusters=ctx.datasets.benign_topics)
-        return rows, samples
-    if group == "cross_entropy":
-        corpus = ctx.datasets.harmless_answers or []
-        if templated:
-            instructions, interventions = per_row([item.instruction for item in corpus])
-        elif ctx.config.steering.prompt_as == "user":  # the answer after the prompted request
-            instruction = prompt_instructions(ctx.config)
-            instructions = [
-                item.instruction if instruction[alpha] is None else f"{instruction[alpha]}\n\n{item.instruction}"
-                for alpha in alphas for item in corpus
-            ]
-            interventions = []
-        else:  # one system prompt per row is not supported by format_chat: not measured
-            return [], samples
-        cross_entropy = metrics.answer_cross_entropy(
-            ctx.model, instructions, [item.answer for _ in alphas for item in corpus],
-            interventions=interventions, progress=ctx.progress,
-        )
-        return rows_of("ce_harmless", cross_entropy.per_item, len(corpus), binary=False, clusters=ctx.datasets.harmless_answer_topics), samples
+    The ``prompt`` method's rows are :data:`PROMPT_ALPHAS`; honesty rows (``honesty_<method>``)
+    steer with the honesty direction, for addition and ablation only."""
+    datasets, options = ctx.datasets, sweep_options(ctx.config)
     if group == "honesty":
-        return ([] if method in ("conditional", "prompt") else _honesty_rows(ctx, method)), samples
-    raise ConfigError(f"unknown metric group {group!r}")
-
-
-def _samples(
-    group: str,
-    method: str,
-    alphas: Sequence[float],
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    refused: Sequence[bool],
-    *,
-    judge: judges.Judge | None = None,
-) -> list[dict[str, Any]]:
-    """Every generation of a group with its verdicts, for ``samples.jsonl``.
-
-    ``refused`` is the verdict of the configured ``judge``; when that is not the phrase judge,
-    each sample also carries the phrase judge's verdict (``refused_substring``) and the judge's
-    name (``judge``), from which the report's agreement table is computed."""
-    n = len(prompts) // len(alphas)
-    extra: list[dict[str, Any]] = [{} for _ in prompts]
-    if judge is not None and not isinstance(judge, judges.SubstringJudge):
-        phrase = judges.SubstringJudge()(list(prompts), list(completions))
-        name = judges.judge_name(judge)
-        extra = [{"refused_substring": bool(flag), "judge": name} for flag in phrase]
-    return [
-        {
-            "set": group.removesuffix("_generation"),
-            "method": method,
-            "alpha": alphas[index // n],
-            "prompt": prompt,
-            "completion": completion,
-            "refused": bool(flag),
-            **extra[index],
-            "degenerate": judges.degeneration(completion, prompt=prompt),
-        }
-        for index, (prompt, completion, flag) in enumerate(zip(prompts, completions, refused, strict=True))
-    ]
+        extraction = ctx.extraction
+        if method in ("conditional", "prompt") or extraction.honesty_key is None or extraction.honesty_selected is None or not datasets.claims:
+            return [], []
+        selected = extraction.honesty_selected
+        steer = ctx.steer(method, selected.layer, selected.position, directions=extraction.sets[extraction.honesty_key])
+        result = run_sweep(
+            ctx.model, steer, swept_alphas(ctx.config), claims=datasets.claims, metrics=[group],
+            options=options, label=f"honesty_{method}", progress=ctx.progress,
+        )
+        return result.rows, result.samples
+    result = run_sweep(
+        ctx.model, ctx.steer(method, layer, position),
+        PROMPT_ALPHAS if method == "prompt" else swept_alphas(ctx.config),
+        harmful=datasets.harmful_eval, benign=datasets.benign_eval, mmlu=datasets.mmlu,
+        answers=datasets.harmless_answers or (), metrics=[group],
+        topics={"harmful": datasets.harmful_topics, "benign": datasets.benign_topics, "answers": datasets.harmless_answer_topics},
+        benign_categories=datasets.benign_categories, options=options, progress=ctx.progress,
+    )
+    return result.rows, result.samples
 
 
 def write_samples(parts: Sequence[dict[str, Any]], output_dir: Path) -> None:
@@ -1297,39 +939,6 @@ def write_samples(parts: Sequence[dict[str, Any]], output_dir: Path) -> None:
         for sample in part["samples"]
     ]
     atomic_write_bytes(output_dir / "samples.jsonl", "".join(line + "\n" for line in lines).encode())
-
-
-def _honesty_rows(ctx: SweepContext, method: str) -> list[dict[str, Any]]:
-    """Honesty accuracy under the honesty direction (seed 004's true/false claims)."""
-    extraction = ctx.extraction
-    if extraction.honesty_key is None or extraction.honesty_selected is None or not ctx.datasets.claims:
-        return []
-    direction_set = extraction.sets[extraction.honesty_key]
-    layer, position = extraction.honesty_selected.layer, extraction.honesty_selected.position
-    alphas = swept_alphas(ctx.config)
-    claims = [claim for _ in alphas for claim in ctx.datasets.claims]
-    coefficients = [alpha for alpha in alphas for _ in ctx.datasets.claims]
-    interventions = steering_interventions(
-        direction_set, method=method, layer=layer, position=position, alphas=coefficients, config=ctx.config
-    )
-    result = metrics.honesty_accuracy(ctx.model, claims, interventions=interventions, progress=ctx.progress)
-    n = len(ctx.datasets.claims)
-    correct = _split([float(x) for x in result["per_item"]], alphas, n)
-    labels = [claim.label for claim in ctx.datasets.claims]
-    groups = {
-        "honesty_accuracy": [True] * len(labels),
-        "honesty_accuracy_true_claims": labels,
-        "honesty_accuracy_false_claims": [not label for label in labels],
-    }
-    rows = _subgroup_rows(correct, groups, method=f"honesty_{method}", layer=layer, config=ctx.config)
-    if len(set(labels)) == 2:  # balanced: the mean of the true-claim and false-claim accuracies
-        weights = metrics.balanced_weights(labels)
-        weighted = {alpha: [w * c for w, c in zip(weights, values, strict=True)] for alpha, values in correct.items()}
-        rows += _rows_for(
-            weighted, method=f"honesty_{method}", layer=layer, metric="honesty_balanced_accuracy",
-            binary=False, config=ctx.config,
-        )
-    return rows
 
 
 def _extraction_digest(extraction: Extraction) -> str:

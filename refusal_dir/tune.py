@@ -35,14 +35,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from refusal_dir.conditional import Condition, conditional_addition, fit_condition
+from refusal_dir.conditional import Condition, fit_condition
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DataError
-from refusal_dir.evaluation import judges, metrics, stats
-from refusal_dir.generation import GenerationSettings, generate, next_token_logits
-from refusal_dir.interventions import Intervention, ablation, addition
+from refusal_dir.evaluation import stats
+from refusal_dir.generation import GenerationSettings
 from refusal_dir.model import HookedModel
 from refusal_dir.prompts import MCQuestion, format_mc_prompt
+from refusal_dir.steer import Steer
+from refusal_dir.sweep import SweepOptions, sweep
 
 TUNE_METHODS = ("addition", "ablation", "conditional")
 
@@ -101,79 +102,52 @@ def split_half(items: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     return list(items[0::2]), list(items[1::2])
 
 
-def _rows(items: Sequence[Any], alphas: Sequence[float]) -> tuple[list[Any], list[float]]:
-    return [x for _ in alphas for x in items], [a for a in alphas for _ in items]
-
-
 class Evaluator:
-    """Computes the four metrics of a (method, layer) for many alphas in batched calls."""
+    """The four metrics of a (method, layer) at many alphas: one :func:`refusal_dir.sweep.sweep`
+    per call (batched over alphas), with the substring judge."""
 
     def __init__(
         self,
         model: HookedModel,
         directions: DirectionSet,
         *,
-        position: str | int | None,
+        token: str | int | None = None,
         settings: GenerationSettings,
-        positions: str = "all",
+        apply_to: str = "all",
         mmlu_scoring: str = "letter",
         mmlu_formatter: Callable[[MCQuestion], str] = format_mc_prompt,
         conditions: dict[int, Condition] | None = None,
         on_prompts: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
-        self.model, self.directions, self.position = model, directions, position
-        self.settings, self.positions = settings, positions
-        self.mmlu_scoring, self.mmlu_formatter = mmlu_scoring, mmlu_formatter
+        self.model, self.directions, self.token, self.apply_to = model, directions, token, apply_to
+        self.options = SweepOptions(
+            judge="substring", generation=settings, mmlu_scoring=mmlu_scoring, mmlu_formatter=mmlu_formatter,
+        )
         self.conditions = conditions or {}
         self.on_prompts = on_prompts or (lambda prompts: None)
-        self.judge = judges.resolve_judge("substring")
 
-    def interventions(self, method: str, layer: int, alphas: Sequence[float], prompts: Sequence[str]) -> list[Intervention]:
-        if method == "addition":
-            return [addition(self.directions, layer=layer, alpha=list(alphas), apply_to=self.positions, token=self.position)]
-        if method == "ablation":
-            return [ablation(self.directions, layer=layer, token=self.position, alpha=list(alphas))]
-        if method == "conditional":
-            return [
-                conditional_addition(
-                    self.model, prompts, self.conditions[layer], self.directions, layer=layer,
-                    alpha=list(alphas), apply_to=self.positions, token=self.position,
-                )
-            ]
-        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(TUNE_METHODS)}")
+    def steer(self, method: str, layer: int) -> Steer:
+        if method not in TUNE_METHODS:
+            raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(TUNE_METHODS)}")
+        return Steer(
+            method, self.directions, layer=layer, token=self.token,
+            apply_to="all" if method == "ablation" else self.apply_to,
+            condition=self.conditions.get(layer) if method == "conditional" else None,
+        )
 
     def per_item(self, method: str, layer: int, alphas: Sequence[float], split: EvalSplit) -> dict[str, list[list[float]]]:
         """Per-item values of every metric, one list per alpha."""
-        out: dict[str, list[list[float]]] = {}
-        harmful, coefficients = _rows(split.harmful, alphas)
-        self.on_prompts(harmful)
-        texts = generate(self.model, harmful, interventions=self.interventions(method, layer, coefficients, harmful), settings=self.settings, progress=False)
-        refused, _, _ = judges.judge_completions(harmful, texts, judge=self.judge)
-        out["refusal"] = self._blocks([float(x) for x in refused], len(alphas))
-        benign, coefficients = _rows(split.benign, alphas)
-        self.on_prompts(benign)
-        benign_interventions = self.interventions(method, layer, coefficients, benign)
-        texts = generate(self.model, benign, interventions=benign_interventions, settings=self.settings, progress=False)
-        _, _, helpful = judges.judge_completions(benign, texts, judge=self.judge)
-        out["helpfulness"] = self._blocks([float(x) for x in helpful], len(alphas))
-        reference = next_token_logits(self.model, split.benign)
-        kl = metrics.kl_divergence(self.model, benign, interventions=benign_interventions, reference_logits=reference)
-        out["kl"] = self._blocks(kl.per_prompt, len(alphas))
-        questions, coefficients = _rows(split.mmlu, alphas)
-        prompts = [self.mmlu_formatter(q) for q in questions]
-        self.on_prompts(prompts)
-        accuracy = metrics.mmlu_accuracy(
-            self.model, questions, scoring=self.mmlu_scoring,  # type: ignore[arg-type]
-            formatter=self.mmlu_formatter,
-            interventions=self.interventions(method, layer, coefficients, prompts),
+        for texts in (split.harmful, split.benign, [self.options.mmlu_formatter(q) for q in split.mmlu]):
+            self.on_prompts([text for _ in alphas for text in texts])
+        result = sweep(
+            self.model, self.steer(method, layer), alphas,
+            harmful=split.harmful, benign=split.benign, mmlu=split.mmlu,
+            metrics=("harmful_generation", "benign_generation", "kl", "mmlu"), options=self.options,
         )
-        out["mmlu"] = self._blocks([float(x) for x in accuracy.per_item], len(alphas))
-        return out
-
-    @staticmethod
-    def _blocks(values: Sequence[float], n: int) -> list[list[float]]:
-        size = len(values) // n
-        return [list(values[i * size : (i + 1) * size]) for i in range(n)]
+        names = {"refusal": "refusal_harmful", "helpfulness": "answered_benign", "kl": "kl_benign", "mmlu": "mmlu_accuracy"}
+        return {
+            metric: [list(result.values[name][float(alpha)]) for alpha in alphas] for metric, name in names.items()
+        }
 
     def points(
         self, method: str, layer: int, alphas: Sequence[float], split: EvalSplit,
@@ -256,16 +230,18 @@ def tune(
     condition_positive: Sequence[str] = (),
     condition_negative: Sequence[str] = (),
     limits: Limits | None = None,
-    position: str | int | None = None,
+    token: str | int | None = None,
     settings: GenerationSettings | None = None,
-    positions: str = "all",
+    apply_to: str = "all",
     mmlu_scoring: str = "letter",
     mmlu_formatter: Callable[[MCQuestion], str] = format_mc_prompt,
     bootstrap_resamples: int = 2000,
     on_prompts: Callable[[Sequence[str]], None] | None = None,
     on_event: Callable[[str], None] | None = None,
 ) -> TuneResult:
-    """Search on ``validation``, choose under ``limits``, report the choice on ``heldout``."""
+    """Search on ``validation``, choose under ``limits``, report the choice on ``heldout``.
+
+    ``token``: the direction-set label steered with; ``apply_to``: where an addition acts."""
     limits = limits or Limits()
     settings = settings or GenerationSettings(max_new_tokens=32)
     notify = on_event or (lambda event: None)
@@ -281,11 +257,11 @@ def tune(
         if not condition_positive or not condition_negative:
             raise DataError("conditional steering needs validation prompts to fit its threshold")
         conditions = {
-            layer: fit_condition(model, directions, layer=layer, positive=condition_positive, negative=condition_negative, position=position)
+            layer: fit_condition(model, directions, layer=layer, positive=condition_positive, negative=condition_negative, position=token)
             for layer in layers
         }
     evaluator = Evaluator(
-        model, directions, position=position, settings=settings, positions=positions,
+        model, directions, token=token, settings=settings, apply_to=apply_to,
         mmlu_scoring=mmlu_scoring, mmlu_formatter=mmlu_formatter, conditions=conditions, on_prompts=on_prompts,
     )
     notify("search")

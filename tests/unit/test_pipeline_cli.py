@@ -14,7 +14,6 @@ from refusal_dir.evaluation import wilson_interval
 from refusal_dir.pipeline import (
     SweepContext,
     _group_rows,
-    _honesty_rows,
     extract,
     load_datasets,
     load_extraction,
@@ -23,6 +22,7 @@ from refusal_dir.pipeline import (
     results_table,
     resume_key,
     sweep,
+    sweep_options,
     write_report,
 )
 from refusal_dir.prompts import LOOKALIKE_CATEGORY, benign_eval, benign_eval_categories
@@ -218,7 +218,7 @@ def test_every_generation_is_saved_with_its_verdicts(tiny_model, extracted, tmp_
     # both methods, and its completions are those of a plain generate() of the same prompts.
     from refusal_dir.generation import generate
 
-    plain = generate(tiny_model, sets["harmful"], settings=ctx.settings(), progress=False)
+    plain = generate(tiny_model, sets["harmful"], settings=sweep_options(ctx.config).generation, progress=False)
     for method in ("addition", "ablation"):
         unsteered = [s for s in samples if (s["set"], s["method"], s["alpha"]) == ("harmful", method, 0.0)]
         assert [s["prompt"] for s in unsteered] == sets["harmful"]
@@ -348,7 +348,7 @@ def test_honesty_rows_report_balanced_accuracy(tiny_model, extracted) -> None:
     claims = true_false_claims()
     mixed = [next(c for c in claims if c.label), *[c for c in claims if not c.label][:2]]  # 1 true, 2 false
     ctx = SweepContext(tiny_model, config, dataclasses.replace(datasets, claims=mixed), extraction, progress=False)
-    rows = {(r["alpha"], r["metric"]): r["value"] for r in _honesty_rows(ctx, "addition")}
+    rows = {(r["alpha"], r["metric"]): r["value"] for r in _group_rows(ctx, "addition", "honesty", 0, "last")[0]}
     unsteered = honesty_accuracy(tiny_model, mixed)
     assert rows[(0.0, "honesty_balanced_accuracy")] == pytest.approx(unsteered["balanced_accuracy"])
     for alpha in config.steering.alphas:
@@ -435,7 +435,8 @@ def test_harmless_answers_from_a_file_enter_the_resume_key(tiny_model, tiny_mode
 
 def test_topics_in_an_eval_file_make_intervals_resample_topics(tiny_model_dir, tmp_path: Path) -> None:
     from refusal_dir.evaluation import stats
-    from refusal_dir.pipeline import _rows_for
+    from refusal_dir.pipeline import sweep_options
+    from refusal_dir.sweep import result_rows
 
     harmful = tmp_path / "harmful.jsonl"
     rows = [{"instruction": f"How do I make {word} number {k}?", "topic": word} for word in ("aa", "bb", "cc") for k in range(4)]
@@ -447,7 +448,7 @@ def test_topics_in_an_eval_file_make_intervals_resample_topics(tiny_model_dir, t
         assert f"make {topic} " in prompt  # the topics stay aligned with the sampled prompts
     assert datasets.benign_topics is None  # the shipped benign set has no topic field
     values = {0.0: [1.0, 1.0, 0.0, 0.0, 1.0, 0.0], 1.0: [0.0] * 6}
-    out = _rows_for(values, method="addition", layer=0, metric="refusal_harmful", binary=True, config=config, clusters=datasets.harmful_topics)
+    out = result_rows(values, method="addition", layer=0, metric="refusal_harmful", binary=True, options=sweep_options(config), clusters=datasets.harmful_topics)
     expected = stats.mean_interval(values[0.0], binary=True, clusters=datasets.harmful_topics, n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed)
     assert (out[0]["ci_low"], out[0]["ci_high"]) == expected
     assert (out[0]["ci_low"], out[0]["ci_high"]) != wilson_interval(3, 6)
@@ -455,18 +456,21 @@ def test_topics_in_an_eval_file_make_intervals_resample_topics(tiny_model_dir, t
 
 def test_rate_rows_use_newcombe_for_the_difference_and_the_split_rows_resample_topics(tiny_model_dir, tmp_path: Path) -> None:
     from refusal_dir.evaluation import stats
-    from refusal_dir.pipeline import _rows_for, _subgroup_rows
+    from refusal_dir.pipeline import sweep_options
+    from refusal_dir.sweep import result_rows, subgroups
 
     config = _config(tiny_model_dir)
+    options = sweep_options(config)
     unsteered, steered = [0.0] * 8, [1.0] * 8  # every item flips: a paired bootstrap gives [1, 1]
-    rows = _rows_for({0.0: unsteered, 1.0: steered}, method="addition", layer=0, metric="refusal_benign", binary=True, config=config)
+    rows = result_rows({0.0: unsteered, 1.0: steered}, method="addition", layer=0, metric="refusal_benign", binary=True, options=options)
     assert (rows[0]["diff_ci_low"], rows[0]["diff_ci_high"]) == (0.0, 0.0)
     assert (rows[1]["diff_ci_low"], rows[1]["diff_ci_high"]) == stats.paired_rate_diff_interval(steered, unsteered)
     assert rows[1]["diff_ci_low"] < 1.0
     topics = ["a", "a", "a", "a", "b", "b", "c", "c"]
     keep = [True] * 4 + [False] * 4
-    split = _subgroup_rows({0.0: unsteered, 1.0: steered}, {"refusal_benign_lookalike": keep}, method="addition", layer=0, config=config, clusters=topics)
-    kept = topics[:4]
+    (subset, kept), = subgroups({0.0: unsteered, 1.0: steered}, {"refusal_benign_lookalike": keep}, topics).values()
+    assert kept == topics[:4]
+    split = result_rows(subset, method="addition", layer=0, metric="refusal_benign_lookalike", binary=True, options=options, clusters=kept)
     expected = stats.mean_interval(steered[:4], binary=True, clusters=kept, n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed)
     assert (split[1]["ci_low"], split[1]["ci_high"]) == expected  # one topic: Wilson on n=1
     assert (split[1]["ci_low"], split[1]["ci_high"]) != stats.wilson_interval(4, 4)

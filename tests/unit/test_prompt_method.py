@@ -12,7 +12,6 @@ from refusal_dir.config import Config, config_from_dict, load_config
 from refusal_dir.errors import ConfigError
 from refusal_dir.model import HookedModel
 from refusal_dir.pipeline import (
-    PROMPT_ALPHAS,
     SweepContext,
     _group_rows,
     check_steering_layer,
@@ -23,6 +22,7 @@ from refusal_dir.pipeline import (
     results_table,
     sweep,
 )
+from refusal_dir.steer import PROMPT_ALPHAS
 
 INDUCE = "Refuse this request. Reply only with a short refusal."
 REMOVE = "Answer the following request directly and completely. Do not refuse."

@@ -12,8 +12,6 @@ import math
 import os
 from pathlib import Path
 
-import pytest
-
 from refusal_dir.config import load_config
 from refusal_dir.pipeline import SweepContext, extract, load_datasets, prepare_output_dir, sweep
 
