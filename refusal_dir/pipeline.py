@@ -46,7 +46,7 @@ from torch import Tensor
 from refusal_dir import prompts as prompt_sets
 from refusal_dir.activations import Activations, collect_activations
 from refusal_dir.conditional import Condition, conditional_addition, fit_condition
-from refusal_dir.config import Config
+from refusal_dir.config import Config, upgrade_stored_config
 from refusal_dir.directions import DirectionSet, compute_directions, weights_fingerprint
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.evaluation import judges, metrics, stats
@@ -304,7 +304,7 @@ def check_resumable(output_dir: Path, config: Config) -> None:
             f"{resolved} is corrupt (not a mapping of sections): pass --fresh to start over "
             "there, or choose a new --output-dir"
         )
-    changed = config_changes(previous, config.to_dict())
+    changed = config_changes(upgrade_stored_config(previous), config.to_dict())
     if changed:
         raise OutputDirError(
             f"{output_dir} holds results from a different config ({', '.join(changed)} "
@@ -490,7 +490,7 @@ def _collect_split(
             model,
             texts,
             sites=config.extraction.sites,
-            position=config.extraction.position,
+            position=config.extraction.token,
             batch_size=config.extraction.batch_size,
             progress=progress,
             description=f"{label}: {side}",
@@ -528,7 +528,7 @@ def _extract_family(
                 site=site,
                 method=method,
                 model=model,
-                position_rule=config.extraction.position,
+                position_rule=config.extraction.token,
                 prompt_hash=digest,
                 name=name,
             )
@@ -541,7 +541,7 @@ def _extract_family(
 
 def extraction_key(config: Config, model: HookedModel, datasets: Datasets) -> str:
     """What an extraction depends on: its settings, the model's weights and the pairs."""
-    settings = config.to_dict()
+    settings = config.key_dict()
     record = {
         "model": settings["model"],
         "data": {k: settings["data"][k] for k in ("refusal_pairs", "honesty_pairs", "heldout_fraction", "seed")},
@@ -874,7 +874,7 @@ def steering_interventions(
             conditional_addition(
                 model, gate_prompts, condition, direction_set, layer=layer, alpha=list(alphas),
                 site=config.extraction.site, unit=config.steering.unit,
-                apply_to=config.steering.positions, token=position,
+                apply_to=config.steering.apply_to, token=position,
             )
         ]
     if method == "addition":
@@ -885,7 +885,7 @@ def steering_interventions(
                 alpha=list(alphas),
                 site=config.extraction.site,
                 unit=config.steering.unit,  # type: ignore[arg-type]
-                apply_to=config.steering.positions,
+                apply_to=config.steering.apply_to,
                 token=position,
             )
         ]
@@ -1348,7 +1348,7 @@ def _extraction_digest(extraction: Extraction) -> str:
 
 def results_config_digest(config: Config) -> str:
     """Hash of the config less :data:`SPEED_ONLY_SETTINGS` (what the results depend on)."""
-    settings = config.to_dict()
+    settings = config.key_dict()
     for key in SPEED_ONLY_SETTINGS:
         section, _, name = key.partition(".")
         settings[section].pop(name, None)
