@@ -34,7 +34,7 @@ from refusal_dir.model import load_model
 from refusal_dir.testing import make_tiny_model
 
 DATA = Path(__file__).resolve().parents[2] / "refusal_dir" / "data"
-PART_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl")
+PART_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl", "cross_entropy")
 
 
 # ----------------------------------------------------------------------------------------------
