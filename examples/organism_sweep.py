@@ -18,7 +18,7 @@ from refusal_dir.cli import main
 from refusal_dir.organism import OrganismConfig, load_or_train_organism, organism_eval_sets
 
 CONFIG = """steering:
-  positions: prompt
+  apply_to: prompt
   methods: [addition, ablation, conditional]
 evaluation:
   mmlu_scoring: option

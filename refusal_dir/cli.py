@@ -6,16 +6,18 @@ Bad input gets one line on stderr naming the problem and the fix, and exit statu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refusal_dir.config import ALL_STEERING_METHODS, Config, load_config
+from refusal_dir.config import Config, load_config
 from refusal_dir.errors import ConfigError, DataError, RefusalDirError
 
 logger = logging.getLogger("refusal_dir")
@@ -36,53 +38,61 @@ def _err(text: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _common(parser: argparse.ArgumentParser, *, model_required: bool = False) -> None:
+# Settings are declared once, as config fields (refusal_dir.config.setting); each command names
+# the ones it exposes: a section (its fields that declare a flag) or a single section.field.
+MODEL = ("model",)
+DATA = ("data",)
+SWEEP = (
+    "steering.alphas", "steering.methods", "steering.layer", "generation", "evaluation.honesty",
+    "evaluation.cross_entropy",
+)
+JUDGE = ("evaluation.judge",)
+
+
+def declared_settings(keys: Sequence[str], *, root: type = Config) -> list[tuple[str, dataclasses.Field[Any]]]:
+    """(``section.field``, field) of each setting ``keys`` names that declares a flag."""
+    defaults = root()
+    sections = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(root)}
+    found: list[tuple[str, dataclasses.Field[Any]]] = []
+    for key in keys:
+        section_name, _, field_name = key.partition(".")
+        items = dataclasses.fields(sections[section_name])
+        chosen = [f for f in items if f.metadata.get("flag") and field_name in ("", f.name)]
+        if field_name and not chosen:
+            raise ValueError(f"config field {key} declares no flag")
+        found += [(f"{section_name}.{f.name}", f) for f in chosen]
+    return found
+
+
+def add_setting_flags(
+    parser: argparse.ArgumentParser, keys: Sequence[str], *, root: type = Config, **extra: Any
+) -> None:
+    """Add the flags of the settings ``keys`` names, built from their declaration: help, type,
+    nargs, choices; a deprecated old name as a hidden alias. Defaults are None (keep the
+    config's value). ``extra`` goes to every flag (``required=True``). :func:`_config` maps the
+    parsed values onto the config through the parser's ``setting_flags`` default."""
+    flags: dict[str, str] = dict(parser.get_default("setting_flags") or {})
+    renamed: dict[str, tuple[str, str, str]] = dict(parser.get_default("renamed_flags") or {})
+    for key, item in declared_settings(keys, root=root):
+        flag, old_flag = item.metadata["flag"], item.metadata["old_flag"]
+        details = dict(item.metadata["cli"])
+        if "const" in details:
+            details["action"] = "store_const"
+        dest = flag.removeprefix("--").replace("-", "_")
+        help_text = item.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(flag, dest=dest, default=None, help=help_text, **details, **extra)
+        flags[dest] = key
+        if old_flag:
+            old_dest = f"{dest}__old_name"
+            parser.add_argument(old_flag, dest=old_dest, default=None, help=argparse.SUPPRESS, **details)
+            renamed[old_dest] = (old_flag, flag, dest)
+    parser.set_defaults(setting_flags=flags, renamed_flags=renamed)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML settings file (default: configs/default.yaml)")
-    parser.add_argument(
-        "--model",
-        required=model_required,
-        help="hub id, local model directory, qwen2.5-coder-0.5b-instruct-offline or "
-        "gemma-3-270m-offline (no hub needed)",
-    )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: from the config)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    add_setting_flags(parser, MODEL)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs-file", help="refusal pairs (.json/.jsonl/.csv, fields harmful, harmless)")
-    parser.add_argument("--harmful-file", help="harmful evaluation instructions (field instruction)")
-    parser.add_argument("--benign-file", help="benign evaluation instructions (field instruction)")
-    parser.add_argument("--mmlu-file", help="four-choice questions (question, choices or A-D, answer)")
-    parser.add_argument("--harmless-answers-file", help="requests with answers for the cross-entropy (fields instruction, answer; optional topic)")
-    parser.add_argument("--max-eval-prompts", type=int, help="evaluate a seeded sample of N items of each set, stratified by category")
-
-
-def _sweep_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--alphas", type=float, nargs="+", help="coefficients to sweep")
-    parser.add_argument("--methods", nargs="+", choices=list(ALL_STEERING_METHODS), help="steering methods (prompt: the prompting baseline)")
-    parser.add_argument("--layer", type=int, help="steer at this layer instead of the selected one")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt")
-    parser.add_argument("--batch-size", type=int, help="rows per generate call")
-    parser.add_argument("--no-honesty", action="store_true", help="skip the honesty direction")
-    parser.add_argument("--no-cross-entropy", action="store_true", help="skip the cross-entropy of held-out answers (ce_harmless)")
-
-
-def _judge_flag(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
-    parser.add_argument(
-        "--judge",
-        required=required,
-        help="refusal judge: substring, classifier:<dir or hub id> (a refusal classifier) or "
-        "generative:<dir or hub id> (a guard chat model asked Yes/No)",
-    )
-
-
-def _selection_prompts_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--selection-prompts",
-        type=int,
-        help="held-out pairs of each kind per candidate layer in effect selection (default 16)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,14 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract = commands.add_parser("extract", help="compute and score directions at every layer")
     _common(extract)
-    _data_flags(extract)
+    add_setting_flags(extract, DATA)
     extract.add_argument("--output-dir", required=True, help="where the directions are written")
-    extract.add_argument("--position", choices=["last", "mean", "post_instruction"])
-    extract.add_argument("--directions-methods", nargs="+", choices=["mean_diff", "pca", "probe"], dest="direction_methods")
-    extract.add_argument("--extract-batch-size", type=int, dest="extract_batch_size")
-    extract.add_argument("--no-honesty", action="store_true", help="skip the honesty direction")
-    extract.add_argument("--selection", choices=["effect", "separation"], help="layer selection rule")
-    _selection_prompts_flag(extract)
+    add_setting_flags(extract, ("extraction", "evaluation.honesty"))
 
     steer = commands.add_parser("steer", help="baseline and steered completions side by side")
     _common(steer)
@@ -111,33 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     steer.add_argument("--prompts-file", help="instructions file (.json/.jsonl/.csv, field instruction)")
     steer.add_argument("--ablate", action="store_true", help="directional ablation at every layer instead of addition")
-    steer.add_argument("--positions", choices=["all", "prompt", "generated"], default="all")
-    steer.add_argument("--max-new-tokens", type=int, default=48)
+    add_setting_flags(steer, ("steering.apply_to",))
+    steer.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
     steer.add_argument("--json", action="store_true", help="print JSON lines instead of text")
 
     evaluate = commands.add_parser("evaluate", help="sweep alphas with saved directions and report")
     _common(evaluate)
-    _data_flags(evaluate)
-    _sweep_flags(evaluate)
+    add_setting_flags(evaluate, (*DATA, *SWEEP))
     evaluate.add_argument("--directions-dir", required=True, help="output of `refusal-dir extract`")
     evaluate.add_argument("--output-dir", required=True)
     evaluate.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
-    _judge_flag(evaluate)
+    add_setting_flags(evaluate, JUDGE)
 
     run = commands.add_parser("run", help="extract -> select layer -> sweep -> report, resumable")
     _common(run)
-    _data_flags(run)
-    _sweep_flags(run)
+    add_setting_flags(run, (*DATA, *SWEEP))
     run.add_argument("--output-dir", required=True)
     run.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
     run.add_argument("--no-figures", action="store_true", help="skip the plotly HTML figures")
-    _judge_flag(run)
-    _selection_prompts_flag(run)
+    add_setting_flags(run, (*JUDGE, "extraction.selection_prompts"))
 
     tune = commands.add_parser("tune", help="search layer x alpha x method under a capability limit")
     _common(tune)
-    _data_flags(tune)
-    _sweep_flags(tune)
+    add_setting_flags(tune, (*DATA, *SWEEP))
     tune.add_argument("--directions-dir", required=True, help="output of `refusal-dir extract`")
     tune.add_argument("--output-dir", required=True)
     tune.add_argument("--tune-methods", nargs="+", choices=["addition", "ablation", "conditional"], default=["addition", "ablation", "conditional"])
@@ -160,42 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
         "rejudge", help="judge a finished run's samples again and compare with the phrase judge"
     )
     rejudge.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a finished run or evaluate")
-    _judge_flag(rejudge, required=True)
+    add_setting_flags(rejudge, JUDGE, required=True)
     rejudge.add_argument("--device", help="where a model judge runs: cpu, cuda, cuda:1 ... (default: the GPU if any)")
     rejudge.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The config file (``--config`` or the default) with the setting flags given on top."""
     config = load_config(getattr(args, "config", None))
+    values = {dest: getattr(args, dest) for dest in getattr(args, "setting_flags", {})}
+    for old_dest, (old_flag, flag, dest) in getattr(args, "renamed_flags", {}).items():
+        if getattr(args, old_dest) is None:
+            continue
+        warnings.warn(f"{old_flag} is deprecated: use {flag} (docs/glossary.md)", DeprecationWarning, stacklevel=2)
+        if values[dest] is not None:
+            raise ConfigError(f"{old_flag} and {flag} both given: give {flag} only ({old_flag} is its old name)")
+        values[dest] = getattr(args, old_dest)
     overrides: dict[str, Any] = {
-        "model.name": getattr(args, "model", None),
-        "model.device": getattr(args, "device", None),
-        "model.dtype": getattr(args, "dtype", None),
-        "data.refusal_pairs": getattr(args, "pairs_file", None),
-        "data.harmful_eval": getattr(args, "harmful_file", None),
-        "data.benign_eval": getattr(args, "benign_file", None),
-        "data.mmlu": getattr(args, "mmlu_file", None),
-        "data.harmless_answers": getattr(args, "harmless_answers_file", None),
-        "data.max_eval_prompts": getattr(args, "max_eval_prompts", None),
-        "extraction.position": getattr(args, "position", None),
-        "extraction.batch_size": getattr(args, "extract_batch_size", None),
-        "extraction.selection": getattr(args, "selection", None),
-        "extraction.selection_prompts": getattr(args, "selection_prompts", None),
-        "steering.alphas": tuple(args.alphas) if getattr(args, "alphas", None) else None,
-        "steering.methods": tuple(args.methods) if getattr(args, "methods", None) else None,
-        "steering.layer": getattr(args, "layer", None) if args.command in ("evaluate", "run") else None,
-        "generation.max_new_tokens": getattr(args, "max_new_tokens", None) if args.command != "steer" else None,
-        "generation.batch_size": getattr(args, "batch_size", None),
-        "evaluation.honesty": False if getattr(args, "no_honesty", False) else None,
-        "evaluation.judge": getattr(args, "judge", None),
-        "evaluation.cross_entropy": False if getattr(args, "no_cross_entropy", False) else None,
+        key: tuple(values[dest]) if isinstance(values[dest], list) else values[dest]
+        for dest, key in getattr(args, "setting_flags", {}).items()
     }
-    methods = getattr(args, "direction_methods", None)
+    methods = overrides.get("extraction.methods")
     if methods:
-        method = config.extraction.method if config.extraction.method in methods else methods[0]
-        overrides["extraction.methods"] = tuple(methods)
-        overrides["extraction.method"] = method
+        overrides["extraction.method"] = config.extraction.method if config.extraction.method in methods else methods[0]
     return config.with_overrides(overrides)
 
 
@@ -292,15 +281,15 @@ def cmd_steer(args: argparse.Namespace) -> int:
     config = _config(args)
     model, directions, selected, layer = _model_and_directions(args, config)
     check_prompt_lengths(model, {"--prompt/--prompts-file": prompts}, max_new_tokens=args.max_new_tokens)
-    position = selected.get("position")
+    token = selected.get("position")
     method = "ablation" if args.ablate else "addition"
-    spec = Steer(method, directions, layer=layer, token=position, apply_to=args.positions)
+    spec = Steer(method, directions, layer=layer, token=token, apply_to=config.steering.apply_to)
     if args.ablate:
         interventions = spec.at(1.0)
         label = f"ablation of the layer-{layer} direction at every layer"
     else:
         interventions = spec.at(args.alpha)
-        label = f"addition at layer {layer}, alpha {args.alpha:+g} x raw mean difference (norm {directions.norm(layer, position):.1f})"
+        label = f"addition at layer {layer}, alpha {args.alpha:+g} x raw mean difference (norm {directions.norm(layer, token):.1f})"
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     baseline = generate(model, prompts, settings=settings, progress=not args.quiet)
     steered = generate(model, prompts, interventions=interventions, settings=settings, progress=not args.quiet)
@@ -467,7 +456,7 @@ def _tune(
         condition_positive=heldout_pairs.positives, condition_negative=heldout_pairs.negatives,
         limits=limits, token=extraction.selected.position,
         settings=GenerationSettings(max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size),
-        apply_to=config.steering.positions, mmlu_scoring=config.evaluation.mmlu_scoring,
+        apply_to=config.steering.apply_to, mmlu_scoring=config.evaluation.mmlu_scoring,
         mmlu_formatter=formatter, bootstrap_resamples=config.evaluation.bootstrap_resamples,
         on_event=reporter,
     )
@@ -550,7 +539,29 @@ def _display_command(argv: Sequence[str]) -> str:
     return "refusal-dir " + " ".join(shlex.quote(display_path(a)) for a in argv)
 
 
+def _show_deprecations() -> None:
+    """Inside a ``warnings.catch_warnings()`` block: the library's DeprecationWarnings (old
+    config keys and flags), hidden by Python's default filters, are logged as one line each."""
+    package = Path(__file__).resolve().parent
+    show = warnings.showwarning
+
+    def shown(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, DeprecationWarning) and Path(filename).resolve().is_relative_to(package):
+            logger.warning("%s", message)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.filterwarnings("always", category=DeprecationWarning, module="refusal_dir")
+    warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        _show_deprecations()
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

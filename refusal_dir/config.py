@@ -1,7 +1,15 @@
 """Settings as frozen dataclasses, read from ``configs/default.yaml`` and validated.
 
-Every field has its default and a one-line comment in ``configs/default.yaml``. Invalid values
-raise :class:`ConfigError` naming the field and the allowed values.
+Each setting is declared once, here: its default, its help text and, when the command line
+exposes it, its flag (:func:`setting`). The CLI builds its flags from these fields, and
+``configs/default.yaml`` is generated from them (``python -m refusal_dir.config
+--write-defaults``; a test checks the file is up to date). Invalid values raise
+:class:`ConfigError` naming the field and the allowed values.
+
+Renamed keys (:data:`RENAMED_KEYS`, docs/glossary.md) still load for one release with a
+:class:`DeprecationWarning`; a stored ``config.resolved.yaml`` written before a rename is read
+under the new names (:func:`upgrade_stored_config`) and hashed under the old ones
+(:meth:`Config.key_dict`), so that its output directory still resumes.
 """
 
 from __future__ import annotations
@@ -10,6 +18,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
+import textwrap
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -20,11 +31,22 @@ import yaml
 from refusal_dir.errors import ConfigError
 from refusal_dir.sites import RESIDUAL_SITES
 
-POSITIONS = ("last", "mean", "post_instruction")
+TOKEN_RULES = ("last", "mean", "post_instruction")
+POSITIONS = TOKEN_RULES  # the old name (docs/glossary.md)
+APPLY_TO = ("all", "prompt", "generated")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 STEERING_METHODS = ("addition", "ablation")
 ALL_STEERING_METHODS = ("addition", "ablation", "conditional", "prompt")
 PROMPT_PLACES = ("user", "system")
 DIRECTION_METHODS = ("mean_diff", "pca", "probe")
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, old_flag: str | None = None, **cli: Any) -> Any:
+    """A config field declared once: its default, its help (the CLI's help and the comment in
+    ``default.yaml``; a newline starts a new comment line there) and, when the command line
+    exposes it, its ``flag``, the flag's deprecated ``old_flag`` and its argparse details
+    (``type``, ``nargs``, ``choices``; ``const`` for a switch that sets this value)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "old_flag": old_flag, "cli": cli})
 
 
 def _fail(field_name: str, message: str) -> None:
@@ -72,31 +94,51 @@ def _check_types(section: str, settings: Any) -> None:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    name: str = "google/gemma-2-2b-it"
-    device: str = "auto"
-    dtype: str = "auto"
-    revision: str | None = None
+    name: str = setting(
+        "google/gemma-2-2b-it",
+        "hub id, local model directory, qwen2.5-coder-0.5b-instruct-offline or gemma-3-270m-offline (no hub needed)",
+        flag="--model",
+    )
+    device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...", flag="--device")
+    dtype: str = setting(
+        "auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16", flag="--dtype", choices=DTYPES
+    )
+    revision: str | None = setting(None, "hub revision (branch, tag or commit) to pin")
 
     def __post_init__(self) -> None:
         _check_types("model", self)
         if not self.name:
             _fail("model.name", "must be a hub id, a local directory or an offline model name")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             _fail("model.dtype", f"{self.dtype!r} is not one of auto, float32, bfloat16, float16")
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    refusal_pairs: str = "shipped"
-    harmful_eval: str = "shipped"
-    benign_eval: str = "shipped"
-    mmlu: str = "shipped"
-    honesty_pairs: str = "shipped"
-    true_false_claims: str = "shipped"
-    harmless_answers: str = "shipped"
-    heldout_fraction: float = 0.25
-    max_eval_prompts: int | None = None
-    seed: int = 0
+    refusal_pairs: str = setting(
+        "shipped", "refusal pairs: shipped, or a .json/.jsonl/.csv file with harmful/harmless fields", flag="--pairs-file"
+    )
+    harmful_eval: str = setting(
+        "shipped", "harmful evaluation instructions: shipped, hub:advbench, hub:jailbreakbench, or a file (field: instruction)", flag="--harmful-file"
+    )
+    benign_eval: str = setting("shipped", "benign evaluation instructions: shipped, hub:alpaca, or a file (field: instruction)", flag="--benign-file")
+    mmlu: str = setting("shipped", "four-choice questions: shipped, hub:mmlu, or a file (question, choices/A-D, answer)", flag="--mmlu-file")
+    honesty_pairs: str = setting("shipped", "shipped or a file with truthful/sycophantic fields")
+    true_false_claims: str = setting("shipped", "shipped only (honesty evaluation)")
+    harmless_answers: str = setting(
+        "shipped",
+        "requests with answers for the cross-entropy: shipped (60 answered requests) or a file with "
+        "instruction/answer fields (optional topic)",
+        flag="--harmless-answers-file",
+    )
+    heldout_fraction: float = setting(0.25, "share of the extraction pairs held out to score layers")
+    max_eval_prompts: int | None = setting(
+        None,
+        "evaluate a seeded sample of this many items of each set, stratified by category (null: all)",
+        flag="--max-eval-prompts",
+        type=int,
+    )
+    seed: int = setting(0, "seed of the train/held-out split and of the max_eval_prompts sample")
 
     def __post_init__(self) -> None:
         _check_types("data", self)
@@ -110,17 +152,43 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class ExtractionSettings:
-    sites: tuple[str, ...] = RESIDUAL_SITES
-    position: str = "last"
-    methods: tuple[str, ...] = DIRECTION_METHODS
-    method: str = "mean_diff"
-    site: str = "resid_pre"
-    batch_size: int = 16
-    max_layer_fraction: float = 0.8
-    selection: str = "effect"
-    max_kl: float = 0.1
-    selection_candidates: int | None = None
-    selection_prompts: int = 16
+    sites: tuple[str, ...] = setting(RESIDUAL_SITES, "residual-stream sites cached at every layer")
+    token: str = setting(
+        "last",
+        "which prompt token directions are read at: last, mean, or post_instruction (every template token "
+        "after the instruction, Arditi et al.)",
+        flag="--token",
+        old_flag="--position",
+        choices=TOKEN_RULES,
+    )
+    methods: tuple[str, ...] = setting(
+        DIRECTION_METHODS,
+        "direction methods computed; scored side by side",
+        flag="--directions-methods",
+        nargs="+",
+        choices=DIRECTION_METHODS,
+    )
+    method: str = setting("mean_diff", "the direction method whose direction is steered with")
+    site: str = setting("resid_pre", "the site whose direction is steered with")
+    batch_size: int = setting(16, "prompts per forward pass", flag="--extract-batch-size", type=int)
+    max_layer_fraction: float = setting(0.8, "layer selection ignores the last 20% of layers")
+    selection: str = setting(
+        "effect",
+        "layer selection rule: effect (Arditi-style: ablation KL, bypass, induce on held-out pairs) or separation",
+        flag="--selection",
+        choices=("effect", "separation"),
+    )
+    max_kl: float = setting(
+        0.1,
+        "effect selection: KL budget (ablation KL on harmless prompts); doubled, and recorded, when no layer "
+        "that steers fits within it",
+    )
+    selection_candidates: int | None = setting(
+        None, "effect selection tries every layer (null) or the best-separating N"
+    )
+    selection_prompts: int = setting(
+        16, "held-out pairs of each kind per candidate layer in effect selection", flag="--selection-prompts", type=int
+    )
 
     def __post_init__(self) -> None:
         _check_types("extraction", self)
@@ -139,8 +207,8 @@ class ExtractionSettings:
                 _fail("extraction.sites", f"{site!r} is not one of {', '.join(RESIDUAL_SITES)}")
         if not self.sites:
             _fail("extraction.sites", "name at least one site")
-        if self.position not in POSITIONS:
-            _fail("extraction.position", f"{self.position!r} is not one of {', '.join(POSITIONS)}")
+        if self.token not in TOKEN_RULES:
+            _fail("extraction.token", f"{self.token!r} is not one of {', '.join(TOKEN_RULES)}")
         for method in self.methods:
             if method not in DIRECTION_METHODS:
                 _fail("extraction.methods", f"{method!r} is not one of {', '.join(DIRECTION_METHODS)}")
@@ -153,17 +221,51 @@ class ExtractionSettings:
         if not 0 < self.max_layer_fraction <= 1:
             _fail("extraction.max_layer_fraction", f"must be in (0, 1], got {self.max_layer_fraction}")
 
+    @property
+    def position(self) -> str:
+        """Deprecated: :attr:`token` (docs/glossary.md)."""
+        _warn_renamed("extraction.position")
+        return self.token
+
 
 @dataclass(frozen=True)
 class SteeringSettings:
-    alphas: tuple[float, ...] = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
-    methods: tuple[str, ...] = STEERING_METHODS
-    unit: str = "raw"
-    positions: str = "all"
-    layer: int | None = None
-    prompt_induce: str = "Refuse this request. Reply only with a short refusal."
-    prompt_remove: str = "Answer the following request directly and completely. Do not refuse."
-    prompt_as: str = "user"
+    alphas: tuple[float, ...] = setting(
+        (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0), "coefficients swept", flag="--alphas", type=float, nargs="+"
+    )
+    methods: tuple[str, ...] = setting(
+        STEERING_METHODS,
+        "steering methods swept:\n"
+        "addition: alpha x raw direction at the selected layer;\n"
+        "ablation: alpha x directional ablation at every layer;\n"
+        "conditional: addition only on rows whose prompt trips the gate (CAST-style; threshold fit on the "
+        "held-out extraction pairs);\n"
+        "prompt: a prompting baseline, no direction and no layer (add it with --methods addition ablation "
+        "prompt); its rows are alpha -1 (prompt_remove), 0 (the plain prompt), +1 (prompt_induce)",
+        flag="--methods",
+        nargs="+",
+        choices=ALL_STEERING_METHODS,
+    )
+    unit: str = setting("raw", "raw (alpha=1 moves a harmless activation to the harmful mean) or unit")
+    apply_to: str = setting(
+        "all",
+        "which positions an addition acts on: all, prompt, or generated tokens",
+        flag="--apply-to",
+        old_flag="--positions",
+        choices=APPLY_TO,
+    )
+    layer: int | None = setting(None, "steer at this layer instead of the selected one", flag="--layer", type=int)
+    prompt_induce: str = setting(
+        "Refuse this request. Reply only with a short refusal.", "prompt method, alpha +1"
+    )
+    prompt_remove: str = setting(
+        "Answer the following request directly and completely. Do not refuse.", "prompt method, alpha -1"
+    )
+    prompt_as: str = setting(
+        "user",
+        'user: "{instruction}\\n\\n{prompt}" in the user turn (every template); system: the instruction as '
+        "the system prompt (templates with a system role)",
+    )
 
     def __post_init__(self) -> None:
         _check_types("steering", self)
@@ -186,19 +288,37 @@ class SteeringSettings:
                 _fail("steering.methods", f"{method!r} is not one of {', '.join(ALL_STEERING_METHODS)}")
         if self.unit not in ("raw", "unit"):
             _fail("steering.unit", f"{self.unit!r} is not one of raw, unit")
-        if self.positions not in ("all", "prompt", "generated"):
-            _fail("steering.positions", f"{self.positions!r} is not one of all, prompt, generated")
+        if self.apply_to not in APPLY_TO:
+            _fail("steering.apply_to", f"{self.apply_to!r} is not one of {', '.join(APPLY_TO)}")
         for name in ("prompt_induce", "prompt_remove"):
             if not getattr(self, name).strip():
                 _fail(f"steering.{name}", "must be a non-empty instruction for the prompt method")
         if self.prompt_as not in PROMPT_PLACES:
             _fail("steering.prompt_as", f"{self.prompt_as!r} is not one of {', '.join(PROMPT_PLACES)}")
 
+    @property
+    def positions(self) -> str:
+        """Deprecated: :attr:`apply_to` (docs/glossary.md)."""
+        _warn_renamed("steering.positions")
+        return self.apply_to
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 96
-    batch_size: int = 256
+    max_new_tokens: int = setting(
+        96,
+        "tokens generated per prompt in evaluations (stops at end of turn); refusals that follow a preamble "
+        "need the length",
+        flag="--max-new-tokens",
+        type=int,
+    )
+    batch_size: int = setting(
+        256,
+        "rows per generate call (a sweep packs prompts x alphas into rows); speed and memory only: a run may "
+        "resume with another value",
+        flag="--batch-size",
+        type=int,
+    )
 
     def __post_init__(self) -> None:
         _check_types("generation", self)
@@ -210,14 +330,34 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    judge: str = "substring"
-    mmlu_scoring: str = "letter"
-    mmlu_prompt: str = "standard"
-    bootstrap_resamples: int = 2000
-    honesty: bool = True
-    seed: int = 0
-    answer_kl_tokens: int = 0
-    cross_entropy: bool = True
+    judge: str = setting(
+        "substring",
+        "refusal judge: substring (documented markers), classifier:<dir or hub id> (a refusal classifier) or "
+        "generative:<dir or hub id> (a guard chat model asked Yes/No); a model judge also reports its "
+        "agreement with substring",
+        flag="--judge",
+    )
+    mmlu_scoring: str = setting("letter", "letter (next-token logits of A-D) or option (log-prob of each option text)")
+    mmlu_prompt: str = setting(
+        "standard", "standard (question, lettered options, instruction) or as_is (the question text alone)"
+    )
+    bootstrap_resamples: int = setting(2000, "resamples for 95% confidence intervals")
+    honesty: bool = setting(
+        True, "also extract and evaluate the honesty direction (--no-honesty: skip it)", flag="--no-honesty", const=False
+    )
+    seed: int = setting(0, "seed of the bootstrap")
+    answer_kl_tokens: int = setting(
+        0,
+        "> 0: also KL over the first N teacher-forced answer tokens (kl_answer_benign; costs a short generation "
+        "per row)",
+    )
+    cross_entropy: bool = setting(
+        True,
+        "cross-entropy (nats/token) of data.harmless_answers, teacher forced (ce_harmless; one forward pass per "
+        "answer and alpha; --no-cross-entropy: skip it)",
+        flag="--no-cross-entropy",
+        const=False,
+    )
 
     def __post_init__(self) -> None:
         _check_types("evaluation", self)
@@ -249,9 +389,19 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
 
+    def key_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as resume keys hash it: a renamed key under its old name
+        (:data:`RENAMED_KEYS`), so that a hash of unchanged settings stays the hash an output
+        directory written before the rename recorded."""
+        data = self.to_dict()
+        for old, new in RENAMED_KEYS.items():
+            section, _, old_name = old.partition(".")
+            data[section][old_name] = data[section].pop(new.partition(".")[2])
+        return data
+
     def digest(self, *sections: str) -> str:
         """A short hash of the given sections (all when none): what results depend on."""
-        data = self.to_dict()
+        data = self.key_dict()
         chosen = {name: data[name] for name in (sections or data.keys())}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -259,20 +409,63 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
-        """Apply ``{"section.field": value}`` overrides; ``None`` values are ignored."""
-        result = self
+        """Apply ``{"section.field": value}`` overrides; ``None`` values are ignored. The fields
+        of one section are replaced together (``extraction.methods`` with ``extraction.method``)."""
+        changes: dict[str, dict[str, Any]] = {}
         for key, value in overrides.items():
             if value is None:
                 continue
+            if key in RENAMED_KEYS:
+                _warn_renamed(key)
+                if overrides.get(RENAMED_KEYS[key]) is not None:
+                    raise ConfigError(f"overrides give both {key} and {RENAMED_KEYS[key]}: give {RENAMED_KEYS[key]} only")
+                key = RENAMED_KEYS[key]
             section_name, _, field_name = key.partition(".")
-            section = getattr(result, section_name, None)
+            section = getattr(self, section_name, None) if section_name in _SECTIONS else None
             if section is None or field_name not in {f.name for f in fields(section)}:
                 raise ConfigError(f"unknown config field {key!r}")
-            result = replace(result, **{section_name: replace(section, **{field_name: value})})
-        return result
+            changes.setdefault(section_name, {})[field_name] = value
+        sections = {name: replace(getattr(self, name), **values) for name, values in changes.items()}
+        return replace(self, **sections)
 
 
 _SECTIONS = {f.name: f for f in fields(Config)}
+
+# Old key -> new key (docs/glossary.md). The old names load for one release, with a warning.
+RENAMED_KEYS = {"extraction.position": "extraction.token", "steering.positions": "steering.apply_to"}
+
+
+def _warn_renamed(old: str) -> None:
+    warnings.warn(
+        f"config key {old} is deprecated: rename it to {RENAMED_KEYS[old]} (docs/glossary.md)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def _renamed(section: str, values: dict[str, Any], *, warn: bool) -> dict[str, Any]:
+    """``values`` of one section with the old key names (:data:`RENAMED_KEYS`) renamed."""
+    values = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        old_section, _, old_name = old.partition(".")
+        new_name = new.partition(".")[2]
+        if old_section != section or old_name not in values:
+            continue
+        if new_name in values:
+            raise ConfigError(f"config section {section!r} gives both {old_name} and {new_name}: keep {new_name} only ({old_name} is its old name)")
+        if warn:
+            _warn_renamed(old)
+        values[new_name] = values.pop(old_name)
+    return values
+
+
+def upgrade_stored_config(raw: Any) -> Any:
+    """A stored config (``config.resolved.yaml``) under today's key names, without a warning:
+    a run written before a rename resumes when nothing else changed. Anything that is not a
+    mapping of sections is returned as it is."""
+    if not isinstance(raw, dict):
+        return raw
+    return {name: _renamed(name, values, warn=False) if isinstance(values, dict) else values for name, values in raw.items()}
 
 
 def default_config_path() -> Path:
@@ -296,6 +489,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         values = values or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config section {name!r} must be a mapping of fields, got {values!r}")
+        values = _renamed(name, values, warn=True)
         unknown = set(values) - known
         if unknown:
             raise ConfigError(
@@ -322,3 +516,84 @@ def load_config(path: str | Path | None = None) -> Config:
         first = str(error).replace("\n", " ")[:200]
         raise ConfigError(f"config file {path} is not valid YAML ({first}): fix it or pass another --config") from error
     return config_from_dict(raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# default.yaml, generated from the fields
+# ----------------------------------------------------------------------------------------------
+
+_HEADER = """\
+# refusal_dir default settings. Every CLI command reads this file (or --config FILE);
+# command-line flags override single values. A run writes its resolved config next to its results.
+# Generated from refusal_dir/config.py by `python -m refusal_dir.config --write-defaults`:
+# edit the fields there (default, help), not this file.
+"""
+_COMMENT_COLUMN = 34
+_LINE_WIDTH = 120
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, str) and " " in value:
+        return json.dumps(value)  # a YAML double-quoted string
+    value = list(value) if isinstance(value, tuple) else value
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000, allow_unicode=True).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def _comment_lines(text: str, first_width: int) -> list[str]:
+    """``text`` as comment lines: a newline starts a new line, long lines wrap indented."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        width = first_width if not lines else _LINE_WIDTH - _COMMENT_COLUMN
+        wrapped = textwrap.wrap(paragraph, width=max(width - 2, 30), break_on_hyphens=False)
+        head, rest = wrapped[0], " ".join(wrapped[1:])
+        lines.append(f"# {head}")
+        if rest:
+            lines += [f"#   {line}" for line in textwrap.wrap(rest, width=_LINE_WIDTH - _COMMENT_COLUMN - 4, break_on_hyphens=False)]
+    return lines
+
+
+def defaults_yaml(root: type = Config) -> str:
+    """``default.yaml``: every field of every section with its default and its help as a comment."""
+    out = [_HEADER]
+    defaults = root()
+    for section in fields(root):
+        out.append(f"\n{section.name}:\n")
+        settings = getattr(defaults, section.name)
+        for item in fields(settings):
+            text = f"  {item.name}: {_yaml_value(getattr(settings, item.name))}"
+            text = text.ljust(_COMMENT_COLUMN - 2) + "  "
+            comments = _comment_lines(item.metadata["help"], _LINE_WIDTH - len(text))
+            out.append(text + comments[0] + "\n")
+            out += [" " * _COMMENT_COLUMN + line + "\n" for line in comments[1:]]
+    return "".join(out)
+
+
+def default_yaml_paths() -> list[Path]:
+    """Where ``default.yaml`` lives: in the package, and at ``configs/`` in a source checkout."""
+    package = Path(__file__).resolve().parent
+    paths = [package / "configs" / "default.yaml"]
+    checkout = package.parent / "configs" / "default.yaml"
+    if checkout.parent.is_dir():
+        paths.append(checkout)
+    return list({path.resolve(): None for path in paths})  # the package's is a link in a checkout
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m refusal_dir.config", description=__doc__)
+    parser.add_argument("--write-defaults", action="store_true", help="(re)write every default.yaml from the fields")
+    args = parser.parse_args(argv)
+    text = defaults_yaml()
+    if not args.write_defaults:
+        sys.stdout.write(text)
+        return 0
+    for path in default_yaml_paths():
+        path.write_text(text, encoding="utf-8")
+        sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -44,7 +44,7 @@ import yaml
 from refusal_dir import prompts as prompt_sets
 from refusal_dir.activations import Activations, collect_activations
 from refusal_dir.conditional import Condition, fit_condition
-from refusal_dir.config import Config
+from refusal_dir.config import Config, upgrade_stored_config
 from refusal_dir.directions import DirectionSet, compute_directions, weights_fingerprint
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.evaluation.selection import LayerEffect, choose_layer, layer_effects
@@ -291,7 +291,7 @@ def check_resumable(output_dir: Path, config: Config) -> None:
             f"{resolved} is corrupt (not a mapping of sections): pass --fresh to start over "
             "there, or choose a new --output-dir"
         )
-    changed = config_changes(previous, config.to_dict())
+    changed = config_changes(upgrade_stored_config(previous), config.to_dict())
     if changed:
         raise OutputDirError(
             f"{output_dir} holds results from a different config ({', '.join(changed)} "
@@ -477,7 +477,7 @@ def _collect_split(
             model,
             texts,
             sites=config.extraction.sites,
-            position=config.extraction.position,
+            position=config.extraction.token,
             batch_size=config.extraction.batch_size,
             progress=progress,
             description=f"{label}: {side}",
@@ -515,7 +515,7 @@ def _extract_family(
                 site=site,
                 method=method,
                 model=model,
-                position_rule=config.extraction.position,
+                position_rule=config.extraction.token,
                 prompt_hash=digest,
                 name=name,
             )
@@ -528,7 +528,7 @@ def _extract_family(
 
 def extraction_key(config: Config, model: HookedModel, datasets: Datasets) -> str:
     """What an extraction depends on: its settings, the model's weights and the pairs."""
-    settings = config.to_dict()
+    settings = config.key_dict()
     record = {
         "model": settings["model"],
         "data": {k: settings["data"][k] for k in ("refusal_pairs", "honesty_pairs", "heldout_fraction", "seed")},
@@ -890,14 +890,14 @@ class SweepContext:
     def steer(self, method: str, layer: int, position: str, *, directions: DirectionSet | None = None) -> Steer:
         """The run's :class:`Steer` for ``method`` (``directions``: another set, e.g. honesty).
 
-        ``steering.positions`` says where an addition acts; an ablation acts everywhere."""
+        ``steering.apply_to`` says where an addition acts; an ablation acts everywhere."""
         steering = self.config.steering
         if method == "prompt":
             return Steer("prompt", instructions=PromptInstructions(steering.prompt_induce, steering.prompt_remove, steering.prompt_as))
         return Steer(
             method, self.extraction.steering_set if directions is None else directions,
             layer=layer, token=position, site=self.config.extraction.site, unit=steering.unit,
-            apply_to="all" if method == "ablation" else steering.positions,
+            apply_to="all" if method == "ablation" else steering.apply_to,
             condition=self.condition(layer, position) if method == "conditional" else None,
         )
 
@@ -957,7 +957,7 @@ def _extraction_digest(extraction: Extraction) -> str:
 
 def results_config_digest(config: Config) -> str:
     """Hash of the config less :data:`SPEED_ONLY_SETTINGS` (what the results depend on)."""
-    settings = config.to_dict()
+    settings = config.key_dict()
     for key in SPEED_ONLY_SETTINGS:
         section, _, name = key.partition(".")
         settings[section].pop(name, None)

@@ -185,7 +185,7 @@ def test_cli_run_on_the_organism(organism_dir: Path, organism, tmp_path: Path) -
         files[name].write_text("\n".join(json.dumps(item) for item in items) + "\n")
     config = tmp_path / "organism.yaml"
     config.write_text(
-        "steering:\n  positions: prompt\n  alphas: [-1.0, 0.0, 1.0]\n"
+        "steering:\n  apply_to: prompt\n  alphas: [-1.0, 0.0, 1.0]\n"
         "evaluation:\n  mmlu_scoring: option\n  mmlu_prompt: as_is\n  honesty: false\n"
         "generation:\n  max_new_tokens: 8\n  batch_size: 64\n"
     )

@@ -12,7 +12,7 @@ from refusal_dir.cli import build_parser
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 # Strings that are another program's command line, not advice to a refusal-dir user.
-NOT_OUR_CLI = {("offline.py", "--quiet"), ("offline.py", "--no-deps"), ("offline.py", "--only-binary"), ("offline.py", "--dest")}
+NOT_OUR_CLI = {("config.py", "--write-defaults"), ("offline.py", "--quiet"), ("offline.py", "--no-deps"), ("offline.py", "--only-binary"), ("offline.py", "--dest")}
 
 
 def cli_flags() -> set[str]:

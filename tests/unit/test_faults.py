@@ -34,7 +34,7 @@ from refusal_dir.model import load_model
 from refusal_dir.testing import make_tiny_model
 
 DATA = Path(__file__).resolve().parents[2] / "refusal_dir" / "data"
-PART_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl")
+PART_GROUPS = ("harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl", "cross_entropy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,13 +323,13 @@ def test_resume_refuses_an_edited_data_file(capsys, base: Base, tmp_path: Path) 
 
 
 def test_run_refuses_directions_of_another_extraction(capsys, base: Base, tmp_path: Path) -> None:
-    # Older versions wrote the new config first, so a killed re-extraction with position
+    # Older versions wrote the new config first, so a killed re-extraction with token rule
     # `mean` left `last` directions under a config saying `mean`.
     run = base.copy(tmp_path / "run", keep_parts=2)
     recorded = yaml.safe_load((run / "config.resolved.yaml").read_text())
-    recorded["extraction"]["position"] = "mean"
+    recorded["extraction"]["token"] = "mean"
     (run / "config.resolved.yaml").write_text(yaml.safe_dump(recorded))
-    mean = write_config(tmp_path / "mean.yaml", base.model_dir, base.pairs, extraction={"position": "mean"})
+    mean = write_config(tmp_path / "mean.yaml", base.model_dir, base.pairs, extraction={"token": "mean"})
     before = snapshot(run)
     code, err = cli(capsys, "run", "--config", mean, "--output-dir", run, "--no-figures", "--quiet")
     assert_one_line(code, err, "extracted under another config", "--fresh")
@@ -348,7 +348,7 @@ def test_killed_reextraction_keeps_the_previous_directions(capsys, base: Base, t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "swap_in", killed)
-    code, _ = cli(capsys, "extract", "--config", base.config, "--output-dir", run, "--position", "mean", "--quiet")
+    code, _ = cli(capsys, "extract", "--config", base.config, "--output-dir", run, "--token", "mean", "--quiet")
     assert code == 130
     assert snapshot(run) == before  # old directions and old config, no half-written staging
 
@@ -789,6 +789,20 @@ def test_resume_with_another_batch_size_matches_an_uninterrupted_run(capsys, bas
     assert cli(capsys, "run", "--config", base.config, "--output-dir", run, "--batch-size", "2", "--no-figures", "--quiet")[0] == 0
     assert base.results(run) == base.results()
     assert not leftovers(run)
+
+
+def test_a_run_stored_under_the_old_key_names_resumes(capsys, base: Base, tmp_path: Path) -> None:
+    # Written before extraction.position -> extraction.token and steering.positions ->
+    # steering.apply_to (docs/glossary.md): nothing else changed, so it resumes, silently.
+    run = base.copy(tmp_path / "run", keep_parts=2)
+    recorded = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    recorded["extraction"]["position"] = recorded["extraction"].pop("token")
+    recorded["steering"]["positions"] = recorded["steering"].pop("apply_to")
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+    code, err = cli(capsys, "run", "--config", base.config, "--output-dir", run, "--no-figures", "--quiet")
+    assert code == 0, err
+    assert "deprecated" not in err
+    assert base.results(run) == base.results()
 
 
 def test_sigkill_mid_sweep_then_resume_matches_an_uninterrupted_run(capsys, base: Base, tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def test_post_instruction_positions_are_candidates_too(tiny_model, tiny_model_di
     config = load_config().with_overrides(
         {
             "model.name": str(tiny_model_dir),
-            "extraction.position": "post_instruction",
+            "extraction.token": "post_instruction",
             "extraction.methods": ("mean_diff",),
             "extraction.sites": ("resid_pre",),
             "extraction.selection_prompts": 4,

@@ -54,7 +54,7 @@ def test_default_config_loads_and_validates() -> None:
         ({"steering": {"alphas": [0.0, 1.0, 1.0]}}, "duplicates"),
         ({"steering": {"alphas": [0.0, float("nan")]}}, "finite"),
         ({"steering": {"alphas": []}}, "at least one"),
-        ({"extraction": {"position": "first"}}, "extraction.position"),
+        ({"extraction": {"token": "first"}}, "extraction.token"),
         ({"extraction": {"methods": ["mean_diff"], "method": "pca"}}, "extraction.method"),
         ({"modle": {}}, "unknown config section"),
         ({"model": {"nmae": "x"}}, "unknown field"),
