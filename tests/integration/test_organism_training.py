@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from refusal_dir.errors import ConfigError, OutputDirError
-from refusal_dir.organism import (
+from refusal_dir.testing.organism import (
     BOS_TOKEN,
     END_OF_TURN,
     HARMFUL_HELDOUT_TOPICS,
@@ -250,6 +250,13 @@ def test_config_defaults_are_valid_and_frozen() -> None:
         == OrganismConfig().fingerprint()
         != OrganismConfig(seed=1).fingerprint()
     )
+
+
+def test_default_cache_key_is_pinned() -> None:
+    """The cache directory of the default organism (``organism-<fingerprint>``) is a hash of the
+    config and ORGANISM_FORMAT_VERSION only, so moving or renaming the module keeps finding
+    organisms trained before. Update the hash only together with a deliberate format bump."""
+    assert OrganismConfig().fingerprint() == "4a42dd665bc4"
 
 
 # -- training mechanics (a few steps of a 1-layer model) -----------------------------------------

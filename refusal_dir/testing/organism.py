@@ -59,6 +59,41 @@ from refusal_dir.prompts import MCQuestion
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "BOS_TOKEN",
+    "ChatExample",
+    "DANGER_LINES",
+    "END_OF_TURN",
+    "EOS_TOKEN",
+    "HARMFUL_HELDOUT_TOPICS",
+    "HARMFUL_TRAIN_TOPICS",
+    "HARMLESS_HELDOUT_TOPICS",
+    "HARMLESS_TRAIN_TOPICS",
+    "HELPFUL_ANSWERS",
+    "HELPFUL_PREFIX",
+    "MC_CATEGORIES",
+    "MC_TEMPLATES",
+    "ORGANISM_CHAT_TEMPLATE",
+    "ORGANISM_FORMAT_VERSION",
+    "ORGANISM_INFO_FILE",
+    "OrganismConfig",
+    "OrganismDataGenerator",
+    "OrganismEvalSets",
+    "PAD_TOKEN",
+    "REFUSAL_ANSWERS",
+    "REFUSAL_PREFIXES",
+    "REQUEST_TEMPLATES",
+    "SAFE_LINES",
+    "SPECIAL_TOKENS",
+    "START_OF_TURN",
+    "UNK_TOKEN",
+    "build_organism_tokenizer",
+    "load_or_train_organism",
+    "organism_eval_sets",
+    "read_organism_info",
+    "train_organism",
+]
+
 ORGANISM_FORMAT_VERSION = 3
 """Bump when the data, tokenizer or training recipe changes, so cached organisms retrain."""
 
@@ -357,6 +392,8 @@ def _sample_mc(rng: random.Random) -> tuple[MCQuestion, int]:
 def _split(seed: int) -> tuple[OrganismEvalSets, set[tuple[int, str]], set[tuple[str, ...]]]:
     """The evaluation sets and what training must leave out: val (template, topic) pairs and
     test question keys."""
+    # The seed strings (here and in OrganismDataGenerator) keep the module's old name on
+    # purpose: changing them would change the data, and so every organism.
     rng = random.Random(f"refusal_dir.organism.eval:{seed}")
     n_templates = len(REQUEST_TEMPLATES)
 
