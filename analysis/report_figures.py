@@ -1,15 +1,19 @@
 """Figures of a sweep: each metric against alpha, and the refusal-capability frontier.
 
-Data in (the tidy result rows of :mod:`refusal_dir.pipeline`), plotly figures out.
+Data in (the tidy result rows of :mod:`refusal_dir.pipeline`, as a list or as the ``.rows`` of a
+sweep result), plotly figures out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from analysis._rows import Row, Rows, as_rows
 
 SWEEP_METRICS = (
     ("refusal_harmful", "Refusal rate, harmful prompts"),
@@ -19,14 +23,15 @@ SWEEP_METRICS = (
 )
 
 
-def _series(rows: list[dict[str, Any]], method: str, metric: str) -> list[dict[str, Any]]:
+def _series(rows: Sequence[Row], method: str, metric: str) -> list[Row]:
     return sorted(
         (r for r in rows if r["method"] == method and r["metric"] == metric), key=lambda r: r["alpha"]
     )
 
 
-def sweep_figure(rows: list[dict[str, Any]], *, title: str = "Steering sweep") -> go.Figure:
+def sweep_figure(rows: Rows, *, title: str = "Steering sweep") -> go.Figure:
     """One panel per metric: value against alpha per method, 95% CI as error bars."""
+    rows = as_rows(rows)
     methods = sorted({r["method"] for r in rows if not r["method"].startswith("honesty_")})
     figure = make_subplots(rows=2, cols=2, subplot_titles=[label for _, label in SWEEP_METRICS])
     for index, (metric, _) in enumerate(SWEEP_METRICS):
@@ -59,9 +64,10 @@ def sweep_figure(rows: list[dict[str, Any]], *, title: str = "Steering sweep") -
 
 
 def frontier_figure(
-    rows: list[dict[str, Any]], *, capability: str = "mmlu_accuracy", title: str | None = None
+    rows: Rows, *, capability: str = "mmlu_accuracy", title: str | None = None
 ) -> go.Figure:
     """Refusal on harmful prompts against a capability metric, one point per (method, alpha)."""
+    rows = as_rows(rows)
     figure = go.Figure()
     methods = sorted({r["method"] for r in rows if not r["method"].startswith("honesty_")})
     for method in methods:
@@ -88,8 +94,9 @@ def frontier_figure(
     return figure
 
 
-def write_report_figures(output_dir: Path, rows: list[dict[str, Any]], extraction: Any = None) -> list[Path]:
+def write_report_figures(output_dir: Path, rows: Rows, extraction: Any = None) -> list[Path]:
     """Write the sweep, frontier and (with an extraction) layer-score figures as HTML."""
+    rows = as_rows(rows)
     directory = Path(output_dir) / "figures"
     directory.mkdir(parents=True, exist_ok=True)
     figures = {

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from refusal_dir.cli import main
-from refusal_dir.organism import OrganismConfig, load_or_train_organism, organism_eval_sets
+from refusal_dir.testing.organism import OrganismConfig, load_or_train_organism, organism_eval_sets
 
 CONFIG = """steering:
   apply_to: prompt

@@ -63,7 +63,7 @@ def instruct_model(tmp_path_factory: pytest.TempPathFactory):
 def organism_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default refusal organism, trained once per session (about 2 minutes on one core)
     or reused from ``REFUSAL_DIR_TEST_CACHE``."""
-    from refusal_dir.organism import OrganismConfig, load_or_train_organism
+    from refusal_dir.testing.organism import OrganismConfig, load_or_train_organism
 
     return load_or_train_organism(
         session_cache_dir(tmp_path_factory), OrganismConfig(), progress=False

@@ -24,8 +24,8 @@ from refusal_dir.evaluation.selection import layer_effects, select_by_effect
 from refusal_dir.generation import GenerationSettings, generate
 from refusal_dir.interventions import ablation, addition
 from refusal_dir.model import load_model
-from refusal_dir.organism import organism_eval_sets
 from refusal_dir.scoring import score_layers
+from refusal_dir.testing.organism import organism_eval_sets
 
 pytestmark = pytest.mark.slow
 SETTINGS = GenerationSettings(max_new_tokens=8, batch_size=64)

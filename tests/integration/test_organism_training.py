@@ -6,15 +6,18 @@ organism once per session (the ``organism_dir`` fixture) and checks its held-out
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import refusal_dir.testing.organism as organism_module
 from refusal_dir.errors import ConfigError, OutputDirError
-from refusal_dir.organism import (
+from refusal_dir.testing.organism import (
     BOS_TOKEN,
     END_OF_TURN,
     HARMFUL_HELDOUT_TOPICS,
@@ -250,6 +253,22 @@ def test_config_defaults_are_valid_and_frozen() -> None:
         == OrganismConfig().fingerprint()
         != OrganismConfig(seed=1).fingerprint()
     )
+
+
+def test_default_cache_key_is_pinned() -> None:
+    """The cache directory of the default organism (``organism-<fingerprint>``) is a hash of the
+    config and ORGANISM_FORMAT_VERSION only, so moving or renaming the module keeps finding
+    organisms trained before. Update the hash only together with a deliberate format bump."""
+    assert OrganismConfig().fingerprint() == "4a42dd665bc4"
+
+
+def test_old_module_path_warns_and_reexports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "refusal_dir.organism", raising=False)
+    with pytest.warns(DeprecationWarning, match=r"refusal_dir\.testing\.organism"):
+        old = importlib.import_module("refusal_dir.organism")
+    assert old.__all__ == organism_module.__all__
+    for name in organism_module.__all__:
+        assert getattr(old, name) is getattr(organism_module, name), name
 
 
 # -- training mechanics (a few steps of a 1-layer model) -----------------------------------------
