@@ -24,6 +24,7 @@ evaluation:
   mmlu_scoring: option
   mmlu_prompt: as_is
   honesty: false
+  cross_entropy: false            # English answers do not fit its 64-token context or its vocabulary
 generation:
   max_new_tokens: 8
   batch_size: 96
