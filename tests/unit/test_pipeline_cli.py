@@ -474,3 +474,19 @@ def test_rate_rows_use_newcombe_for_the_difference_and_the_split_rows_resample_t
     expected = stats.mean_interval(steered[:4], binary=True, clusters=kept, n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed)
     assert (split[1]["ci_low"], split[1]["ci_high"]) == expected  # one topic: Wilson on n=1
     assert (split[1]["ci_low"], split[1]["ci_high"]) != stats.wilson_interval(4, 4)
+
+
+def test_answers_too_long_for_the_context_name_the_switch(tmp_path: Path, capsys) -> None:
+    """A small-context model (the organism has 64 tokens) cannot read the shipped answers: the
+    one-line error names --no-cross-entropy, and with it the check passes."""
+    from refusal_dir.model import load_model
+    from refusal_dir.pipeline import check_prompt_lengths, evaluation_prompts
+    from refusal_dir.testing import make_tiny_model
+
+    model = load_model(str(make_tiny_model(tmp_path / "short", overrides={"max_position_embeddings": 256})), device="cpu")
+    config = _config(tmp_path / "short")
+    with pytest.raises(Exception, match=r"data.harmless_answers .*--no-cross-entropy") as error:
+        check_prompt_lengths(model, evaluation_prompts(load_datasets(config), config), max_new_tokens=4)
+    assert "\n" not in str(error.value)
+    config = _config(tmp_path / "short", **{"evaluation.cross_entropy": False})
+    check_prompt_lengths(model, evaluation_prompts(load_datasets(config), config), max_new_tokens=4)
