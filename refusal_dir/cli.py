@@ -217,7 +217,7 @@ def _load(config: Config) -> Any:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from refusal_dir import outdir, pipeline
-    from refusal_dir.scoring import format_score_table
+    from refusal_dir.selection import format_score_table
 
     config = _config(args)
     output_dir = outdir.check_output_dir(args.output_dir)
@@ -232,7 +232,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     _out(format_score_table(extraction.scores[extraction.selected_key], selected=extraction.selected))
     s = extraction.selected
     if extraction.effects:
-        from refusal_dir.evaluation.selection import effects_table
+        from refusal_dir.selection import effects_table
 
         chosen = next(e for e in extraction.effects if e.layer == s.layer and e.position == s.position)
         _out("candidate effects on held-out pairs (ablation KL on harmless, bypass, induce):")
@@ -449,13 +449,9 @@ def _tune(
     from refusal_dir import pipeline, tune
     from refusal_dir.generation import GenerationSettings
     from refusal_dir.outdir import atomic_write_bytes
+    from refusal_dir.selection import ranked_layers
 
-    if extraction.effects:
-        ranked = [e.layer for e in sorted(extraction.effects, key=lambda e: e.steering_score, reverse=True)]
-    else:
-        scores = extraction.scores[extraction.selected_key]
-        ranked = [s.layer for s in sorted(scores, key=lambda s: s.separation_accuracy, reverse=True)]
-    layers = list(dict.fromkeys([extraction.selected.layer, *ranked]))[: args.n_layers]
+    layers = ranked_layers(extraction, args.n_layers)
     _, heldout_pairs = pipeline.split_pairs(datasets.refusal_pairs, config)
     validation = tune.EvalSplit(*(tune.split_half(x)[0] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))
     heldout = tune.EvalSplit(*(tune.split_half(x)[1] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))

@@ -50,7 +50,6 @@ from refusal_dir.config import Config
 from refusal_dir.directions import DirectionSet, compute_directions, weights_fingerprint
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.evaluation import judges, metrics, stats
-from refusal_dir.evaluation.selection import LayerEffect, choose_layer, layer_effects
 from refusal_dir.generation import (
     GenerationSettings,
     generate,
@@ -70,7 +69,14 @@ from refusal_dir.outdir import (
     write_error,
 )
 from refusal_dir.prompts import AnsweredInstruction, Claim, MCQuestion, PairSet
-from refusal_dir.scoring import LayerScore, score_layers, select_layer
+from refusal_dir.selection import (
+    LayerEffect,
+    LayerScore,
+    choose_layer,
+    layer_effects,
+    score_layers,
+    select_layer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -1606,7 +1612,7 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
             "",
         ]
         if extraction.effects:
-            from refusal_dir.evaluation.selection import effects_table
+            from refusal_dir.selection import effects_table
 
             chosen = next(
                 (e for e in extraction.effects if (e.layer, e.position) == (s.layer, s.position)), None
