@@ -7,15 +7,11 @@ import math
 
 import pytest
 
-from refusal_dir import pipeline
+from refusal_dir import extraction as extraction_stage
 from refusal_dir.config import load_config
-from refusal_dir.pipeline import (
-    extract,
-    load_datasets,
-    load_extraction,
-    prepare_output_dir,
-    split_pairs,
-)
+from refusal_dir.datasets import load_datasets, split_pairs
+from refusal_dir.extraction import extract, load_extraction
+from refusal_dir.pipeline import prepare_output_dir
 from refusal_dir.selection import (
     LayerEffect,
     choose_layer,
@@ -112,7 +108,7 @@ def test_selection_tries_every_eligible_layer_and_records_the_rule(tmp_path, mon
             selecting[0] = False
 
     monkeypatch.setattr(model, "tokenize", recording_tokenize)
-    monkeypatch.setattr(pipeline, "layer_effects", recording_effects)
+    monkeypatch.setattr(extraction_stage, "layer_effects", recording_effects)
     datasets = load_datasets(config)
     extraction = extract(model, config, datasets, output, progress=False)
     # Layer selection reads the held-out extraction pairs only: no training pair, no
