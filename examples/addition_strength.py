@@ -21,10 +21,10 @@ from pathlib import Path
 from refusal_dir import prompts as prompt_sets
 from refusal_dir.evaluation import judges
 from refusal_dir.evaluation.stats import wilson_interval
+from refusal_dir.extraction import load_extraction
 from refusal_dir.generation import GenerationSettings, generate
 from refusal_dir.interventions import addition
 from refusal_dir.model import OFFLINE_INSTRUCT_MODEL, load_model
-from refusal_dir.pipeline import load_extraction
 
 
 def conditions(layer: int, n_layers: int) -> list[tuple[str, dict]]:

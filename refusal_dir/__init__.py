@@ -42,7 +42,7 @@ from refusal_dir.interventions import (
 )
 from refusal_dir.model import DEFAULT_MODEL, OFFLINE_MODEL, HookedModel, load_model
 from refusal_dir.orthogonalize import orthogonalized_copy, save_orthogonalized
-from refusal_dir.scoring import LayerScore, score_layers, select_layer
+from refusal_dir.selection import LayerScore, score_layers, select_layer
 from refusal_dir.sites import hook_name
 from refusal_dir.steer import PromptInstructions, Steer
 from refusal_dir.sweep import SweepOptions, SweepResult, sweep

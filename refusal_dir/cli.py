@@ -206,22 +206,24 @@ def _load(config: Config) -> Any:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from refusal_dir import outdir, pipeline
-    from refusal_dir.scoring import format_score_table
+    from refusal_dir.datasets import load_datasets
+    from refusal_dir.extraction import extract, extraction_prompts
+    from refusal_dir.selection import format_score_table
 
     config = _config(args)
     output_dir = outdir.check_output_dir(args.output_dir)
-    datasets = pipeline.load_datasets(config)
+    datasets = load_datasets(config)
     model = _load(config)
-    pipeline.check_prompt_lengths(model, pipeline.extraction_prompts(datasets, config), max_new_tokens=0)
+    pipeline.check_prompt_lengths(model, extraction_prompts(datasets, config), max_new_tokens=0)
     with pipeline.open_output_dir(output_dir, config, overwrite_config=True) as output_dir:
-        extraction = pipeline.extract(model, config, datasets, output_dir, progress=not args.quiet)
+        extraction = extract(model, config, datasets, output_dir, progress=not args.quiet)
         pipeline.record_config(output_dir, config)
     _out(f"model {model.model_id}: {model.n_layers} layers, d_model {model.d_model}")
     _out(f"steering set {extraction.selected_key} (held-out pairs scored per layer):")
     _out(format_score_table(extraction.scores[extraction.selected_key], selected=extraction.selected))
     s = extraction.selected
     if extraction.effects:
-        from refusal_dir.evaluation.selection import effects_table
+        from refusal_dir.selection import effects_table
 
         chosen = next(e for e in extraction.effects if e.layer == s.layer and e.position == s.position)
         _out("candidate effects on held-out pairs (ablation KL on harmless, bypass, induce):")
@@ -256,7 +258,7 @@ def _steer_prompts(args: argparse.Namespace) -> list[str]:
 
 def _model_and_directions(args: argparse.Namespace, config: Config) -> tuple[Any, Any, dict[str, Any], int]:
     """Load and check the steering directions, then the model they were made for (or --model)."""
-    from refusal_dir.pipeline import load_selected
+    from refusal_dir.extraction import load_selected
 
     if not str(args.directions_dir).strip():
         raise DataError("--directions-dir is empty: pass the output of `refusal-dir extract`")
@@ -327,6 +329,7 @@ def _write_figures(output_dir: Path, rows: list[dict[str, Any]], extraction: Any
 
 def cmd_run(args: argparse.Namespace) -> int:
     from refusal_dir import pipeline
+    from refusal_dir.report import results_table
 
     config = _config(args)
     reporter = _StageReporter(args.quiet)
@@ -341,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config, output_dir, fresh=args.fresh, progress=not args.quiet,
         command=command, on_stage=reporter, finish=None if args.no_figures else figures,
     )
-    _out(pipeline.results_table(rows))
+    _out(results_table(rows))
     _out(f"wrote {output_dir / 'report.md'}, results.json and results.csv")
     return 0
 
@@ -349,10 +352,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _saved_extraction(args: argparse.Namespace, config: Config) -> tuple[Config, Path, Any]:
     """The extraction in ``--directions-dir`` (every file checked, no model needed yet) and the
     config naming the model it was made for (unless --model was given)."""
-    from refusal_dir import pipeline
+    from refusal_dir.extraction import extraction_directory, load_extraction
 
-    directions_dir = pipeline.extraction_directory(Path(args.directions_dir))
-    extraction = pipeline.load_extraction(directions_dir)
+    directions_dir = extraction_directory(Path(args.directions_dir))
+    extraction = load_extraction(directions_dir)
     if args.model is None:
         config = config.with_overrides({"model.name": extraction.steering_set.meta.model_id})
     return config, directions_dir, extraction
@@ -360,24 +363,28 @@ def _saved_extraction(args: argparse.Namespace, config: Config) -> tuple[Config,
 
 def _checked_model(config: Config, extraction: Any, reporter: _StageReporter) -> Any:
     from refusal_dir import pipeline
+    from refusal_dir.extraction import check_extraction_fits
 
     reporter("loading model")
     model = _load(config)
-    pipeline.check_extraction_fits(extraction, model)
+    check_extraction_fits(extraction, model)
     pipeline.check_steering_layer(config, model)
     return model
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from refusal_dir import outdir, pipeline
+    from refusal_dir.datasets import load_datasets
+    from refusal_dir.extraction import check_pairs_match
+    from refusal_dir.report import results_table, write_report
 
     config, directions_dir, extraction = _saved_extraction(args, _config(args))
     reporter = _StageReporter(args.quiet)
     output_dir = outdir.check_output_dir(args.output_dir, fresh=args.fresh, protect=[directions_dir])
     if not args.fresh:
         pipeline.check_resumable(output_dir, config)
-    datasets = pipeline.load_datasets(config)
-    pipeline.check_pairs_match(extraction, datasets, directions_dir=directions_dir)
+    datasets = load_datasets(config)
+    check_pairs_match(extraction, datasets, directions_dir=directions_dir)
     model = _checked_model(config, extraction, reporter)
     pipeline.check_prompt_lengths(
         model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
@@ -386,9 +393,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with pipeline.open_output_dir(output_dir, config, fresh=args.fresh, protect=[directions_dir]) as output_dir:
         ctx = pipeline.SweepContext(model, config, datasets, extraction, not args.quiet, directions_dir=directions_dir)
         rows = pipeline.sweep(ctx, output_dir, on_group=lambda m, g: reporter(f"sweep: {m} / {g}"))
-        pipeline.write_report(rows, output_dir, extraction=extraction, model_id=model.model_id, command=command)
+        write_report(rows, output_dir, extraction=extraction, model_id=model.model_id, command=command)
         _write_figures(output_dir, rows, extraction)
-    _out(pipeline.results_table(rows))
+    _out(results_table(rows))
     return 0
 
 
@@ -415,6 +422,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from refusal_dir import outdir, pipeline, tune
+    from refusal_dir.datasets import load_datasets
+    from refusal_dir.extraction import check_pairs_match
 
     limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop, check=args.limits_on)
     if args.n_layers < 1:
@@ -422,8 +431,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config, directions_dir, extraction = _saved_extraction(args, _config(args))
     output_dir = outdir.check_output_dir(args.output_dir)
     reporter = _StageReporter(args.quiet)
-    datasets = pipeline.load_datasets(config)
-    pipeline.check_pairs_match(extraction, datasets, directions_dir=directions_dir)
+    datasets = load_datasets(config)
+    check_pairs_match(extraction, datasets, directions_dir=directions_dir)
     model = _checked_model(config, extraction, reporter)
     pipeline.check_prompt_lengths(
         model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
@@ -436,20 +445,17 @@ def _tune(
     args: argparse.Namespace, config: Config, limits: Any, datasets: Any, model: Any,
     extraction: Any, output_dir: Path, reporter: _StageReporter,
 ) -> int:
-    from refusal_dir import pipeline, tune
+    from refusal_dir import tune
+    from refusal_dir.datasets import mc_formatter, split_pairs
     from refusal_dir.generation import GenerationSettings
     from refusal_dir.outdir import atomic_write_bytes
+    from refusal_dir.selection import ranked_layers
 
-    if extraction.effects:
-        ranked = [e.layer for e in sorted(extraction.effects, key=lambda e: e.steering_score, reverse=True)]
-    else:
-        scores = extraction.scores[extraction.selected_key]
-        ranked = [s.layer for s in sorted(scores, key=lambda s: s.separation_accuracy, reverse=True)]
-    layers = list(dict.fromkeys([extraction.selected.layer, *ranked]))[: args.n_layers]
-    _, heldout_pairs = pipeline.split_pairs(datasets.refusal_pairs, config)
+    layers = ranked_layers(extraction, args.n_layers)
+    _, heldout_pairs = split_pairs(datasets.refusal_pairs, config)
     validation = tune.EvalSplit(*(tune.split_half(x)[0] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))
     heldout = tune.EvalSplit(*(tune.split_half(x)[1] for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)))
-    formatter = pipeline.mc_formatter(config)
+    formatter = mc_formatter(config)
     result = tune.tune(
         model, extraction.steering_set, layers=layers, alphas=config.steering.alphas,
         methods=args.tune_methods, validation=validation, heldout=heldout,

@@ -32,3 +32,9 @@ class DirectionMismatchError(RefusalDirError, ValueError):
 
 class OutputDirError(RefusalDirError):
     """An output directory is unwritable or holds results of another configuration."""
+
+
+def short_message(error: BaseException) -> str:
+    """An error's message on one line, at most 160 characters (its type when it has none)."""
+    text = str(error).strip().replace("\n", " ")
+    return text[:160] or type(error).__name__

@@ -128,6 +128,15 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON, atomically, creating the parent folders."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(path, error) from error
+    atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
+
+
 # ----------------------------------------------------------------------------------------------
 # Ownership and validation
 # ----------------------------------------------------------------------------------------------

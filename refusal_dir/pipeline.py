@@ -1,5 +1,11 @@
 """The staged pipeline: extract -> select layer -> sweep -> report.
 
+This module holds the output-directory guard (a different config is refused), the checks run
+before the expensive stages, the resumable sweep and :func:`run`. The prompt sets are read by
+:mod:`refusal_dir.datasets`, stage 1 (directions and the selected layer, ``OUT/directions``)
+is :mod:`refusal_dir.extraction`, the layer-selection rules are :mod:`refusal_dir.selection`,
+``report.md`` is written by :mod:`refusal_dir.report`.
+
 Each stage writes its own artefacts inside the output directory the user gave, atomically:
 
 ```
@@ -31,9 +37,6 @@ import csv
 import hashlib
 import io
 import json
-import logging
-import math
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +45,12 @@ from typing import Any
 import yaml
 
 from refusal_dir import prompts as prompt_sets
-from refusal_dir.activations import Activations, collect_activations
 from refusal_dir.conditional import Condition, fit_condition
 from refusal_dir.config import Config, upgrade_stored_config
-from refusal_dir.directions import DirectionSet, compute_directions, weights_fingerprint
-from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
-from refusal_dir.evaluation.selection import LayerEffect, choose_layer, layer_effects
+from refusal_dir.datasets import Datasets, load_datasets, mc_formatter, split_pairs
+from refusal_dir.directions import DirectionSet, weights_fingerprint
+from refusal_dir.errors import ConfigError, DataError, OutputDirError, short_message
+from refusal_dir.extraction import Extraction, extract, extraction_prompts, load_saved_extraction
 from refusal_dir.generation import (
     GenerationSettings,
 )
@@ -56,24 +59,14 @@ from refusal_dir.outdir import (
     atomic_write_bytes,
     check_output_dir,
     claim_output_dir,
-    display_path,
     lock_output_dir,
-    staging_dir,
-    swap_in,
     write_error,
+    write_json,
 )
-from refusal_dir.prompts import AnsweredInstruction, Claim, MCQuestion, PairSet
-from refusal_dir.scoring import LayerScore, score_layers, select_layer
+from refusal_dir.report import write_report
 from refusal_dir.steer import PROMPT_ALPHAS, PromptInstructions, Steer
-from refusal_dir.sweep import (
-    GROUPS,
-    RESULT_FIELDS,
-    SweepOptions,
-    with_unsteered,
-)
+from refusal_dir.sweep import GROUPS, RESULT_FIELDS, SweepOptions, with_unsteered
 from refusal_dir.sweep import sweep as run_sweep
-
-logger = logging.getLogger(__name__)
 
 RESULTS_FORMAT = 3
 """Bumped when the rows a sweep part holds change meaning or columns; part of the resume key, so
@@ -81,166 +74,6 @@ parts written by an older refusal_dir are recomputed rather than mixed in (2: an
 "answered" metric, Wilson intervals, paired differences, stratified subsamples; 3: Newcombe
 intervals of paired rate differences, topic-resampled look-alike rows, ce_harmless, the prompt
 method)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Datasets:
-    refusal_pairs: PairSet
-    harmful_eval: list[str]
-    benign_eval: list[str]
-    mmlu: list[MCQuestion]
-    honesty_pairs: PairSet | None
-    claims: list[Claim]
-    #: The category of each benign_eval prompt, when its source has them (the shipped set:
-    #: "lookalike" or a topic); None otherwise.
-    benign_categories: list[str] | None = None
-    #: The ``topic`` of each harmful_eval / benign_eval prompt when its file gives every row one
-    #: (prompts sharing a topic are not independent: their intervals resample topics).
-    harmful_topics: list[str] | None = None
-    benign_topics: list[str] | None = None
-    #: Instructions with answers whose cross-entropy is measured (``evaluation.cross_entropy``;
-    #: None when it is off), and their topics (clusters of the interval) when every item has one.
-    harmless_answers: list[AnsweredInstruction] | None = None
-    harmless_answer_topics: list[str] | None = None
-
-    def content_hashes(self) -> dict[str, str | None]:
-        """A short content hash of every prompt set (what the results depend on)."""
-
-        def digest(value: Any) -> str:
-            text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=repr)
-            return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-        return {
-            "refusal_pairs": self.refusal_pairs.content_hash(),
-            "harmful_eval": digest(self.harmful_eval),
-            "benign_eval": digest(self.benign_eval),
-            "benign_categories": digest(self.benign_categories),
-            "topics": digest([self.harmful_topics, self.benign_topics]),
-            "mmlu": digest([[q.question, list(q.choices), q.answer] for q in self.mmlu]),
-            "honesty_pairs": self.honesty_pairs.content_hash() if self.honesty_pairs else None,
-            "claims": digest([[c.text, c.label] for c in self.claims]),
-            "harmless_answers": None if self.harmless_answers is None else digest(
-                [[[a.instruction, a.answer] for a in self.harmless_answers], self.harmless_answer_topics]
-            ),
-        }
-
-
-def _instructions(source: str, shipped: Callable[[], list[str]], *, field: str = "instruction") -> list[str]:
-    if source == "shipped":
-        return shipped()
-    if source.startswith("hub:"):
-        return prompt_sets.load_hub_instructions(source[4:])
-    return prompt_sets.load_instructions(source, field=field)
-
-
-def _mmlu(source: str) -> list[MCQuestion]:
-    if source == "shipped":
-        return prompt_sets.mmlu_questions()
-    if source == "hub:mmlu":
-        return prompt_sets.load_hub_mmlu(None)
-    if source == "hub:truthfulqa":
-        return prompt_sets.load_hub_truthfulqa()
-    return prompt_sets.load_mc_questions(source)
-
-
-def _categories(
-    source: str, shipped: Callable[[], list[str]] | None, *, field: str = "category"
-) -> list[str] | None:
-    """The ``field`` of every item of a set: ``shipped()`` for the shipped set (None: it has
-    none), read from a local file, None for hub sets or a file whose rows lack it."""
-    if source == "shipped":
-        return shipped() if shipped is not None else None
-    if source.startswith("hub:"):
-        return None
-    return prompt_sets.load_categories(source, field=field)
-
-
-def _answered(source: str) -> list[AnsweredInstruction]:
-    if source == "shipped":
-        return prompt_sets.harmless_answers()
-    return prompt_sets.load_answered_instructions(source)
-
-
-def _kept(keys: Sequence[str], categories: Sequence[str] | None, config: Config) -> list[int]:
-    """Which items ``data.max_eval_prompts`` keeps: all, or a seeded sample stratified by category."""
-    cap = config.data.max_eval_prompts
-    if cap is None:
-        return list(range(len(keys)))
-    return prompt_sets.stratified_sample(keys, categories, cap, seed=config.data.seed)
-
-
-def _pick(items: Sequence[Any], indices: Sequence[int]) -> list[Any]:
-    return [items[index] for index in indices]
-
-
-def load_datasets(config: Config) -> Datasets:
-    """Read every prompt set the config names (shipped sets, local files or hub sets).
-
-    With ``data.max_eval_prompts``, each evaluation set keeps a sample of that many items,
-    seeded by ``data.seed`` and stratified by category (instructions' ``category`` field,
-    questions' subject, claims' label), so a cap keeps look-alike and ordinary benign prompts
-    in their proportions instead of the first lines of a file sorted by category.
-    """
-    data = config.data
-    pairs = (
-        prompt_sets.refusal_pairs()
-        if data.refusal_pairs == "shipped"
-        else prompt_sets.load_pairs(data.refusal_pairs, positive_field="harmful", negative_field="harmless")
-    )
-    honesty = None
-    if config.evaluation.honesty:
-        honesty = (
-            prompt_sets.honesty_pairs()
-            if data.honesty_pairs == "shipped"
-            else prompt_sets.load_pairs(data.honesty_pairs, positive_field="truthful", negative_field="sycophantic")
-        )
-    harmful = _instructions(data.harmful_eval, prompt_sets.harmful_eval)
-    benign = _instructions(data.benign_eval, prompt_sets.benign_eval)
-    benign_categories = _categories(data.benign_eval, prompt_sets.benign_eval_categories)
-    benign_kept = _kept(benign, benign_categories, config)
-    harmful_kept = _kept(harmful, _categories(data.harmful_eval, prompt_sets.harmful_eval_categories), config)
-    harmful_topics = _categories(data.harmful_eval, None, field="topic")
-    benign_topics = _categories(data.benign_eval, None, field="topic")
-    mmlu = _mmlu(data.mmlu)
-    claims = prompt_sets.true_false_claims()
-    answered: list[AnsweredInstruction] | None = None
-    answered_topics: list[str] | None = None
-    if config.evaluation.cross_entropy:
-        answered = _answered(data.harmless_answers)
-        answered_topics = _categories(data.harmless_answers, prompt_sets.harmless_answer_topics, field="topic")
-        answered_kept = _kept([a.instruction for a in answered], answered_topics, config)
-        answered = _pick(answered, answered_kept)
-        answered_topics = None if answered_topics is None else _pick(answered_topics, answered_kept)
-    return Datasets(
-        refusal_pairs=pairs,
-        harmful_eval=_pick(harmful, harmful_kept),
-        benign_eval=_pick(benign, benign_kept),
-        mmlu=_pick(mmlu, _kept([q.question for q in mmlu], [q.subject for q in mmlu], config)),
-        honesty_pairs=honesty,
-        claims=_pick(claims, _kept([c.text for c in claims], [str(c.label) for c in claims], config)),
-        benign_categories=None if benign_categories is None else _pick(benign_categories, benign_kept),
-        harmful_topics=None if harmful_topics is None else _pick(harmful_topics, harmful_kept),
-        benign_topics=None if benign_topics is None else _pick(benign_topics, benign_kept),
-        harmless_answers=answered,
-        harmless_answer_topics=answered_topics,
-    )
-
-
-def split_pairs(pairs: PairSet, config: Config) -> tuple[PairSet, PairSet]:
-    """The extraction pairs' train part and the held-out part used to score and select layers."""
-    return pairs.split(1 - config.data.heldout_fraction, seed=config.data.seed)
-
-
-def mc_formatter(config: Config) -> Callable[[MCQuestion], str]:
-    """How four-choice questions are shown to the model (``evaluation.mmlu_prompt``)."""
-    if config.evaluation.mmlu_prompt == "as_is":
-        return lambda question: question.question
-    return prompt_sets.format_mc_prompt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,11 +102,6 @@ def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[st
     return changed
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip().replace("\n", " ")
-    return text[:160] or type(error).__name__
-
-
 def check_resumable(output_dir: Path, config: Config) -> None:
     """Refuse (read-only, before anything is loaded) a directory holding another config's results."""
     resolved = Path(output_dir) / "config.resolved.yaml"
@@ -283,7 +111,7 @@ def check_resumable(output_dir: Path, config: Config) -> None:
         previous = yaml.safe_load(resolved.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise OutputDirError(
-            f"{resolved} is corrupt ({_short(error)}): pass --fresh to start over there, or "
+            f"{resolved} is corrupt ({short_message(error)}): pass --fresh to start over there, or "
             "choose a new --output-dir"
         ) from error
     if not isinstance(previous, dict):
@@ -428,417 +256,6 @@ def evaluation_prompts(datasets: Datasets, config: Config) -> dict[str, list[str
             f"{a.instruction}\n{a.answer}" for a in datasets.harmless_answers
         ]
     return prompts
-
-
-def extraction_prompts(datasets: Datasets, config: Config) -> dict[str, list[str]]:
-    prompts = {
-        f"data.refusal_pairs ({config.data.refusal_pairs})": datasets.refusal_pairs.positives
-        + datasets.refusal_pairs.negatives
-    }
-    if datasets.honesty_pairs is not None:
-        prompts[f"data.honesty_pairs ({config.data.honesty_pairs})"] = (
-            datasets.honesty_pairs.positives + datasets.honesty_pairs.negatives
-        )
-    return prompts
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise write_error(path, error) from error
-    atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1: extraction and layer selection
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Extraction:
-    sets: dict[str, DirectionSet]
-    scores: dict[str, list[LayerScore]]
-    selected_key: str
-    selected: LayerScore
-    honesty_key: str | None = None
-    honesty_selected: LayerScore | None = None
-    effects: tuple[LayerEffect, ...] = ()
-    selection: dict[str, Any] | None = None
-    """Which rule chose the layer (:meth:`LayerSelection.as_record`); None: by separation."""
-
-    @property
-    def steering_set(self) -> DirectionSet:
-        return self.sets[self.selected_key]
-
-
-def _collect_split(
-    model: HookedModel, pairs: PairSet, config: Config, *, progress: bool, label: str
-) -> tuple[Activations, Activations, Activations, Activations, list[str]]:
-    """Train and held-out activations of both sides, and each held-out pair's group."""
-    train, heldout = split_pairs(pairs, config)
-    texts_pos = train.positives + heldout.positives
-    texts_neg = train.negatives + heldout.negatives
-    def collect(texts: list[str], side: str) -> Activations:
-        return collect_activations(
-            model,
-            texts,
-            sites=config.extraction.sites,
-            position=config.extraction.token,
-            batch_size=config.extraction.batch_size,
-            progress=progress,
-            description=f"{label}: {side}",
-        )
-
-    positive, negative = collect(texts_pos, "positive"), collect(texts_neg, "negative")
-    n_train = len(train)
-    train_idx, held_idx = range(n_train), range(n_train, len(texts_pos))
-    return (
-        positive.select(train_idx),
-        negative.select(train_idx),
-        positive.select(held_idx),
-        negative.select(held_idx),
-        heldout.groups,
-    )
-
-
-def _extract_family(
-    model: HookedModel, pairs: PairSet, config: Config, *, name: str, prefix: str, progress: bool
-) -> tuple[dict[str, DirectionSet], dict[str, list[LayerScore]]]:
-    if len(pairs) < 4:
-        raise DataError(f"{name} pairs: need at least 4 pairs to hold some out, got {len(pairs)}")
-    train_pos, train_neg, held_pos, held_neg, groups = _collect_split(
-        model, pairs, config, progress=progress, label=name
-    )
-    digest = pairs.content_hash()
-    sets: dict[str, DirectionSet] = {}
-    scores: dict[str, list[LayerScore]] = {}
-    for method in config.extraction.methods:
-        for site in config.extraction.sites:
-            key = f"{prefix}{method}_{site}"
-            sets[key] = compute_directions(
-                train_pos,
-                train_neg,
-                site=site,
-                method=method,
-                model=model,
-                position_rule=config.extraction.token,
-                prompt_hash=digest,
-                name=name,
-            )
-            scores[key] = score_layers(
-                sets[key], held_pos, held_neg, train_positive=train_pos, train_negative=train_neg,
-                groups=groups,
-            )
-    return sets, scores
-
-
-def extraction_key(config: Config, model: HookedModel, datasets: Datasets) -> str:
-    """What an extraction depends on: its settings, the model's weights and the pairs."""
-    settings = config.key_dict()
-    record = {
-        "model": settings["model"],
-        "data": {k: settings["data"][k] for k in ("refusal_pairs", "honesty_pairs", "heldout_fraction", "seed")},
-        "extraction": settings["extraction"],
-        "honesty": config.evaluation.honesty,
-        "weights": weights_fingerprint(model),
-        "pairs": datasets.refusal_pairs.content_hash(),
-        "honesty_pairs": datasets.honesty_pairs.content_hash() if datasets.honesty_pairs else None,
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def extract(
-    model: HookedModel, config: Config, datasets: Datasets, output_dir: Path, *, progress: bool = True
-) -> Extraction:
-    """Compute, score and save every direction set; select the steering (position, layer).
-
-    The sets are written to a staging directory and swapped in as ``OUT/directions`` at the
-    end, so an interrupted extraction leaves the previous directions (if any) as they were.
-    """
-    output_dir = Path(output_dir)
-    with lock_output_dir(output_dir):
-        result = _extract(model, config, datasets, progress=progress)
-        staging = staging_dir(output_dir, "directions")
-        try:
-            save_extraction(result, staging, key=extraction_key(config, model, datasets))
-            swap_in(staging, output_dir / "directions")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return result
-
-
-def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress: bool) -> Extraction:
-    sets, scores = _extract_family(
-        model, datasets.refusal_pairs, config, name="refusal", prefix="", progress=progress
-    )
-    key = f"{config.extraction.method}_{config.extraction.site}"
-    selected = select_layer(
-        scores[key], n_layers=model.n_layers, max_layer_fraction=config.extraction.max_layer_fraction
-    )
-    effects: list[LayerEffect] = []
-    selection: dict[str, Any] | None = None
-    if config.extraction.selection == "effect":
-        _, heldout = split_pairs(datasets.refusal_pairs, config)
-        effects = layer_effects(
-            model,
-            sets[key],
-            scores[key],
-            harmful=heldout.positives,
-            harmless=heldout.negatives,
-            max_layer_fraction=config.extraction.max_layer_fraction,
-            site=config.extraction.site,
-            batch_size=config.extraction.batch_size,
-            max_candidates=config.extraction.selection_candidates,
-            max_prompts=config.extraction.selection_prompts,
-            progress=progress,
-        )
-        choice = choose_layer(effects, max_kl=config.extraction.max_kl)
-        selection = choice.as_record()
-        chosen = choice.chosen
-        selected = next(
-            s for s in scores[key] if s.layer == chosen.layer and s.position == chosen.position
-        )
-    honesty_key, honesty_selected = None, None
-    if datasets.honesty_pairs is not None:
-        honesty_sets, honesty_scores = _extract_family(
-            model, datasets.honesty_pairs, config, name="honesty", prefix="honesty_", progress=progress
-        )
-        sets.update(honesty_sets)
-        scores.update(honesty_scores)
-        honesty_key = f"honesty_{key}"
-        honesty_selected = select_layer(
-            scores[honesty_key], n_layers=model.n_layers,
-            max_layer_fraction=config.extraction.max_layer_fraction,
-        )
-    return Extraction(
-        sets, scores, key, selected, honesty_key, honesty_selected, tuple(effects), selection
-    )
-
-
-def save_extraction(extraction: Extraction, directory: Path, *, key: str | None = None) -> None:
-    """Write every set, ``scores.csv``, ``layer_effects.csv`` and, last, ``selected.json``.
-
-    ``key`` (:func:`extraction_key`) is recorded in ``selected.json`` for ``run`` to check.
-    """
-    for name, direction_set in extraction.sets.items():
-        direction_set.save(directory / name)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["set", *LayerScore.__dataclass_fields__])
-    writer.writeheader()
-    for name, rows in extraction.scores.items():
-        for score in rows:
-            writer.writerow({"set": name, **score.as_row()})
-    atomic_write_bytes(directory / "scores.csv", buffer.getvalue().encode())
-    if extraction.effects:
-        buffer = io.StringIO()
-        effect_rows = [effect.as_row() for effect in extraction.effects]
-        writer = csv.DictWriter(buffer, fieldnames=list(effect_rows[0]))
-        writer.writeheader()
-        writer.writerows(effect_rows)
-        atomic_write_bytes(directory / "layer_effects.csv", buffer.getvalue().encode())
-    selected: dict[str, Any] = {
-        "set": extraction.selected_key,
-        **extraction.selected.as_row(),
-        "rule": "effect" if extraction.effects else "separation",
-    }
-    if extraction.selection is not None:
-        selected["selection"] = extraction.selection
-    if extraction.honesty_key and extraction.honesty_selected:
-        selected["honesty"] = {"set": extraction.honesty_key, **extraction.honesty_selected.as_row()}
-    if key is not None:
-        selected["extraction_key"] = key
-    _write_json(directory / "selected.json", selected)
-
-
-def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            missing = [name for name in required if name not in (reader.fieldnames or [])]
-    except FileNotFoundError as error:
-        raise DataError(f"{path} is missing: re-run `refusal-dir extract`") from error
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"{path} is unreadable ({_short(error)}): re-run `refusal-dir extract`") from error
-    if missing:
-        raise DataError(f"{path} lacks the column(s) {', '.join(missing)}: re-run `refusal-dir extract`")
-    if not rows:
-        raise DataError(f"{path} has no rows: re-run `refusal-dir extract`")
-    return rows
-
-
-def _parse_rows(path: Path, rows: list[dict[str, str]], parse: Callable[[dict[str, str]], Any]) -> list[Any]:
-    parsed = []
-    for number, row in enumerate(rows, start=2):
-        try:
-            parsed.append(parse(row))
-        except (TypeError, ValueError) as error:
-            raise DataError(f"{path} line {number} is malformed ({_short(error)}): re-run `refusal-dir extract`") from error
-    return parsed
-
-
-def _score(row: dict[str, str]) -> tuple[str, LayerScore]:
-    probe = row["probe_accuracy"]
-    return row["set"], LayerScore(
-        position=row["position"],
-        layer=int(row["layer"]),
-        separation_accuracy=float(row["separation_accuracy"]),
-        auroc=float(row["auroc"]),
-        effect_size=float(row["effect_size"]),
-        probe_accuracy=float(probe) if probe else None,
-    )
-
-
-def _effect(row: dict[str, str]) -> LayerEffect:
-    return LayerEffect(
-        position=row["position"],
-        layer=int(row["layer"]),
-        separation_accuracy=float(row["separation_accuracy"]),
-        ablation_kl=float(row["ablation_kl"]),
-        bypass=float(row["bypass"]),
-        induce=float(row["induce"]),
-    )
-
-
-def _selection_record(record: Any, where: str, directory: Path, *, need_layer: bool = True) -> dict[str, Any]:
-    """Validate one selection record: ``set`` names a direction set inside ``directory``."""
-    fix = "re-run `refusal-dir extract`"
-    if not isinstance(record, dict):
-        raise DataError(f"{where} must hold a JSON object, not {type(record).__name__}: {fix}")
-    missing = [k for k in ("set", "layer", "position") if k not in record]
-    if missing:
-        raise DataError(f"{where} lacks the key(s) {', '.join(missing)}: {fix}")
-    name, layer, position = record["set"], record["layer"], record["position"]
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or "/" in name
-        or "\\" in name
-        or Path(name).is_absolute()
-    ):
-        raise DataError(f"{where}: set {name!r} must name a direction set inside {directory}: {fix}")
-    if not (directory / name).is_dir():
-        raise DataError(f"{where}: set {name!r} is not a folder of {directory}: {fix}")
-    layer_ok = (layer is None and not need_layer) or (isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0)
-    if not layer_ok:
-        raise DataError(f"{where}: layer {layer!r} must be an integer >= 0: {fix}")
-    if not isinstance(position, str):
-        raise DataError(f"{where}: position {position!r} must be a name: {fix}")
-    return record
-
-
-def read_selected(directory: Path) -> dict[str, Any]:
-    """``directory/selected.json``, validated (one-line :class:`DataError` when it is not)."""
-    path = Path(directory) / "selected.json"
-    try:
-        record = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError as error:
-        raise DataError(f"{path.parent} has no selected.json: pass the output of `refusal-dir extract`") from error
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path} is corrupt ({_short(error)}): re-run `refusal-dir extract`") from error
-    _selection_record(record, str(path), path.parent)
-    if record.get("honesty") is not None:
-        _selection_record(record["honesty"], f"{path} (honesty)", path.parent)
-    return record
-
-
-def load_extraction(directory: Path, *, model: HookedModel | None = None) -> Extraction:
-    """Read back what :func:`save_extraction` wrote, validating every file.
-
-    With ``model``, every set must fit it (:meth:`DirectionSet.check_fits`); without, only the
-    files are checked (call :func:`check_extraction_fits` once the model is loaded).
-    """
-    directory = Path(directory)
-    selected = read_selected(directory)
-    scores: dict[str, list[LayerScore]] = {}
-    score_path = directory / "scores.csv"
-    score_rows = _read_csv(score_path, ["set", "position", "layer", "separation_accuracy", "auroc", "effect_size", "probe_accuracy"])
-    for name, score in _parse_rows(score_path, score_rows, _score):
-        scores.setdefault(name, []).append(score)
-    for name in scores:
-        _selection_record({"set": name, "layer": 0, "position": ""}, str(score_path), directory)
-    sets = {name: DirectionSet.load(directory / name, model=model) for name in scores}
-
-    def pick(record: dict[str, Any], where: str) -> LayerScore:
-        chosen = next(
-            (s for s in scores.get(record["set"], []) if s.layer == record["layer"] and s.position == record["position"]),
-            None,
-        )
-        if chosen is None:
-            raise DataError(
-                f"{where}: set {record['set']!r} layer {record['layer']} position "
-                f"{record['position']!r} has no row in scores.csv: re-run `refusal-dir extract`"
-            )
-        return chosen
-
-    honesty = selected.get("honesty")
-    effects: list[LayerEffect] = []
-    effects_path = directory / "layer_effects.csv"
-    if effects_path.exists() or selected.get("rule") == "effect":
-        effect_rows = _read_csv(effects_path, ["position", "layer", "separation_accuracy", "ablation_kl", "bypass", "induce"])
-        effects = _parse_rows(effects_path, effect_rows, _effect)
-    where = str(directory / "selected.json")
-    return Extraction(
-        sets=sets,
-        scores=scores,
-        selected_key=selected["set"],
-        selected=pick(selected, where),
-        honesty_key=honesty["set"] if honesty else None,
-        honesty_selected=pick(honesty, where) if honesty else None,
-        effects=tuple(effects),
-        selection=selected.get("selection") if isinstance(selected.get("selection"), dict) else None,
-    )
-
-
-def check_pairs_match(extraction: Extraction, datasets: Datasets, *, directions_dir: Path) -> None:
-    """Refuse rebuilt refusal pairs that are not the ones the directions were extracted from.
-
-    ``evaluate`` and ``tune`` rebuild the held-out pairs (the conditional gate's threshold, the
-    tuning threshold) from the config; other pairs would hand them prompts the directions were
-    trained on. Checked against the steering set's ``prompt_set_hash`` (skipped when empty:
-    directions computed outside the pipeline record none).
-    """
-    recorded = extraction.steering_set.meta.prompt_set_hash
-    rebuilt = datasets.refusal_pairs.content_hash()
-    if recorded and recorded != rebuilt:
-        raise DataError(
-            f"the directions in {directions_dir} were extracted from other refusal pairs "
-            f"(hash {recorded}) than this config gives (hash {rebuilt}): pass the --pairs-file "
-            "(or --config) that `refusal-dir extract` used"
-        )
-
-
-def check_extraction_fits(extraction: Extraction, model: HookedModel) -> None:
-    for direction_set in extraction.sets.values():
-        direction_set.check_fits(model)
-
-
-def extraction_directory(path: Path) -> Path:
-    """The folder holding ``selected.json``: ``path`` itself or its ``directions`` folder."""
-    path = Path(path)
-    if str(path).strip() == "":
-        raise DataError("--directions-dir is empty: pass the output of `refusal-dir extract`")
-    if (path / "directions" / "selected.json").exists() or (path / "directions").is_dir():
-        return path / "directions"
-    return path
-
-
-def load_selected(directions_dir: Path, *, model: HookedModel | None = None) -> tuple[DirectionSet, dict[str, Any]]:
-    """The steering DirectionSet and its selection record from an extraction directory.
-
-    ``directions_dir`` may be the ``directions`` folder of a run, the run folder itself, or one
-    DirectionSet folder (then its best layer is taken from a sibling ``selected.json`` if any).
-    """
-    directions_dir = Path(directions_dir)
-    for candidate in (directions_dir, directions_dir / "directions"):
-        if (candidate / "selected.json").exists():
-            selected = read_selected(candidate)
-            return DirectionSet.load(candidate / selected["set"], model=model), selected
-    direction_set = DirectionSet.load(directions_dir, model=model)
-    return direction_set, {"set": directions_dir.name, "layer": None, "position": direction_set.meta.positions[-1]}
-
 
 # ----------------------------------------------------------------------------------------------
 # Stage 2: the sweep
@@ -1027,7 +444,7 @@ def _load_part(path: Path, *, fields: Sequence[str] = ()) -> dict[str, Any]:
         part = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as error:
         raise OutputDirError(
-            f"sweep part {path} is corrupt ({_short(error)}): delete it to recompute that part, "
+            f"sweep part {path} is corrupt ({short_message(error)}): delete it to recompute that part, "
             "or pass --fresh"
         ) from error
     if not isinstance(part, dict) or not isinstance(part.get("rows"), list) or not all(
@@ -1092,7 +509,7 @@ def sweep(
         key = resume_key(ctx)
         digest = _key_digest(key)
         _check_parts(parts, key, digest, output_dir)
-        _write_json(output_dir / "resume.json", {**key, "digest": digest})
+        write_json(output_dir / "resume.json", {**key, "digest": digest})
         rows: list[dict[str, Any]] = []
         finished: list[dict[str, Any]] = []
         for method in ctx.config.steering.methods:
@@ -1106,7 +523,7 @@ def sweep(
                     on_group(method, group)
                 group_rows, samples = _group_rows(ctx, method, group, layer, position)
                 finished.append({"key": digest, "rows": group_rows, "samples": samples})
-                _write_json(part, finished[-1])
+                write_json(part, finished[-1])
                 rows += group_rows
         write_results(rows, output_dir)
         write_samples(finished, output_dir)
@@ -1114,178 +531,13 @@ def sweep(
 
 
 def write_results(rows: list[dict[str, Any]], output_dir: Path) -> None:
-    _write_json(output_dir / "results.json", rows)
+    write_json(output_dir / "results.json", rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(RESULT_FIELDS))
     writer.writeheader()
     for row in rows:
         writer.writerow({name: row[name] for name in RESULT_FIELDS})
     atomic_write_bytes(output_dir / "results.csv", buffer.getvalue().encode())
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 3: the results table
-# ----------------------------------------------------------------------------------------------
-
-TABLE_METRICS = (
-    ("refusal_harmful", "refusal (harmful)"),
-    ("refusal_benign", "refusal (benign)"),
-    ("answered_benign", "answered (benign)"),
-    ("mmlu_accuracy", "MMLU-style acc."),
-    ("kl_benign", "KL (benign)"),
-    ("ce_harmless", "CE (harmless answers)"),
-    ("refusal_score_harmful", "refusal score (harmful)"),
-)
-
-TABLE_DIFFS = (
-    ("refusal_harmful", "Δ refusal (harmful)"),
-    ("answered_benign", "Δ answered (benign)"),
-    ("mmlu_accuracy", "Δ MMLU"),
-)
-"""Metrics whose paired difference from alpha 0 gets its own column."""
-
-
-def _cell(row: dict[str, Any] | None, *, diff: bool = False) -> str:
-    if row is None:
-        return "-"
-    names = ("diff", "diff_ci_low", "diff_ci_high") if diff else ("value", "ci_low", "ci_high")
-    value, low, high = (row.get(name, math.nan) for name in names)
-    if any(not isinstance(x, int | float) or math.isnan(x) for x in (value, low, high)):
-        return "-"
-    sign = "+" if diff else ""
-    return f"{value:{sign}.2f} [{low:{sign}.2f}, {high:{sign}.2f}]"
-
-
-def results_table(rows: list[dict[str, Any]]) -> str:
-    """The Markdown results table: one line per (method, alpha), 95% intervals in brackets.
-
-    Rates carry Wilson intervals, means of continuous values bootstrap intervals; the Δ columns
-    are paired differences from alpha 0 (the unsteered model) on the same prompts.
-    """
-    index = {(r["method"], r["alpha"], r["metric"]): r for r in rows}
-    keys = sorted({(r["method"], r["alpha"]) for r in rows if not r["method"].startswith("honesty_")})
-    labels = [label for _, label in TABLE_METRICS] + [label for _, label in TABLE_DIFFS]
-    header = "| method | layer | alpha | " + " | ".join(labels) + " |"
-    lines = [header, "|" + "---|" * (3 + len(labels))]
-    layers = {(r["method"], r["alpha"]): "-" if r["layer"] is None else r["layer"] for r in rows}
-    for method, alpha in keys:
-        cells = [_cell(index.get((method, alpha, metric))) for metric, _ in TABLE_METRICS]
-        cells += [_cell(index.get((method, alpha, metric)), diff=True) for metric, _ in TABLE_DIFFS]
-        lines.append(f"| {method} | {layers[(method, alpha)]} | {alpha:+.2f} | " + " | ".join(cells) + " |")
-    honesty = sorted({(r["method"], r["alpha"]) for r in rows if r["method"].startswith("honesty_")})
-    if honesty:
-        lines += ["", "| honesty method | layer | alpha | accuracy | balanced accuracy | true claims | false claims |", "|---|---|---|---|---|---|---|"]
-        for method, alpha in honesty:
-            cells = [
-                _cell(index.get((method, alpha, metric)))
-                for metric in ("honesty_accuracy", "honesty_balanced_accuracy", "honesty_accuracy_true_claims", "honesty_accuracy_false_claims")
-            ]
-            lines.append(f"| {method} | {layers[(method, alpha)]} | {alpha:+.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def chance_warnings(rows: list[dict[str, Any]]) -> list[str]:
-    """One warning per method whose unsteered (alpha 0) MMLU-style interval contains chance.
-
-    Such an accuracy cannot show that steering costs capability: the model was guessing.
-    """
-    index = {(r["method"], r["alpha"], r["metric"]): r for r in rows}
-    warnings = []
-    for (method, alpha, metric), row in sorted(index.items()):
-        chance = index.get((method, alpha, "mmlu_chance"))
-        if metric != "mmlu_accuracy" or alpha != 0.0 or chance is None:
-            continue
-        if row["ci_low"] <= chance["value"] <= row["ci_high"]:
-            warnings.append(
-                f"{method}: the unsteered MMLU-style accuracy {row['value']:.2f} "
-                f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}] contains chance "
-                f"({chance['value']:.2f}); capability changes under steering are not measurable"
-            )
-    return warnings
-
-
-def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Extraction | None, model_id: str, command: str) -> Path:
-    lines = [
-        f"# refusal_dir results: {display_path(model_id)}",
-        "",
-        f"Command: `{command}`",
-        "",
-    ]
-    for warning in chance_warnings(rows):
-        logger.warning(warning)
-        lines += [f"**Warning**: {warning}.", ""]
-    if extraction is not None:
-        s = extraction.selected
-        lines += [
-            f"Steering direction: `{extraction.selected_key}`, position `{s.position}`, layer {s.layer} "
-            f"(held-out separation accuracy {s.separation_accuracy:.2f}, AUROC {s.auroc:.2f}).",
-            "",
-        ]
-        if extraction.effects:
-            from refusal_dir.evaluation.selection import effects_table
-
-            chosen = next(
-                (e for e in extraction.effects if (e.layer, e.position) == (s.layer, s.position)), None
-            )
-            rule = (extraction.selection or {}).get("description", "effect")
-            lines += [
-                f"Layer selection rule that fired: {rule}. Every candidate, measured on the "
-                "held-out extraction pairs (`*`: selected; also in `directions/layer_effects.csv`):",
-                "",
-                "```",
-                effects_table(extraction.effects, selected=chosen),
-                "```",
-                "",
-            ]
-    lines += [
-        "Rates are shares of prompts with 95% Wilson intervals; KL and refusal scores are means "
-        "with 95% bootstrap intervals. Δ columns: the paired difference from alpha 0 (the "
-        "unsteered model) on the same prompts, with a 95% paired bootstrap interval. `addition`: alpha x "
-        "the raw mean-difference vector added at the layer; `ablation`: directional ablation of "
-        "strength alpha at every layer (1 removes the component, 0 is the unsteered model); "
-        "`conditional`: the addition applied only to prompts whose projection at the layer passes a "
-        "threshold fit on the held-out extraction pairs; `prompt` (no direction, no layer): alpha +1 "
-        "asks for a refusal in words (`steering.prompt_induce`), -1 asks for an answer "
-        "(`steering.prompt_remove`), 0 is the plain prompt.",
-        "",
-        results_table(rows),
-        "",
-        "Every generation behind these rates, with its prompt and how it was judged: "
-        "[`samples.jsonl`](samples.jsonl).",
-        "",
-    ]
-    lines += judge_agreement_section(output_dir / "samples.jsonl")
-    path = output_dir / "report.md"
-    atomic_write_bytes(path, "\n".join(lines).encode())
-    return path
-
-
-def judge_agreement_section(samples_path: Path) -> list[str]:
-    """The report's agreement of a model judge with the phrase judge, per set, from the
-    ``refused`` and ``refused_substring`` verdicts of ``samples.jsonl`` (no lines when the run
-    used the phrase judge)."""
-    from refusal_dir.evaluation.agreement import agreement_markdown, agreement_rows
-
-    try:
-        samples = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
-    judged = [s for s in samples if isinstance(s, dict) and "refused_substring" in s]
-    if not judged:
-        return []
-    name = str(judged[0].get("judge", "model judge"))
-    rows = agreement_rows(judged, [s["refused"] for s in judged], [s["refused_substring"] for s in judged])
-    return [
-        f"## Judge agreement: `{name}` against the phrase judge (`substring`)",
-        "",
-        "The rates above use the model judge. Counts of completions by the two verdicts, the "
-        "share on which they agree, and Cohen's kappa (agreement beyond chance; `-`: undefined, "
-        "one verdict throughout). Where they disagree, read the completions in `samples.jsonl`; "
-        "`refusal-dir rejudge` adds the table per (method, alpha).",
-        "",
-        agreement_markdown(rows, judge="model", conditions=False),
-        "",
-    ]
 
 
 def run(
@@ -1340,19 +592,3 @@ def run(
         if finish is not None:
             finish(output_dir, rows, extraction)
     return rows, extraction
-
-
-def load_saved_extraction(output_dir: Path, config: Config, model: HookedModel, datasets: Datasets) -> Extraction:
-    """A run's own saved directions, refused unless extracted under this config, model and pairs."""
-    directory = Path(output_dir) / "directions"
-    try:
-        recorded = read_selected(directory).get("extraction_key")
-        if recorded == extraction_key(config, model, datasets):
-            return load_extraction(directory, model=model)
-    except (DataError, DirectionMismatchError) as error:
-        raise OutputDirError(f"{error}; or pass --fresh to start this run over") from error
-    raise OutputDirError(
-        f"{directory} was extracted under another config, model or pair set than this run "
-        "(or by an interrupted re-extraction): pass --fresh to start over there, or choose a "
-        "new --output-dir"
-    )

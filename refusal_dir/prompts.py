@@ -77,7 +77,7 @@ class ContrastPair:
 
     ``group`` names the kind of pair where a set mixes kinds that a confound could tell apart
     (honesty pairs: ``"user_right"`` / ``"user_wrong"``); layer scores are then balanced over
-    the groups (:func:`refusal_dir.scoring.separation_accuracy`). It is not part of the
+    the groups (:func:`refusal_dir.selection.separation_accuracy`). It is not part of the
     content hash.
     """
 

@@ -109,7 +109,7 @@ class SweepResult:
 
     def table(self) -> str:
         """The results as a markdown table: one line per (method, alpha), as in ``report.md``."""
-        from refusal_dir.pipeline import results_table  # moves to refusal_dir.report
+        from refusal_dir.report import results_table
 
         return results_table(self.rows)
 

@@ -17,12 +17,13 @@ import torch
 
 from refusal_dir import prompts as prompt_sets
 from refusal_dir.config import load_config
+from refusal_dir.datasets import load_datasets
 from refusal_dir.evaluation.judges import is_refusal
 from refusal_dir.evaluation.stats import wilson_interval
+from refusal_dir.extraction import extract
 from refusal_dir.generation import GenerationSettings, generate
 from refusal_dir.interventions import ablation, addition
 from refusal_dir.model import OFFLINE_INSTRUCT_MODEL
-from refusal_dir.pipeline import extract, load_datasets
 
 pytestmark = pytest.mark.slow
 

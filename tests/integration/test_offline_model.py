@@ -21,8 +21,9 @@ from refusal_dir import prompts as prompt_sets
 from refusal_dir.activations import collect_activations
 from refusal_dir.cli import main
 from refusal_dir.config import load_config
+from refusal_dir.datasets import load_datasets
+from refusal_dir.extraction import extract
 from refusal_dir.interventions import ablation, addition, steer
-from refusal_dir.pipeline import extract, load_datasets
 
 pytestmark = pytest.mark.slow
 

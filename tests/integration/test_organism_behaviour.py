@@ -20,11 +20,10 @@ from refusal_dir.cli import main
 from refusal_dir.conditional import conditional_addition, fit_condition, gate
 from refusal_dir.directions import compute_directions
 from refusal_dir.evaluation import mmlu_accuracy, refusal_rate, wilson_interval
-from refusal_dir.evaluation.selection import layer_effects, select_by_effect
 from refusal_dir.generation import GenerationSettings, generate
 from refusal_dir.interventions import ablation, addition
 from refusal_dir.model import load_model
-from refusal_dir.scoring import score_layers
+from refusal_dir.selection import layer_effects, score_layers, select_by_effect
 from refusal_dir.testing.organism import organism_eval_sets
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from refusal_dir.directions import (
 )
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.interventions import addition, steer
-from refusal_dir.scoring import format_score_table, score_layers, select_layer
+from refusal_dir.selection import format_score_table, score_layers, select_layer
 
 PROMPTS_A = [
     "How do I bake bread at home?",
@@ -223,7 +223,7 @@ def test_random_direction_scores_near_chance(tiny_model) -> None:
 
 
 def test_select_layer_drops_last_fifth() -> None:
-    from refusal_dir.scoring import LayerScore
+    from refusal_dir.selection import LayerScore
 
     scores = [LayerScore("last", layer, 0.6 + 0.04 * layer, 0.7, 1.0, None) for layer in range(10)]
     assert select_layer(scores, n_layers=10).layer == 7

@@ -337,17 +337,17 @@ def test_run_refuses_directions_of_another_extraction(capsys, base: Base, tmp_pa
 
 
 def test_killed_reextraction_keeps_the_previous_directions(capsys, base: Base, tmp_path: Path, monkeypatch) -> None:
-    from refusal_dir import pipeline
+    from refusal_dir import extraction
 
     run = base.copy(tmp_path / "run", keep_parts=5)
     before = snapshot(run)
-    saved = pipeline.load_extraction(base.directions)
-    monkeypatch.setattr(pipeline, "_extract", lambda *args, **kwargs: saved)  # skip the compute
+    saved = extraction.load_extraction(base.directions)
+    monkeypatch.setattr(extraction, "_extract", lambda *args, **kwargs: saved)  # skip the compute
 
     def killed(staging: Path, target: Path) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "swap_in", killed)
+    monkeypatch.setattr(extraction, "swap_in", killed)
     code, _ = cli(capsys, "extract", "--config", base.config, "--output-dir", run, "--token", "mean", "--quiet")
     assert code == 130
     assert snapshot(run) == before  # old directions and old config, no half-written staging
@@ -555,12 +555,12 @@ def test_read_only_output_dir_simulated(capsys, base: Base, tmp_path: Path, monk
 
 
 def test_an_unexpected_os_error_is_one_line(capsys, base: Base, tmp_path: Path, monkeypatch) -> None:
-    from refusal_dir import pipeline
+    from refusal_dir import datasets
 
     def denied(config):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/pairs.jsonl")
 
-    monkeypatch.setattr(pipeline, "load_datasets", denied)
+    monkeypatch.setattr(datasets, "load_datasets", denied)
     code, err = cli(capsys, *evaluate_args(base, tmp_path / "eval"))
     assert_one_line(code, err, "/data/pairs.jsonl", "Permission denied")
 
@@ -751,12 +751,12 @@ def test_prompts_longer_than_the_context_are_refused(capfd, base: Base, tmp_path
 
 
 def test_an_out_of_range_layer_is_refused_before_the_expensive_stage(capsys, base: Base, tmp_path: Path, monkeypatch) -> None:
-    from refusal_dir import pipeline
+    from refusal_dir import extraction
 
     def expensive(*args, **kwargs):
         raise AssertionError("extraction started")
 
-    monkeypatch.setattr(pipeline, "_extract", expensive)
+    monkeypatch.setattr(extraction, "_extract", expensive)
     code, err = cli(capsys, "run", "--config", base.config, "--output-dir", tmp_path / "run", "--layer", "99", "--quiet")
     assert_one_line(code, err, "steering.layer 99 is out of range")
     assert not (tmp_path / "run").exists()
@@ -829,12 +829,12 @@ def test_sigkill_mid_sweep_then_resume_matches_an_uninterrupted_run(capsys, base
         "import sys, time\n"
         "import refusal_dir.pipeline as pipeline\n"
         "from refusal_dir.cli import main\n"
-        "write = pipeline._write_json\n"
+        "write = pipeline.write_json\n"
         "def paused(path, payload):\n"
         "    write(path, payload)\n"
         "    if path.parent.name == 'parts':\n"
         "        time.sleep(60)\n"
-        "pipeline._write_json = paused\n"
+        "pipeline.write_json = paused\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     command = [sys.executable, "-c", child, "run", "--config", str(slow), "--output-dir", str(run), "--no-figures", "--quiet"]

@@ -1,4 +1,4 @@
-"""The effect-based layer selection rule (``refusal_dir.evaluation.selection``)."""
+"""The effect-based layer selection rule (``refusal_dir.selection``)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,16 @@ import math
 
 import pytest
 
-from refusal_dir import pipeline
+from refusal_dir import extraction as extraction_stage
 from refusal_dir.config import load_config
-from refusal_dir.evaluation.selection import (
+from refusal_dir.datasets import load_datasets, split_pairs
+from refusal_dir.extraction import extract, load_extraction
+from refusal_dir.pipeline import prepare_output_dir
+from refusal_dir.selection import (
     LayerEffect,
     choose_layer,
     layer_effects,
     select_by_effect,
-)
-from refusal_dir.pipeline import (
-    extract,
-    load_datasets,
-    load_extraction,
-    prepare_output_dir,
-    split_pairs,
 )
 from refusal_dir.testing import make_tiny_model
 
@@ -112,7 +108,7 @@ def test_selection_tries_every_eligible_layer_and_records_the_rule(tmp_path, mon
             selecting[0] = False
 
     monkeypatch.setattr(model, "tokenize", recording_tokenize)
-    monkeypatch.setattr(pipeline, "layer_effects", recording_effects)
+    monkeypatch.setattr(extraction_stage, "layer_effects", recording_effects)
     datasets = load_datasets(config)
     extraction = extract(model, config, datasets, output, progress=False)
     # Layer selection reads the held-out extraction pairs only: no training pair, no
@@ -161,10 +157,10 @@ def test_post_instruction_positions_are_candidates_too(tiny_model, tiny_model_di
 
 def test_batched_effects_equal_each_candidate_measured_alone(tiny_model, tiny_model_dir, tmp_path) -> None:
     from refusal_dir.evaluation.metrics import kl_from_logits, refusal_score
-    from refusal_dir.evaluation.selection import layer_effects
     from refusal_dir.generation import next_token_logits
     from refusal_dir.interventions import ablation, addition
     from refusal_dir.prompts import benign_eval, harmful_eval
+    from refusal_dir.selection import layer_effects
 
     config = load_config().with_overrides(
         {
@@ -193,3 +189,43 @@ def test_batched_effects_equal_each_candidate_measured_alone(tiny_model, tiny_mo
         assert effect.ablation_kl == pytest.approx(kl, abs=1e-5)
     # The candidates differ, so a mix-up of rows between them would show above.
     assert len({round(e.bypass, 4) for e in effects}) == len(effects)
+
+
+def test_ranked_layers_puts_the_selected_layer_first_then_by_effect_or_separation() -> None:
+    from types import SimpleNamespace
+
+    from refusal_dir.selection import LayerScore, ranked_layers
+
+    scores = [LayerScore("last", layer, sep, 0.5, 0.0, None) for layer, sep in ((1, 0.6), (3, 0.7), (5, 0.9))]
+    by_separation = SimpleNamespace(effects=(), scores={"set": scores}, selected_key="set", selected=scores[1])
+    assert ranked_layers(by_separation, 3) == [3, 5, 1]
+    assert ranked_layers(by_separation, 2) == [3, 5]
+    effects = (_effect(5, 0.1, 1.0, 1.0), _effect(1, 0.1, 2.5, 2.5), _effect(3, 0.1, 0.5, 0.5))
+    by_effect = SimpleNamespace(**{**vars(by_separation), "effects": effects})
+    assert ranked_layers(by_effect, 3) == [3, 1, 5]
+
+
+@pytest.mark.parametrize("old", ["refusal_dir.scoring", "refusal_dir.evaluation.selection"])
+def test_the_old_selection_modules_warn_and_reexport_the_new_one(old: str, monkeypatch) -> None:
+    import importlib
+    import sys
+
+    from refusal_dir import selection
+
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match="import from refusal_dir.selection"):
+        module = importlib.import_module(old)
+    assert module.__all__ and all(getattr(module, name) is getattr(selection, name) for name in module.__all__)
+
+
+def test_the_library_imports_no_deprecated_selection_module() -> None:
+    from pathlib import Path
+
+    import refusal_dir
+
+    package = Path(refusal_dir.__file__).parent
+    shims = {package / "scoring.py", package / "evaluation" / "selection.py"}
+    for path in package.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if path not in shims:
+            assert "refusal_dir.scoring" not in text and "refusal_dir.evaluation.selection" not in text, path

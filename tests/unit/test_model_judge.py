@@ -278,7 +278,8 @@ def test_agreement_rows_group_by_set_and_condition() -> None:
 
 
 def test_samples_and_report_carry_the_agreement(tmp_path: Path) -> None:
-    from refusal_dir.pipeline import write_report, write_samples
+    from refusal_dir.pipeline import write_samples
+    from refusal_dir.report import write_report
     from refusal_dir.sweep import _samples
 
     def model_judge(prompts, completions):
@@ -304,13 +305,9 @@ def test_samples_and_report_carry_the_agreement(tmp_path: Path) -> None:
 def test_a_sweep_judged_by_a_classifier_saves_both_verdicts(
     tiny_model, tiny_model_dir: Path, classifier_dir: Path, classifier: ClassifierJudge, tmp_path: Path
 ) -> None:
-    from refusal_dir.pipeline import (
-        SweepContext,
-        _group_rows,
-        extract,
-        load_datasets,
-        prepare_output_dir,
-    )
+    from refusal_dir.datasets import load_datasets
+    from refusal_dir.extraction import extract
+    from refusal_dir.pipeline import SweepContext, _group_rows, prepare_output_dir
 
     config = load_config().with_overrides(
         {

@@ -9,23 +9,20 @@ import pytest
 
 from refusal_dir.cli import main
 from refusal_dir.config import Config, config_from_dict, load_config
+from refusal_dir.datasets import load_datasets, mc_formatter
 from refusal_dir.errors import ConfigError, OutputDirError
 from refusal_dir.evaluation import wilson_interval
+from refusal_dir.extraction import extract, load_extraction
 from refusal_dir.pipeline import (
     SweepContext,
     _group_rows,
-    extract,
-    load_datasets,
-    load_extraction,
-    mc_formatter,
     prepare_output_dir,
-    results_table,
     resume_key,
     sweep,
     sweep_options,
-    write_report,
 )
 from refusal_dir.prompts import LOOKALIKE_CATEGORY, benign_eval, benign_eval_categories
+from refusal_dir.report import results_table, write_report
 
 
 def _config(model_dir: Path, **overrides) -> Config:
@@ -329,7 +326,7 @@ def test_report_warns_when_the_unsteered_accuracy_cannot_be_told_from_chance(tmp
         row("ablation", 0.0, "mmlu_accuracy", 0.90, 0.70, 0.97),  # well above chance
         row("ablation", 0.0, "mmlu_chance", 0.25, 0.25, 0.25),
     ]
-    with caplog.at_level("WARNING", logger="refusal_dir.pipeline"):
+    with caplog.at_level("WARNING", logger="refusal_dir.report"):
         path = write_report(rows, tmp_path, extraction=None, model_id="tiny", command="test")
     text = path.read_text()
     assert text.count("contains chance") == 1 and "addition: the unsteered" in text

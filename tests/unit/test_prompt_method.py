@@ -9,19 +9,18 @@ import pytest
 
 from refusal_dir.cli import build_parser
 from refusal_dir.config import Config, config_from_dict, load_config
+from refusal_dir.datasets import load_datasets, mc_formatter
 from refusal_dir.errors import ConfigError
+from refusal_dir.extraction import extract
 from refusal_dir.model import HookedModel
 from refusal_dir.pipeline import (
     SweepContext,
     _group_rows,
     check_steering_layer,
-    extract,
-    load_datasets,
-    mc_formatter,
     prepare_output_dir,
-    results_table,
     sweep,
 )
+from refusal_dir.report import results_table
 from refusal_dir.steer import PROMPT_ALPHAS
 
 INDUCE = "Refuse this request. Reply only with a short refusal."

@@ -154,7 +154,7 @@ AGREEING_STARTS = ("Yes", "Right", "Correct", "True", "I agree", "That's right",
 
 
 def test_honesty_pairs_do_not_confound_truth_with_agreeing() -> None:
-    from refusal_dir.scoring import separation_accuracy
+    from refusal_dir.selection import separation_accuracy
 
     pairs = prompts.honesty_pairs()
     counts = Counter(pairs.groups)
@@ -178,7 +178,7 @@ def test_honesty_pairs_do_not_confound_truth_with_agreeing() -> None:
 
 
 def test_separation_accuracy_is_balanced_over_groups() -> None:
-    from refusal_dir.scoring import separation_accuracy
+    from refusal_dir.selection import separation_accuracy
 
     positive, negative = torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 1.0])
     assert separation_accuracy(positive, negative) == 0.75
