@@ -53,7 +53,7 @@ def ours(model, prompts, backend):
     from refusal_dir.activations import collect_activations
 
     return collect_activations(
-        model, prompts, sites=SITES, position="last", batch_size=BATCH, backend=backend,
+        model, prompts, sites=SITES, token="last", batch_size=BATCH, backend=backend,
         progress=False,
     )
 

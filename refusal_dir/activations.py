@@ -21,6 +21,7 @@ same way.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -121,19 +122,29 @@ def collect_activations(
     prompts: Sequence[str],
     *,
     sites: Sequence[str] = RESIDUAL_SITES,
-    position: str = "last",
+    token: str | None = None,
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
     apply_chat_template: bool = True,
     backend: Literal["fast", "bridge"] = "fast",
     progress: bool = True,
     description: str = "caching activations",
+    position: str | None = None,
 ) -> Activations:
-    """Run prompts through the model and store activations at the chosen positions.
+    """Run prompts through the model and store activations at the ``token`` rule's positions
+    (``last`` (default), ``mean`` or ``post_instruction``; ``position=`` is its deprecated name).
 
     ``prompts`` are instructions, wrapped in the chat template unless
     ``apply_chat_template=False`` (then they must already be formatted, BOS included).
     """
+    if position is not None:
+        warnings.warn(
+            "collect_activations(position=) is deprecated: use token= (docs/glossary.md)", DeprecationWarning, stacklevel=2
+        )
+        if token is not None:
+            raise ConfigError("collect_activations() got both position= and token=: use token= only")
+        token = position
+    position = token or "last"
     if isinstance(prompts, str):
         raise DataError("prompts must be a list of strings, not one string")
     if len(prompts) == 0:

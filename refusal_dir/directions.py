@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -475,19 +475,33 @@ def prompt_set_hash(*texts: list[str]) -> str:
     return digest[:16]
 
 
+def token_rule(labels: Sequence[str]) -> str:
+    """The token rule that gives these direction-set labels."""
+    if tuple(labels) in (("last",), ("mean",)):
+        return labels[0]
+    if labels and all(str(label).startswith("post_instruction") for label in labels):
+        return "post_instruction"
+    raise DataError(f"cannot tell the token rule of the labels {list(labels)}: pass position_rule=")
+
+
 def compute_directions(
     positive: Activations,
     negative: Activations,
     *,
-    site: str,
+    site: str = "resid_pre",
     method: str = "mean_diff",
     model: Any,
-    position_rule: str,
+    position_rule: str | None = None,
     prompt_hash: str = "",
     name: str = "refusal",
 ) -> DirectionSet:
-    """Directions for every (position, layer) of one site from contrastive activations."""
+    """Directions for every (token label, layer) of one site from contrastive activations.
+
+    ``position_rule``: the token rule the activations were collected with (recorded in the
+    set); by default read from their labels (``last``, ``mean``, ``post_instruction-k``)."""
     check_method(method)
+    if position_rule is None:
+        position_rule = token_rule(positive.positions)
     if positive.n_prompts == 0 or negative.n_prompts == 0:
         raise DataError("cannot compute directions from an empty prompt set")
     if method == "pca" and positive.n_prompts != negative.n_prompts:

@@ -74,7 +74,7 @@ def _collect_split(
             model,
             texts,
             sites=config.extraction.sites,
-            position=config.extraction.token,
+            token=config.extraction.token,
             batch_size=config.extraction.batch_size,
             progress=progress,
             description=f"{label}: {side}",

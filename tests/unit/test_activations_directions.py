@@ -42,16 +42,16 @@ PROMPTS_B = [
 
 @pytest.mark.parametrize("position", ["last", "mean", "post_instruction"])
 def test_batched_equals_one_at_a_time(tiny_model, position: str) -> None:
-    batched = collect_activations(tiny_model, PROMPTS_A, position=position, batch_size=5, progress=False)
-    single = collect_activations(tiny_model, PROMPTS_A, position=position, batch_size=1, progress=False)
+    batched = collect_activations(tiny_model, PROMPTS_A, token=position, batch_size=5, progress=False)
+    single = collect_activations(tiny_model, PROMPTS_A, token=position, batch_size=1, progress=False)
     for site in ("resid_pre", "resid_post"):
         torch.testing.assert_close(batched.acts[site], single.acts[site], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("position", ["last", "mean"])
 def test_fast_path_equals_bridge_hook_points(tiny_model, position: str) -> None:
-    fast = collect_activations(tiny_model, PROMPTS_B, position=position, progress=False)
-    bridge = collect_activations(tiny_model, PROMPTS_B, position=position, backend="bridge", progress=False)
+    fast = collect_activations(tiny_model, PROMPTS_B, token=position, progress=False)
+    bridge = collect_activations(tiny_model, PROMPTS_B, token=position, backend="bridge", progress=False)
     for site in ("resid_pre", "resid_post"):
         torch.testing.assert_close(fast.acts[site], bridge.acts[site], atol=1e-5, rtol=1e-4)
 
@@ -97,7 +97,7 @@ def test_resid_pre_of_next_layer_equals_resid_post(tiny_model) -> None:
 
 
 def test_stores_only_prompts_by_positions_by_layers(tiny_model) -> None:
-    acts = collect_activations(tiny_model, PROMPTS_A, position="post_instruction", progress=False)
+    acts = collect_activations(tiny_model, PROMPTS_A, token="post_instruction", progress=False)
     n_post = tiny_model.n_post_instruction_tokens
     assert acts.acts["resid_post"].shape == (8, n_post, tiny_model.n_layers, tiny_model.d_model)
     assert acts.positions[-1] == "post-1"
@@ -105,7 +105,7 @@ def test_stores_only_prompts_by_positions_by_layers(tiny_model) -> None:
 
 def test_mean_position_excludes_bos(tiny_model) -> None:
     # The mean over "Hi" must not change when we look at BOS-free positions only.
-    acts = collect_activations(tiny_model, ["Hi"], position="mean", sites=("resid_pre",), progress=False)
+    acts = collect_activations(tiny_model, ["Hi"], token="mean", sites=("resid_pre",), progress=False)
     batch = tiny_model.encode_instructions(["Hi"])
     with torch.no_grad():
         hidden = tiny_model.hf(**vars(batch), output_hidden_states=True).hidden_states

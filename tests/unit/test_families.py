@@ -154,8 +154,8 @@ def test_planted_direction_is_recovered(family) -> None:
 
 
 def test_batched_caching_equals_one_at_a_time(family) -> None:
-    batched = collect_activations(family, POSITIVE, position="mean", batch_size=4, progress=False)
-    single = collect_activations(family, POSITIVE, position="mean", batch_size=1, progress=False)
+    batched = collect_activations(family, POSITIVE, token="mean", batch_size=4, progress=False)
+    single = collect_activations(family, POSITIVE, token="mean", batch_size=1, progress=False)
     for site in ("resid_pre", "resid_post"):
         torch.testing.assert_close(batched.acts[site], single.acts[site], atol=1e-5, rtol=1e-4)
 
@@ -174,9 +174,9 @@ def test_alpha_zero_reproduces_unsteered_logits_exactly(family, vector) -> None:
 
 @pytest.mark.parametrize("mode", ["stream", "weights"])
 def test_ablation_leaves_no_projection_at_any_layer(family, vector, mode: str) -> None:
-    before = collect_activations(family, PROMPTS, position="mean", progress=False)
+    before = collect_activations(family, PROMPTS, token="mean", progress=False)
     with steer(family, ablation(vector, mode=mode)):
-        after = collect_activations(family, PROMPTS, position="mean", progress=False)
+        after = collect_activations(family, PROMPTS, token="mean", progress=False)
     for site in ("resid_pre", "resid_post"):
         scale = float(before.acts[site].norm(dim=-1).max())
         assert float((before.acts[site] @ vector).abs().max()) > 1e-2 * scale

@@ -46,9 +46,9 @@ def test_alpha_zero_reproduces_unsteered_logits_exactly(tiny_model, vector) -> N
 @pytest.mark.parametrize("mode", ["stream", "weights"])
 def test_ablation_leaves_no_projection_at_any_layer(tiny_model, vector, mode: str) -> None:
     unit = vector / vector.norm()
-    before = collect_activations(tiny_model, PROMPTS, position="mean", progress=False)
+    before = collect_activations(tiny_model, PROMPTS, token="mean", progress=False)
     with steer(tiny_model, ablation(vector, mode=mode)):
-        after = collect_activations(tiny_model, PROMPTS, position="mean", progress=False)
+        after = collect_activations(tiny_model, PROMPTS, token="mean", progress=False)
     for site in ("resid_pre", "resid_post"):
         assert float((before.acts[site] @ unit).abs().max()) > 0.1
         assert float((after.acts[site] @ unit).abs().max()) < 1e-4
