@@ -185,7 +185,7 @@ def test_cli_run_on_the_organism(organism_dir: Path, organism, tmp_path: Path) -
     config = tmp_path / "organism.yaml"
     config.write_text(
         "steering:\n  apply_to: prompt\n  alphas: [-1.0, 0.0, 1.0]\n"
-        "evaluation:\n  mmlu_scoring: option\n  mmlu_prompt: as_is\n  honesty: false\n"
+        "evaluation:\n  mmlu_scoring: option\n  mmlu_prompt: as_is\n  honesty: false\n  cross_entropy: false\n"
         "generation:\n  max_new_tokens: 8\n  batch_size: 64\n"
     )
     output = tmp_path / "run"
@@ -201,3 +201,27 @@ def test_cli_run_on_the_organism(organism_dir: Path, organism, tmp_path: Path) -
     assert rows[("ablation", 1.0, "refusal_harmful")] <= 0.2
     assert rows[("addition", 1.0, "refusal_benign")] >= 0.8
     assert rows[("addition", 0.0, "mmlu_accuracy")] >= 0.8
+
+
+def test_the_organism_sweep_gives_the_saved_table(organism_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """examples/organism_sweep.py reproduces docs/organism-run/results.json (issue #16: the
+    sweep engine moved, the rows did not change), up to float rounding."""
+    import importlib.util
+    import math
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("organism_sweep", repo / "examples" / "organism_sweep.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.chdir(tmp_path)
+    assert example.run(organism_dir.parent, tmp_path / "run") == 0
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    saved = json.loads((repo / "docs" / "organism-run" / "results.json").read_text())
+    assert len(rows) == len(saved) > 200
+    for new, old in zip(rows, saved, strict=True):
+        assert new.keys() == old.keys()
+        for key, value in old.items():
+            if isinstance(value, float):
+                assert math.isclose(new[key], value, rel_tol=1e-4, abs_tol=1e-5), (old, key, new[key])
+            else:
+                assert new[key] == value, (old, key)
