@@ -1,4 +1,4 @@
-"""Reproduce the organism results table in the README: the full sweep on the refusal organism.
+"""Reproduce the organism results table in docs/organism.md: the full sweep on the refusal organism.
 
     python examples/organism_sweep.py [--cache .cache/test] [--output-dir docs/organism-run]
 

@@ -35,7 +35,7 @@ from refusal_dir.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-#: Used when a model has no chat template of its own. Documented in the README.
+#: Used when a model has no chat template of its own. Documented in docs/pipeline.md.
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'system' %}System: {{ message['content'] }}\n"

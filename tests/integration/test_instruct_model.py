@@ -4,7 +4,7 @@ The model refuses about half of the shipped harmful prompts. The test extracts t
 direction, lets the effect rule choose the layer, and then checks behaviour on held-out
 evaluation prompts against the unsteered model's 95% Wilson interval: ablating the direction
 at every layer lowers harmful refusal below it, adding it (alpha 4: alpha 1 is not enough on
-this model, see the README) raises ordinary benign refusal above it, and random directions of
+this model, see docs/results.md) raises ordinary benign refusal above it, and random directions of
 the same norm (the controls) stay inside it.
 """
 

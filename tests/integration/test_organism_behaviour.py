@@ -3,7 +3,7 @@
 Directions come from training-topic pairs, the layer is chosen on validation prompts (never the
 test prompts), and every claim is measured on held-out topic words. A broken pipeline fails
 these thresholds: a random direction of the same norm, the wrong sign, or no intervention.
-Measured values are printed (run with ``-s``) and recorded in the README.
+Measured values are printed (run with ``-s``) and recorded in docs/organism.md.
 """
 
 from __future__ import annotations
