@@ -173,7 +173,7 @@ def build_figures(
                 model,
                 held_harmless[: max(4, n // 2)],
                 directions,
-                direction_layer=layer,
+                layer=layer,
                 interventions=[steer],
                 max_new_tokens=settings.max_new_tokens,
                 batch_size=settings.batch_size,
@@ -200,7 +200,7 @@ def build_figures(
                 held_harmless,
                 directions.vector(layer) * settings.alpha,
                 layer=layer,
-                positions="prompt",
+                apply_to="prompt",
                 batch_size=settings.batch_size,
             )
         ),
