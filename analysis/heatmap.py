@@ -13,7 +13,7 @@ How the numbers are made (:func:`generation_projections`):
    attention makes those pads invisible to earlier positions);
 3. run one forward pass over prompt + generated tokens through the TransformerLens bridge
    (``run_with_cache``, ``resid_post`` of every layer) under the *same* interventions, given as
-   bridge hooks whose position state marks the padded prompt width, so ``positions="prompt"`` or
+   bridge hooks whose position state marks the padded prompt width, so ``apply_to="prompt"`` or
    ``"generated"`` rules cover the same tokens as during generation;
 4. project each layer's ``resid_post`` on the unit direction.
 
