@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import plotly.graph_objects as go
 import torch
@@ -17,9 +20,38 @@ SiteActs = Float[Tensor, "prompts positions layers d_model"]
 Vector = Float[Tensor, "d_model"]
 ActsInput = Activations | Tensor
 
+Function = TypeVar("Function", bound=Callable[..., Any])
+
 TEMPLATE = "plotly_white"
 POSITIVE_COLOR = "#d62728"
 NEGATIVE_COLOR = "#1f77b4"
+
+
+def renamed_keywords(**renames: str) -> Callable[[Function], Function]:
+    """Keep old keyword names working for one release: ``@renamed_keywords(direction_layer="layer")``
+    maps each old name onto its new one (docs/glossary.md) with a :class:`DeprecationWarning`."""
+
+    def decorate(function: Function) -> Function:
+        @functools.wraps(function)
+        def renamed(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old not in kwargs:
+                    continue
+                warnings.warn(
+                    f"{function.__name__}({old}=) is deprecated: use {new}= (docs/glossary.md)",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                if new in kwargs:
+                    raise ConfigError(
+                        f"{function.__name__}() got both {old}= and {new}=: use {new}= only"
+                    )
+                kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+
+        return renamed  # type: ignore[return-value]
+
+    return decorate
 
 
 def site_tensor(acts: ActsInput, site: str) -> SiteActs:
@@ -35,17 +67,18 @@ def site_tensor(acts: ActsInput, site: str) -> SiteActs:
     return acts
 
 
-def position_index(acts: ActsInput, position: str | int) -> int:
-    """Index of ``position`` (a label of ``acts.positions`` or an int, negative allowed)."""
+def position_index(acts: ActsInput, token: str | int) -> int:
+    """Index of the token label ``token`` (a label of ``acts.positions``, or an int, negative
+    allowed)."""
     n_positions = _n_positions(acts)
-    if isinstance(position, str):
-        if not isinstance(acts, Activations) or position not in acts.positions:
+    if isinstance(token, str):
+        if not isinstance(acts, Activations) or token not in acts.positions:
             known = ", ".join(acts.positions) if isinstance(acts, Activations) else "none"
-            raise ConfigError(f"position {position!r} is not collected: collected are {known}")
-        return acts.positions.index(position)
-    if not -n_positions <= position < n_positions:
-        raise ConfigError(f"position index {position} is out of range for {n_positions} positions")
-    return position % n_positions
+            raise ConfigError(f"token {token!r} is not collected: collected are {known}")
+        return acts.positions.index(token)
+    if not -n_positions <= token < n_positions:
+        raise ConfigError(f"token index {token} is out of range for {n_positions} token labels")
+    return token % n_positions
 
 
 def _n_positions(acts: ActsInput) -> int:
@@ -66,21 +99,21 @@ def layer_index(acts: ActsInput, layer: int) -> int:
 
 
 def layer_acts(
-    acts: ActsInput, *, site: str, layer: int, position: str | int
+    acts: ActsInput, *, site: str, layer: int, token: str | int
 ) -> Float[Tensor, "prompts d_model"]:
-    """One layer's activations at one position, as float64."""
+    """One layer's activations at one token label, as float64."""
     tensor = site_tensor(acts, site)
-    return tensor[:, position_index(acts, position), layer_index(acts, layer)].to(torch.float64)
+    return tensor[:, position_index(acts, token), layer_index(acts, layer)].to(torch.float64)
 
 
 def unit_vector(
     direction: DirectionSet | Tensor,
     *,
     layer: int | None = None,
-    position: str | int | None = None,
+    token: str | int | None = None,
     allow_zero: bool = False,
 ) -> Vector:
-    """The unit direction of a DirectionSet at ``layer`` (and position), or a normalized vector.
+    """The unit direction of a DirectionSet at ``layer`` (and token label), or a normalized vector.
 
     A zero direction (e.g. ``resid_pre`` of layer 0 at the last template token, which is the same
     token for every prompt) raises, unless ``allow_zero`` (then the zero vector is returned).
@@ -88,7 +121,7 @@ def unit_vector(
     if isinstance(direction, DirectionSet):
         if layer is None:
             raise ConfigError("a DirectionSet needs layer= (which layer's direction to use)")
-        vector = direction.unit(layer, position).to(torch.float64)
+        vector = direction.unit(layer, token).to(torch.float64)
     else:
         vector = torch.as_tensor(direction).detach().to(torch.float64).cpu()
         if vector.ndim != 1:

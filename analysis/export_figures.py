@@ -110,22 +110,13 @@ def build_figures(
     acts_harmful, acts_harmless = collect(harmful), collect(harmless)
     held_pos, held_neg = collect(held_harmful), collect(held_harmless)
     methods = {
-        method: compute_directions(
-            acts_harmful,
-            acts_harmless,
-            site="resid_pre",
-            method=method,
-            model=model,
-            position_rule="last",
-        )
+        method: compute_directions(acts_harmful, acts_harmless, method=method, model=model)
         for method in ("mean_diff", "pca", "probe")
     }
     directions = methods["mean_diff"]
     scores = {
         site: score_layers(
-            compute_directions(
-                acts_harmful, acts_harmless, site=site, model=model, position_rule="last"
-            ),
+            compute_directions(acts_harmful, acts_harmless, site=site, model=model),
             held_pos,
             held_neg,
         )
@@ -138,9 +129,7 @@ def build_figures(
 
     honest = honesty_pairs()
     honest_pos, honest_neg = collect(honest.positives[:n]), collect(honest.negatives[:n])
-    honesty = compute_directions(
-        honest_pos, honest_neg, site="resid_pre", model=model, position_rule="last", name="honesty"
-    )
+    honesty = compute_directions(honest_pos, honest_neg, model=model, name="honesty")
 
     steer = addition(directions, layer=layer, alpha=settings.alpha, apply_to="prompt")
     figures: dict[str, go.Figure] = {
@@ -173,7 +162,7 @@ def build_figures(
                 model,
                 held_harmless[: max(4, n // 2)],
                 directions,
-                direction_layer=layer,
+                layer=layer,
                 interventions=[steer],
                 max_new_tokens=settings.max_new_tokens,
                 batch_size=settings.batch_size,
@@ -200,7 +189,7 @@ def build_figures(
                 held_harmless,
                 directions.vector(layer) * settings.alpha,
                 layer=layer,
-                positions="prompt",
+                apply_to="prompt",
                 batch_size=settings.batch_size,
             )
         ),

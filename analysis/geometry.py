@@ -24,7 +24,13 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from analysis._common import TEMPLATE, annotated_heatmap, integer_ticks, unit_vector
+from analysis._common import (
+    TEMPLATE,
+    annotated_heatmap,
+    integer_ticks,
+    renamed_keywords,
+    unit_vector,
+)
 from refusal_dir import DirectionSet, HookedModel
 from refusal_dir.errors import ConfigError, DirectionMismatchError
 
@@ -37,16 +43,17 @@ VocabLogits = Float[Tensor, "vocab"]
 # ----------------------------------------------------------------------------------------------
 
 
-def _units(directions: DirectionSet, position: str | int | None) -> Float[Tensor, "layers d_model"]:
-    units = directions.directions[directions.position_index(position)].to(torch.float64)
+def _units(directions: DirectionSet, token: str | int | None) -> Float[Tensor, "layers d_model"]:
+    units = directions.directions[directions.position_index(token)].to(torch.float64)
     return units / units.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+@renamed_keywords(position="token")
 def cosine_across_layers(
-    directions: DirectionSet, *, position: str | int | None = None
+    directions: DirectionSet, *, token: str | int | None = None
 ) -> Float[Tensor, "layers layers"]:
-    """Cosine similarity of every layer's direction with every other layer's (one position)."""
-    units = _units(directions, position)
+    """Cosine similarity of every layer's direction with every other layer's (one token label)."""
+    units = _units(directions, token)
     return (units @ units.T).clamp(-1.0, 1.0)
 
 
@@ -61,16 +68,15 @@ class CosineMatrix:
         return float(self.matrix[self.names.index(first), self.names.index(second)])
 
 
+@renamed_keywords(position="token")
 def cosine_across_methods(
-    sets: Mapping[str, DirectionSet], layer: int, *, position: str | int | None = None
+    sets: Mapping[str, DirectionSet], layer: int, *, token: str | int | None = None
 ) -> CosineMatrix:
     """Pairwise cosines at one layer between direction sets (e.g. mean_diff, pca, probe)."""
     if len(sets) < 1:
         raise ConfigError("pass at least one direction set")
     names = tuple(sets)
-    vectors = torch.stack(
-        [unit_vector(sets[name], layer=layer, position=position) for name in names]
-    )
+    vectors = torch.stack([unit_vector(sets[name], layer=layer, token=token) for name in names])
     _check_same_width(vectors.shape[1], sets)
     return CosineMatrix(names, (vectors @ vectors.T).clamp(-1.0, 1.0))
 
@@ -83,12 +89,13 @@ def _check_same_width(width: int, sets: Mapping[str, DirectionSet]) -> None:
             )
 
 
+@renamed_keywords(position_first="token_first", position_second="token_second")
 def cosine_between(
     first: DirectionSet,
     second: DirectionSet,
     *,
-    position_first: str | int | None = None,
-    position_second: str | int | None = None,
+    token_first: str | int | None = None,
+    token_second: str | int | None = None,
 ) -> PerLayer:
     """Per-layer cosine between two direction sets of the same model (e.g. refusal vs honesty)."""
     if first.directions.shape[1:] != second.directions.shape[1:]:
@@ -96,11 +103,7 @@ def cosine_between(
             f"the direction sets differ in shape: {first.n_layers} layers x d_model "
             f"{first.d_model} against {second.n_layers} x {second.d_model}"
         )
-    return (
-        (_units(first, position_first) * _units(second, position_second))
-        .sum(dim=-1)
-        .clamp(-1.0, 1.0)
-    )
+    return (_units(first, token_first) * _units(second, token_second)).sum(dim=-1).clamp(-1.0, 1.0)
 
 
 def cosine_layers_figure(
@@ -138,8 +141,13 @@ def cosine_methods_figure(
 ) -> go.Figure:
     """Annotated heatmap of :func:`cosine_across_methods`."""
     return annotated_heatmap(
-        result.matrix, result.names, zmin=-1, zmax=1, colorscale="RdBu_r",
-        colorbar_title="cosine", title=title,
+        result.matrix,
+        result.names,
+        zmin=-1,
+        zmax=1,
+        colorscale="RdBu_r",
+        colorbar_title="cosine",
+        title=title,
     )
 
 

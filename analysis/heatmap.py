@@ -13,7 +13,7 @@ How the numbers are made (:func:`generation_projections`):
    attention makes those pads invisible to earlier positions);
 3. run one forward pass over prompt + generated tokens through the TransformerLens bridge
    (``run_with_cache``, ``resid_post`` of every layer) under the *same* interventions, given as
-   bridge hooks whose position state marks the padded prompt width, so ``positions="prompt"`` or
+   bridge hooks whose position state marks the padded prompt width, so ``apply_to="prompt"`` or
    ``"generated"`` rules cover the same tokens as during generation;
 4. project each layer's ``resid_post`` on the unit direction.
 
@@ -34,7 +34,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from analysis._common import TEMPLATE, integer_ticks, unit_vector
+from analysis._common import TEMPLATE, integer_ticks, renamed_keywords, unit_vector
 from refusal_dir import DirectionSet, GenerationSettings, HookedModel, bridge_hooks, hook_name
 from refusal_dir.errors import ConfigError
 from refusal_dir.generation import generate_tokens
@@ -61,14 +61,15 @@ class GenerationProjections:
         return (~torch.isnan(self.values[:, :, 0])).sum(dim=0)
 
 
+@renamed_keywords(direction_layer="layer", direction_position="token")
 @torch.no_grad()
 def generation_projections(
     model: HookedModel,
     prompts: Sequence[str],
     directions: DirectionSet | Tensor,
     *,
-    direction_layer: int | None = None,
-    direction_position: str | int | None = None,
+    layer: int | None = None,
+    token: str | int | None = None,
     interventions: Sequence[Intervention] = (),
     max_new_tokens: int = 16,
     prompt_positions: int = 8,
@@ -77,13 +78,13 @@ def generation_projections(
 ) -> GenerationProjections:
     """Generate, then project every position's ``resid_post`` at every layer on one direction.
 
-    ``directions`` is a DirectionSet (its unit direction at ``direction_layer``) or a vector
+    ``directions`` is a DirectionSet (its unit direction of ``layer``, at ``token``) or a vector
     (normalized here). Interventions must work as bridge hooks (additions and ``mode="stream"``
     ablations). See the module docstring for the exact procedure and position labels.
     """
     if prompt_positions < 1:
         raise ConfigError(f"prompt_positions must be >= 1, got {prompt_positions}")
-    unit = unit_vector(directions, layer=direction_layer, position=direction_position)
+    unit = unit_vector(directions, layer=layer, token=token)
     if unit.shape[0] != model.d_model:
         raise ConfigError(
             f"the direction has d_model {unit.shape[0]} but the model has {model.d_model}"
@@ -145,14 +146,15 @@ def generation_projections(
     )
 
 
+@renamed_keywords(direction_layer="layer", direction_position="token")
 def compare_generation_projections(
     model: HookedModel,
     prompts: Sequence[str],
     directions: DirectionSet | Tensor,
     *,
     interventions: Sequence[Intervention],
-    direction_layer: int | None = None,
-    direction_position: str | int | None = None,
+    layer: int | None = None,
+    token: str | int | None = None,
     max_new_tokens: int = 16,
     prompt_positions: int = 8,
     batch_size: int = 16,
@@ -165,8 +167,8 @@ def compare_generation_projections(
             model,
             prompts,
             directions,
-            direction_layer=direction_layer,
-            direction_position=direction_position,
+            layer=layer,
+            token=token,
             interventions=chosen,
             max_new_tokens=max_new_tokens,
             prompt_positions=prompt_positions,

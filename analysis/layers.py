@@ -1,8 +1,8 @@
-"""Separation of held-out pairs per layer: accuracy and AUROC, one line per position or site.
+"""Separation of held-out pairs per layer: accuracy and AUROC, one line per token label or site.
 
 The seed's first look at where a behaviour lives ("for each layer, how often does the positive
 input project higher than its negative partner?") as a figure over :func:`refusal_dir.score_layers`
-results, the selected (position, layer) marked.
+results, the selected (token, layer) marked.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 from analysis._common import TEMPLATE, integer_ticks
 from refusal_dir import LayerScore
 from refusal_dir.errors import ConfigError
+from refusal_dir.selection import LayerEffect, LayerSelection
 
 METRIC_TITLES: dict[str, str] = {
     "separation_accuracy": "separation accuracy",
@@ -28,7 +29,7 @@ CHANCE: dict[str, float] = {"separation_accuracy": 0.5, "auroc": 0.5, "probe_acc
 
 @dataclass(frozen=True)
 class ScoreCurve:
-    """One line of the figure: a metric per layer for one (site, position)."""
+    """One line of the figure: a metric per layer for one (site, token label)."""
 
     label: str
     layers: tuple[int, ...]
@@ -38,10 +39,10 @@ class ScoreCurve:
 def score_curves(
     scores: Sequence[LayerScore] | Mapping[str, Sequence[LayerScore]],
 ) -> list[ScoreCurve]:
-    """Group scores into one curve per position (per ``site/position`` for a mapping), by layer.
+    """Group scores into one curve per token label (per ``site/token`` for a mapping), by layer.
 
     A mapping's keys name the sites or prompt sets the scores came from (``{"resid_pre": ...,
-    "resid_post": ...}``); its curves are labelled ``"key/position"``.
+    "resid_post": ...}``); its curves are labelled ``"key/token"``.
     """
     groups = dict(scores) if isinstance(scores, Mapping) else {"": scores}
     curves = []
@@ -70,15 +71,20 @@ def score_curves(
 def separation_figure(
     scores: Sequence[LayerScore] | Mapping[str, Sequence[LayerScore]],
     *,
-    selected: LayerScore | None = None,
+    selected: LayerScore | LayerEffect | LayerSelection | None = None,
     title: str = "Separation of held-out pairs per layer",
     metrics: Sequence[str] = ("separation_accuracy", "auroc"),
 ) -> go.Figure:
-    """Accuracy and AUROC per layer (one subplot per metric, one line per position or site).
+    """Accuracy and AUROC per layer (one subplot per metric, one line per token label or site).
 
-    ``selected`` (e.g. from :func:`refusal_dir.select_layer`) is marked with a star and a dotted
-    vertical line; the dashed horizontal line is chance (0.5).
+    ``selected`` (a :class:`LayerScore` from :func:`refusal_dir.select_layer`, or the choice of
+    :func:`refusal_dir.selection.choose_layer`) is marked with a star and a dotted vertical line;
+    the dashed horizontal line is chance (0.5).
     """
+    if isinstance(selected, LayerSelection):
+        selected = selected.chosen
+    if isinstance(selected, LayerEffect):  # chosen by effect: mark it on its separation curve
+        selected = _score_of(scores, selected.position, selected.layer)
     for metric in metrics:
         if metric not in METRIC_TITLES:
             raise ConfigError(f"unknown metric {metric!r}: choose from {', '.join(METRIC_TITLES)}")
@@ -139,7 +145,7 @@ def separation_figure(
             )
         n_layers = 1 + max((max(curve.layers) for curve in curves), default=0)
         figure.update_xaxes(title_text="layer", row=1, col=column, **integer_ticks(n_layers))
-    figure.update_layout(title=title, template=TEMPLATE, legend={"title": "position"})
+    figure.update_layout(title=title, template=TEMPLATE, legend={"title": "token"})
     return figure
 
 
@@ -155,6 +161,16 @@ _PALETTE = (
     "#bcbd22",
     "#17becf",
 )
+
+
+def _score_of(
+    scores: Sequence[LayerScore] | Mapping[str, Sequence[LayerScore]], token: str, layer: int
+) -> LayerScore | None:
+    """The score of ``(token, layer)`` (of the first site that has it in a mapping)."""
+    groups = scores.values() if isinstance(scores, Mapping) else [scores]
+    return next(
+        (s for group in groups for s in group if s.position == token and s.layer == layer), None
+    )
 
 
 def _color(index: int) -> str:

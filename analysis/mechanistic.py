@@ -37,7 +37,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from analysis._common import TEMPLATE, annotated_heatmap, integer_ticks, layer_list, unit_vector
+from analysis._common import (
+    TEMPLATE,
+    annotated_heatmap,
+    integer_ticks,
+    layer_list,
+    renamed_keywords,
+    unit_vector,
+)
 from refusal_dir import (
     DirectionSet,
     HookedModel,
@@ -242,6 +249,7 @@ class SparsificationResult:
     metric_unsteered: float
 
 
+@renamed_keywords(positions="apply_to")
 @torch.no_grad()
 def sparsified_effect(
     model: HookedModel,
@@ -253,7 +261,7 @@ def sparsified_effect(
     metric: Metric | None = None,
     alpha: float = 1.0,
     site: str = "resid_pre",
-    positions: str = "all",
+    apply_to: str = "all",
     batch_size: int = 16,
     apply_chat_template: bool = True,
 ) -> SparsificationResult:
@@ -290,7 +298,7 @@ def sparsified_effect(
         return measure(
             [
                 addition(
-                    candidate, layer=layer, alpha=alpha, site=site, unit="raw", apply_to=positions
+                    candidate, layer=layer, alpha=alpha, site=site, unit="raw", apply_to=apply_to
                 )
             ]
         )
@@ -415,8 +423,13 @@ def important_coordinate_overlap(
 def coordinate_overlap_figure(result: CoordinateOverlap, *, title: str | None = None) -> go.Figure:
     """Annotated heatmap of the Jaccard overlaps."""
     return annotated_heatmap(
-        result.matrix, result.names, zmin=0, zmax=1, colorscale="Blues",
-        colorbar_title="Jaccard", title=title or f"Overlap of the top-{result.k} coordinates",
+        result.matrix,
+        result.names,
+        zmin=0,
+        zmax=1,
+        colorscale="Blues",
+        colorbar_title="Jaccard",
+        title=title or f"Overlap of the top-{result.k} coordinates",
     )
 
 
@@ -444,6 +457,7 @@ class HeadAttribution:
     n_prompts: int
 
 
+@renamed_keywords(direction_layer="layer")
 @torch.no_grad()
 def head_attribution(
     model: HookedModel,
@@ -451,7 +465,7 @@ def head_attribution(
     unit_direction: Vector | DirectionSet,
     *,
     layers: Sequence[int] | None = None,
-    direction_layer: int | None = None,
+    layer: int | None = None,
     position: int = -1,
     interventions: Sequence[Intervention] = (),
     batch_size: int = 8,
@@ -462,10 +476,10 @@ def head_attribution(
     ``position`` indexes the left-padded sequence (``-1``: the last prompt token); the run may
     be under ``interventions`` (bridge-able ones: additions, ``mode="stream"`` ablations). The
     direction is normalized here (a DirectionSet gives its unit direction at
-    ``direction_layer``). See the module docstring for the attribution through Gemma's
+    ``layer``). See the module docstring for the attribution through Gemma's
     post-attention norm.
     """
-    unit = unit_vector(unit_direction, layer=direction_layer)
+    unit = unit_vector(unit_direction, layer=layer)
     if unit.shape[0] != model.d_model:
         raise DirectionMismatchError(
             f"the direction has d_model {unit.shape[0]} but the model has {model.d_model}"
@@ -479,14 +493,14 @@ def head_attribution(
     # TransformerLens names the post-attention norm of Gemma-2/3 blocks ln1_post.
     post_norm = architecture.has_post_norms
     names: dict[int, dict[str, str]] = {}
-    for layer in chosen:
-        names[layer] = {
-            "z": f"blocks.{layer}.attn.hook_z",
-            "write": f"blocks.{layer}.attn.hook_out",
-            "out": hook_name("attn_out", layer),
+    for block in chosen:
+        names[block] = {
+            "z": f"blocks.{block}.attn.hook_z",
+            "write": f"blocks.{block}.attn.hook_out",
+            "out": hook_name("attn_out", block),
         }
         if post_norm:
-            names[layer]["scale"] = f"blocks.{layer}.ln1_post.hook_scale"
+            names[block]["scale"] = f"blocks.{block}.ln1_post.hook_scale"
     wanted = {name for entry in names.values() for name in entry.values()}
     unit_device = unit.to(device=model.device)
     n_heads = int(bridge.cfg.n_heads)
@@ -507,25 +521,25 @@ def head_attribution(
                 stop_at_layer=max(chosen) + 1,
                 return_type=None,
             )
-        for index, layer in enumerate(chosen):
-            z = cache[names[layer]["z"]][:, position].to(torch.float64)  # batch heads d_head
-            W_O = bridge.blocks[layer].attn.W_O.detach().to(torch.float64)  # heads d_head d_model
+        for index, block in enumerate(chosen):
+            z = cache[names[block]["z"]][:, position].to(torch.float64)  # batch heads d_head
+            W_O = bridge.blocks[block].attn.W_O.detach().to(torch.float64)  # heads d_head d_model
             per_head = torch.einsum("bhd,hdm->bhm", z, W_O) @ unit_device  # batch heads
             pre_norm[index] += per_head.sum(dim=0).cpu()
             attn_write[index] += (
-                (cache[names[layer]["write"]][:, position].to(torch.float64) @ unit_device)
+                (cache[names[block]["write"]][:, position].to(torch.float64) @ unit_device)
                 .sum()
                 .cpu()
             )
             attn_out[index] += (
-                (cache[names[layer]["out"]][:, position].to(torch.float64) @ unit_device)
+                (cache[names[block]["out"]][:, position].to(torch.float64) @ unit_device)
                 .sum()
                 .cpu()
             )
-            norm = architecture.post_norm(model.layers[layer], "attn")
+            norm = architecture.post_norm(model.layers[block], "attn")
             if norm is not None:
                 gain = architecture.norm_gain(norm).to(device=model.device, dtype=torch.float64)
-                scale = cache[names[layer]["scale"]][:, position].to(torch.float64)  # batch 1
+                scale = cache[names[block]["scale"]][:, position].to(torch.float64)  # batch 1
                 through = torch.einsum("bhd,hdm->bhm", z, W_O) @ (gain * unit_device)
                 values[index] += (through / scale).sum(dim=0).cpu()
             else:

@@ -32,6 +32,7 @@ from analysis._common import (
     ActsInput,
     layer_acts,
     position_index,
+    renamed_keywords,
     site_tensor,
     subplot_grid,
     unit_vector,
@@ -69,24 +70,25 @@ def _auroc(positive: Tensor, negative: Tensor) -> float:
     return float(((difference > 0).double() + 0.5 * (difference == 0).double()).mean())
 
 
+@renamed_keywords(position="token")
 def pca_projection(
     acts_pos: ActsInput,
     acts_neg: ActsInput,
     *,
     layer: int,
-    position: str | int = -1,
+    token: str | int = -1,
     paired: bool = True,
     site: str = "resid_post",
     n_components: int = 2,
     center: bool | None = None,
 ) -> PCAProjection:
-    """PCA of one layer's activations at one position; see the module docstring.
+    """PCA of one layer's activations at one token label; see the module docstring.
 
     ``acts_pos``/``acts_neg`` are :class:`refusal_dir.Activations` (read at ``site``) or
     ``prompts x positions x layers x d_model`` tensors. ``center`` defaults to ``not paired``.
     """
-    positive = layer_acts(acts_pos, site=site, layer=layer, position=position)
-    negative = layer_acts(acts_neg, site=site, layer=layer, position=position)
+    positive = layer_acts(acts_pos, site=site, layer=layer, token=token)
+    negative = layer_acts(acts_neg, site=site, layer=layer, token=token)
     if n_components < 1 or n_components > positive.shape[1]:
         raise ConfigError(
             f"n_components must be in 1..{positive.shape[1]} (d_model), got {n_components}"
@@ -118,7 +120,7 @@ def pca_projection(
     mean = torch.cat([positive, negative]).mean(dim=0)
     return PCAProjection(
         layer=layer,
-        position=position,
+        position=token,
         paired=paired,
         centered=centered,
         components=components.float(),
@@ -129,12 +131,13 @@ def pca_projection(
     )
 
 
+@renamed_keywords(position="token")
 def pca_projections(
     acts_pos: ActsInput,
     acts_neg: ActsInput,
     *,
     layers: Sequence[int],
-    position: str | int = -1,
+    token: str | int = -1,
     paired: bool = True,
     site: str = "resid_post",
     n_components: int = 2,
@@ -145,7 +148,7 @@ def pca_projections(
             acts_pos,
             acts_neg,
             layer=layer,
-            position=position,
+            token=token,
             paired=paired,
             site=site,
             n_components=n_components,
@@ -231,6 +234,7 @@ class LayerProjections:
         return _auroc(self.positive[index], self.negative[index])
 
 
+@renamed_keywords(position="token", direction_position="direction_token")
 def layer_projections(
     acts_pos: ActsInput,
     acts_neg: ActsInput,
@@ -238,8 +242,8 @@ def layer_projections(
     layers: Sequence[int],
     directions: DirectionSet | Tensor | None = None,
     component: int | None = None,
-    position: str | int = -1,
-    direction_position: str | int | None = None,
+    token: str | int = -1,
+    direction_token: str | int | None = None,
     site: str = "resid_post",
     paired: bool = True,
 ) -> LayerProjections:
@@ -253,12 +257,10 @@ def layer_projections(
         raise ConfigError("give exactly one of directions= and component=")
     positives, negatives = [], []
     for layer in layers:
-        pos = layer_acts(acts_pos, site=site, layer=layer, position=position)
-        neg = layer_acts(acts_neg, site=site, layer=layer, position=position)
+        pos = layer_acts(acts_pos, site=site, layer=layer, token=token)
+        neg = layer_acts(acts_neg, site=site, layer=layer, token=token)
         if directions is not None:
-            axis = unit_vector(
-                directions, layer=layer, position=direction_position, allow_zero=True
-            )
+            axis = unit_vector(directions, layer=layer, token=direction_token, allow_zero=True)
             if axis.shape[0] != pos.shape[1]:
                 raise ConfigError(
                     f"the direction has d_model {axis.shape[0]}, the activations {pos.shape[1]}"
@@ -269,7 +271,7 @@ def layer_projections(
                 acts_pos,
                 acts_neg,
                 layer=layer,
-                position=position,
+                token=token,
                 paired=paired,
                 site=site,
                 n_components=component + 1,
@@ -281,6 +283,7 @@ def layer_projections(
     return LayerProjections(tuple(layers), tuple(positives), tuple(negatives), label)
 
 
+@renamed_keywords(position="token")
 def projection_histogram_figure(
     directions: DirectionSet | Tensor | LayerProjections | None,
     acts_pos: ActsInput | None = None,
@@ -288,7 +291,7 @@ def projection_histogram_figure(
     *,
     layers: Sequence[int] | None = None,
     component: int | None = None,
-    position: str | int = -1,
+    token: str | int = -1,
     site: str = "resid_post",
     labels: tuple[str, str] = ("positive", "negative"),
     bins: int = 30,
@@ -306,14 +309,14 @@ def projection_histogram_figure(
             raise ConfigError("pass both activation sets (acts_pos, acts_neg)")
         if layers is None:
             layers = list(range(site_tensor(acts_pos, site).shape[2]))
-            position_index(acts_pos, position)  # validates the position early
+            position_index(acts_pos, token)  # validates the token label early
         projections = layer_projections(
             acts_pos,
             acts_neg,
             layers=layers,
             directions=directions,
             component=component,
-            position=position,
+            token=token,
             site=site,
         )
     rows, columns = subplot_grid(len(projections.layers))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +23,11 @@ from analysis.geometry import (
     direction_logit_lens,
     logit_lens_figure,
 )
-from analysis.heatmap import generation_heatmap_figure, generation_projections
+from analysis.heatmap import (
+    compare_generation_projections,
+    generation_heatmap_figure,
+    generation_projections,
+)
 from analysis.layers import score_curves, separation_figure
 from analysis.mechanistic import (
     coordinate_overlap_figure,
@@ -55,6 +61,7 @@ from refusal_dir.directions import DirectionMeta
 from refusal_dir.errors import ConfigError, DataError
 from refusal_dir.interventions import norm_gain
 from refusal_dir.prompts import refusal_pairs
+from refusal_dir.selection import LayerEffect, LayerSelection
 from refusal_dir.testing import make_tiny_model
 
 D_MODEL = 64
@@ -164,6 +171,16 @@ def test_separation_figure_marks_the_selected_layer() -> None:
         separation_figure(scores, metrics=("nonsense",))
 
 
+def test_separation_figure_marks_a_layer_chosen_by_effect() -> None:
+    scores = [_score("last", layer, 0.5 + 0.1 * layer) for layer in range(4)]
+    chosen = LayerEffect("last", 1, 0.6, ablation_kl=0.01, bypass=1.0, induce=2.0)
+    for selected in (chosen, LayerSelection(chosen, "within-kl", 0.1, 0.1, 1, 1)):
+        figure = separation_figure({"resid_pre": scores}, selected=selected)
+        stars = [trace for trace in figure.data if trace.marker.symbol == "star"]
+        # both metrics, read from the layer's own score (LayerEffect has no AUROC)
+        assert [star.y for star in stars] == [(pytest.approx(0.6),), (pytest.approx(0.55),)]
+
+
 # ----------------------------------------------------------------------------------------------
 # pca.py
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +192,7 @@ def test_pca_recovers_a_planted_axis(paired: bool) -> None:
     axis[5], axis[17] = 0.6, -0.8
     # Paired differences cancel the shared point; pooled PCA needs it small to see the axis.
     positive, negative = planted_acts(axis, shared=1.0 if paired else 0.05)
-    result = pca_projection(positive, negative, layer=0, position=0, paired=paired)
+    result = pca_projection(positive, negative, layer=0, token=0, paired=paired)
     first = result.components[0].double()
     assert float(first @ axis.double()) > 0.99  # recovered, with the mean-difference sign
     assert float(result.explained_variance_ratio[0]) > 0.9
@@ -527,3 +544,142 @@ def test_refusal_dir_never_imports_plotly_or_analysis() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     assert completed.stdout.strip() == "[]", completed.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Old keyword names (docs/glossary.md): they warn and give the same result for one release
+# ----------------------------------------------------------------------------------------------
+
+
+def two_label_set(seed: int = 5) -> DirectionSet:
+    """A DirectionSet with two token labels, so that choosing the label matters."""
+    raw = torch.randn(2, N_LAYERS, D_MODEL, generator=torch.Generator().manual_seed(seed))
+    meta = dataclasses.replace(direction_set(raw[0]).meta, positions=("post_instruction-1", "last"))
+    return DirectionSet.from_raw(raw, meta)
+
+
+def _same(old: object, new: object) -> None:
+    if isinstance(new, torch.Tensor):
+        torch.testing.assert_close(old, new)
+    elif isinstance(new, dict):
+        assert old.keys() == new.keys()
+        for key in new:
+            _same(old[key], new[key])
+    elif isinstance(new, (tuple, list)):
+        assert len(old) == len(new)
+        for old_item, new_item in zip(old, new):
+            _same(old_item, new_item)
+    elif dataclasses.is_dataclass(new):
+        for field in dataclasses.fields(new):
+            _same(getattr(old, field.name), getattr(new, field.name))
+    elif isinstance(new, float) and math.isnan(new):
+        assert math.isnan(old)
+    else:
+        assert old == new
+
+
+def _renamed_cases() -> list[tuple[str, Callable[..., object], dict, dict]]:
+    directions, other = two_label_set(5), two_label_set(6)
+    acts = torch.randn(6, 2, N_LAYERS, D_MODEL, generator=torch.Generator().manual_seed(7))
+    return [
+        (
+            "cosine_across_layers",
+            lambda **k: cosine_across_layers(directions, **k),
+            {"position": 0},
+            {"token": 0},
+        ),
+        (
+            "cosine_across_methods",
+            lambda **k: cosine_across_methods({"a": directions, "b": other}, 1, **k),
+            {"position": "post_instruction-1"},
+            {"token": "post_instruction-1"},
+        ),
+        (
+            "cosine_between",
+            lambda **k: cosine_between(directions, other, **k),
+            {"position_first": 0, "position_second": "last"},
+            {"token_first": 0, "token_second": "last"},
+        ),
+        (
+            "pca_projection",
+            lambda **k: pca_projection(acts, acts.flip(0), layer=1, **k),
+            {"position": 0},
+            {"token": 0},
+        ),
+        (
+            "pca_projections",
+            lambda **k: pca_projections(acts, acts.flip(0), layers=[0, 2], **k)[1],
+            {"position": 0},
+            {"token": 0},
+        ),
+        (
+            "layer_projections",
+            lambda **k: layer_projections(
+                acts, acts.flip(0), layers=[1], directions=directions, **k
+            ),
+            {"position": 0, "direction_position": 0},
+            {"token": 0, "direction_token": 0},
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=[case[0] for case in _renamed_cases()])
+def test_old_keyword_names_warn_and_give_the_same_result(case: int) -> None:
+    name, call, old, new = _renamed_cases()[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expected = call(**new)
+    with pytest.warns(DeprecationWarning) as caught:
+        result = call(**old)
+    _same(result, expected)
+    messages = {str(warning.message) for warning in caught}
+    for old_name, new_name in zip(old, new):
+        assert f"{name}({old_name}=) is deprecated: use {new_name}= (docs/glossary.md)" in messages
+    with pytest.raises(ConfigError, match="use"), pytest.warns(DeprecationWarning):
+        call(**old, **new)
+
+
+def test_old_keyword_names_on_the_model_functions(model: HookedModel, prompts: list[str]) -> None:
+    directions = two_label_set(8)
+    steer = addition(directions, layer=1, alpha=4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        heads = head_attribution(model, prompts[:2], directions, layer=1, batch_size=2)
+        panels = compare_generation_projections(
+            model,
+            prompts[:2],
+            directions,
+            layer=1,
+            token=0,
+            interventions=[steer],
+            max_new_tokens=2,
+            prompt_positions=2,
+        )
+        sparse = sparsified_effect(
+            model, prompts[:2], directions, layer=1, fractions=(0.5,), apply_to="prompt"
+        )
+    with pytest.warns(DeprecationWarning, match="direction_layer"):
+        _same(
+            head_attribution(model, prompts[:2], directions, direction_layer=1, batch_size=2), heads
+        )
+    with pytest.warns(DeprecationWarning) as caught:
+        old_panels = compare_generation_projections(
+            model,
+            prompts[:2],
+            directions,
+            direction_layer=1,
+            direction_position=0,
+            interventions=[steer],
+            max_new_tokens=2,
+            prompt_positions=2,
+        )
+    assert {str(warning.message).split(" is ")[0] for warning in caught} == {
+        "compare_generation_projections(direction_layer=)",
+        "compare_generation_projections(direction_position=)",
+    }
+    _same(old_panels, panels)
+    with pytest.warns(DeprecationWarning, match=r"sparsified_effect\(positions=\)"):
+        old_sparse = sparsified_effect(
+            model, prompts[:2], directions, layer=1, fractions=(0.5,), positions="prompt"
+        )
+    _same(old_sparse, sparse)
