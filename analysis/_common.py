@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -20,38 +17,10 @@ SiteActs = Float[Tensor, "prompts positions layers d_model"]
 Vector = Float[Tensor, "d_model"]
 ActsInput = Activations | Tensor
 
-Function = TypeVar("Function", bound=Callable[..., Any])
 
 TEMPLATE = "plotly_white"
 POSITIVE_COLOR = "#d62728"
 NEGATIVE_COLOR = "#1f77b4"
-
-
-def renamed_keywords(**renames: str) -> Callable[[Function], Function]:
-    """Keep old keyword names working for one release: ``@renamed_keywords(direction_layer="layer")``
-    maps each old name onto its new one (docs/glossary.md) with a :class:`DeprecationWarning`."""
-
-    def decorate(function: Function) -> Function:
-        @functools.wraps(function)
-        def renamed(*args: Any, **kwargs: Any) -> Any:
-            for old, new in renames.items():
-                if old not in kwargs:
-                    continue
-                warnings.warn(
-                    f"{function.__name__}({old}=) is deprecated: use {new}= (docs/glossary.md)",
-                    DeprecationWarning,
-                    stacklevel=2,
-                )
-                if new in kwargs:
-                    raise ConfigError(
-                        f"{function.__name__}() got both {old}= and {new}=: use {new}= only"
-                    )
-                kwargs[new] = kwargs.pop(old)
-            return function(*args, **kwargs)
-
-        return renamed  # type: ignore[return-value]
-
-    return decorate
 
 
 def site_tensor(acts: ActsInput, site: str) -> SiteActs:
@@ -186,3 +155,4 @@ def annotated_heatmap(
     figure.update_layout(title=title, template=TEMPLATE, height=420)
     figure.update_yaxes(autorange="reversed")
     return figure
+

@@ -28,10 +28,10 @@ from analysis._common import (
     TEMPLATE,
     annotated_heatmap,
     integer_ticks,
-    renamed_keywords,
     unit_vector,
 )
 from refusal_dir import DirectionSet, HookedModel
+from refusal_dir.deprecation import renamed_keywords
 from refusal_dir.errors import ConfigError, DirectionMismatchError
 
 PerLayer = Float[Tensor, "layers"]

@@ -34,8 +34,9 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from analysis._common import TEMPLATE, integer_ticks, renamed_keywords, unit_vector
+from analysis._common import TEMPLATE, integer_ticks, unit_vector
 from refusal_dir import DirectionSet, GenerationSettings, HookedModel, bridge_hooks, hook_name
+from refusal_dir.deprecation import renamed_keywords
 from refusal_dir.errors import ConfigError
 from refusal_dir.generation import generate_tokens
 from refusal_dir.interventions import Intervention, PositionState

@@ -42,7 +42,6 @@ from analysis._common import (
     annotated_heatmap,
     integer_ticks,
     layer_list,
-    renamed_keywords,
     unit_vector,
 )
 from refusal_dir import (
@@ -53,6 +52,7 @@ from refusal_dir import (
     hook_name,
     next_token_logits,
 )
+from refusal_dir.deprecation import renamed_keywords
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError
 from refusal_dir.interventions import Intervention, PositionState
 

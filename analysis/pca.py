@@ -32,12 +32,12 @@ from analysis._common import (
     ActsInput,
     layer_acts,
     position_index,
-    renamed_keywords,
     site_tensor,
     subplot_grid,
     unit_vector,
 )
 from refusal_dir import DirectionSet
+from refusal_dir.deprecation import renamed_keywords
 from refusal_dir.errors import ConfigError, DataError
 
 Projections = Float[Tensor, "n"]

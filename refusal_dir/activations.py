@@ -21,7 +21,6 @@ same way.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from refusal_dir.deprecation import renamed_keywords
 from refusal_dir.errors import ConfigError, DataError
 from refusal_dir.model import HookedModel, TokenBatch
 from refusal_dir.sites import RESIDUAL_SITES, check_layer, check_site, hook_name
@@ -117,6 +117,7 @@ def _mean_mask(model: HookedModel, batch: TokenBatch) -> Tensor:
     return mask
 
 
+@renamed_keywords(position="token")
 def collect_activations(
     model: HookedModel,
     prompts: Sequence[str],
@@ -129,7 +130,6 @@ def collect_activations(
     backend: Literal["fast", "bridge"] = "fast",
     progress: bool = True,
     description: str = "caching activations",
-    position: str | None = None,
 ) -> Activations:
     """Run prompts through the model and store activations at the ``token`` rule's positions
     (``last`` (default), ``mean`` or ``post_instruction``; ``position=`` is its deprecated name).
@@ -137,13 +137,6 @@ def collect_activations(
     ``prompts`` are instructions, wrapped in the chat template unless
     ``apply_chat_template=False`` (then they must already be formatted, BOS included).
     """
-    if position is not None:
-        warnings.warn(
-            "collect_activations(position=) is deprecated: use token= (docs/glossary.md)", DeprecationWarning, stacklevel=2
-        )
-        if token is not None:
-            raise ConfigError("collect_activations() got both position= and token=: use token= only")
-        token = position
     position = token or "last"
     if isinstance(prompts, str):
         raise DataError("prompts must be a list of strings, not one string")

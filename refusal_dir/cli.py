@@ -413,8 +413,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if Path(model.model_id).expanduser().is_dir():  # also when the directions named the model
         protect.append(Path(model.model_id))
     path = save_orthogonalized(
-        model, directions, args.output_dir, direction_layer=layer,
-        position=selected.get("position"), protect=protect,
+        model, directions, args.output_dir, layer=layer,
+        token=selected.get("position"), protect=protect,
     )
     _out(f"wrote {path}: directional ablation of the layer-{layer} direction baked into the weights")
     return 0

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from refusal_dir.architectures import WRITE_KINDS, Architecture, WriteKind
 from refusal_dir.architectures import norm_gain as norm_gain  # re-exported for analysis users
+from refusal_dir.deprecation import renamed
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DirectionMismatchError
 from refusal_dir.model import HookedModel
@@ -176,23 +177,6 @@ class Ablation:
 Intervention = Addition | Ablation
 
 
-def _renamed(old: dict[str, Any], function: str, names: dict[str, str], given: dict[str, Any]) -> dict[str, Any]:
-    """Map the deprecated keywords in ``old`` onto their new names (a DeprecationWarning each);
-    ``given`` holds the new keywords' values as passed (None: not passed)."""
-    out = dict(given)
-    for name, value in old.items():
-        if name not in names:
-            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
-        new = names[name]
-        warnings.warn(
-            f"{function}({name}=) is deprecated: use {new}= (docs/glossary.md)", DeprecationWarning, stacklevel=3
-        )
-        if out.get(new) is not None:
-            raise ConfigError(f"{function}() got both {name}= and {new}=: use {new}= only")
-        out[new] = value
-    return out
-
-
 def _direction_vector(directions: DirectionSet | Tensor, layer: int, token: str | int | None, unit: str) -> Tensor:
     if isinstance(directions, DirectionSet):
         return directions.unit(layer, token) if unit == "unit" else directions.vector(layer, token)
@@ -230,7 +214,7 @@ def addition(
             raise ConfigError("addition() got a list as layer= and at_layers=: use at_layers= for where")
         at_layers, layer = tuple(int(x) for x in layer), None
     names = {"direction_layer": "layer", "position": "token", "positions": "apply_to"}
-    given = _renamed(deprecated, "addition", names, {"layer": layer, "token": token, "apply_to": apply_to})
+    given = renamed(deprecated, "addition", names, {"layer": layer, "token": token, "apply_to": apply_to})
     layer, token, apply_to = given["layer"], given["token"], given["apply_to"] or "all"
     check_site(site)
     if layer is None:
@@ -291,7 +275,7 @@ def clamp(
         "direction_layer": "layer", "position": "token", "positions": "apply_to",
         "layers": "at_layers", "strength": "alpha",
     }
-    given = _renamed(
+    given = renamed(
         deprecated, _function, names,
         {"layer": layer, "token": token, "apply_to": apply_to, "at_layers": at_layers, "alpha": alpha},
     )

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from refusal_dir import outdir
 from refusal_dir.architectures import WRITE_KINDS, Writer
+from refusal_dir.deprecation import renamed_keywords
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import (
     ConfigError,
@@ -63,19 +64,21 @@ def _project_writer(writer: Writer, unit: Tensor) -> None:
             writer.bias.data = (bias - (bias @ u).unsqueeze(-1) * u).to(writer.bias.dtype)
 
 
+@renamed_keywords(direction_layer="layer", position="token")
 def orthogonalized_copy(
     model: HookedModel,
     directions: DirectionSet | Tensor,
     *,
-    direction_layer: int | None = None,
-    position: str | int | None = None,
+    layer: int | None = None,
+    token: str | int | None = None,
 ) -> Any:
-    """A new ``transformers`` model with the direction projected out of its weights."""
+    """A new ``transformers`` model with the direction of ``layer`` (label ``token``) projected
+    out of its weights (``direction_layer=``/``position=``: deprecated names)."""
     if isinstance(directions, DirectionSet):
-        if direction_layer is None:
-            raise ConfigError("orthogonalizing with a DirectionSet needs direction_layer=")
+        if layer is None:
+            raise ConfigError("orthogonalizing with a DirectionSet needs layer= (whose direction)")
         directions.check_fits(model)
-        unit = directions.unit(direction_layer, position)
+        unit = directions.unit(layer, token)
     else:
         unit = torch.as_tensor(directions, dtype=torch.float32)
         unit = unit / unit.norm().clamp_min(1e-12)
@@ -107,13 +110,14 @@ def orthogonalized_copy(
     return edited
 
 
+@renamed_keywords(direction_layer="layer", position="token")
 def save_orthogonalized(
     model: HookedModel,
     directions: DirectionSet | Tensor,
     output_dir: str | Path,
     *,
-    direction_layer: int | None = None,
-    position: str | int | None = None,
+    layer: int | None = None,
+    token: str | int | None = None,
     protect: Iterable[str | Path] = (),
 ) -> Path:
     """Write the orthogonalized model as a standard model directory (loads with transformers).
@@ -124,9 +128,7 @@ def save_orthogonalized(
     of it, or holds a path in ``protect`` (the directions being read).
     """
     output_dir = outdir.check_output_dir(output_dir, kind="model", fresh=True, protect=protect)
-    edited = orthogonalized_copy(
-        model, directions, direction_layer=direction_layer, position=position
-    )
+    edited = orthogonalized_copy(model, directions, layer=layer, token=token)
     staging = outdir.staging_dir(output_dir.parent, output_dir.name)
     try:
         try:
@@ -138,7 +140,7 @@ def save_orthogonalized(
             "source_model": model.model_id,
             "source_revision": model.revision,
             "edit": "directional ablation baked into weights (refusal_dir.orthogonalize)",
-            "direction_layer": direction_layer,
+            "direction_layer": layer,
         }
         if isinstance(directions, DirectionSet):
             note["direction_meta"] = {

@@ -119,7 +119,7 @@ def test_mean_position_excludes_bos(tiny_model) -> None:
         ({"prompts": []}, DataError, "empty"),
         ({"prompts": ["ok", "  "]}, DataError, "empty"),
         ({"prompts": ["ok"], "layers": [7]}, ConfigError, "out of range"),
-        ({"prompts": ["ok"], "position": "first"}, ConfigError, "unknown position"),
+        ({"prompts": ["ok"], "token": "first"}, ConfigError, "unknown position"),
         ({"prompts": ["ok"], "sites": ["resid_mid"]}, ConfigError, "unknown site"),
     ],
 )
@@ -319,3 +319,13 @@ def test_weights_sample_indexes_inside_a_matrix_past_float32_precision() -> None
 
     sample = weights_sample(SimpleNamespace(hf=SimpleNamespace(parameters=lambda: [matrix])))
     assert sample[0] == 5 and sample[-1] == 7
+
+
+def test_collect_activations_old_position_keyword_warns_and_is_the_token_rule(tiny_model) -> None:
+    with pytest.warns(DeprecationWarning, match=r"collect_activations\(position=\) is deprecated: use token="):
+        old = collect_activations(tiny_model, PROMPTS_A[:2], position="mean", progress=False)
+    new = collect_activations(tiny_model, PROMPTS_A[:2], token="mean", progress=False)
+    assert old.positions == new.positions == ("mean",)
+    assert torch.equal(old.site("resid_pre"), new.site("resid_pre"))
+    with pytest.raises(ConfigError, match="both position= and token="), pytest.warns(DeprecationWarning):
+        collect_activations(tiny_model, PROMPTS_A[:2], position="mean", token="last", progress=False)
