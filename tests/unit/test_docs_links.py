@@ -114,3 +114,23 @@ def test_a_broken_link_is_found(tmp_path: Path) -> None:
 )
 def test_github_slug(heading: str, slug: str) -> None:
     assert github_slug(heading) == slug
+
+
+def test_docs_pages_quote_the_current_results_tables(tmp_path) -> None:
+    """Every results table a page quotes equals the table in the report.md it cites
+    (examples/sync_docs_tables.py); a stale copy is caught."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "sync_docs_tables.py"
+    spec = importlib.util.spec_from_file_location("sync_docs_tables", path)
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    assert sync.stale_pages() == []
+    quoted = [page for page in sync.PAGES if "<!-- results-table:" in page.read_text()]
+    assert len(quoted) >= 2
+    report = tmp_path / "run" / "report.md"
+    report.parent.mkdir()
+    report.write_text("# r\n\n| method | layer |\n|---|---|\n| addition | 3 |\n\nafter\n")
+    page = tmp_path / "page.md"
+    page.write_text("x\n<!-- results-table: run/report.md -->\n| method | layer |\n|---|---|\n| addition | 2 |\n<!-- /results-table -->\n")
+    assert "| addition | 3 |" in sync.synced(page) and "| addition | 2 |" not in sync.synced(page)
