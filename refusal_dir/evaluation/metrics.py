@@ -278,14 +278,7 @@ def refusal_rate(
         raise ConfigError(
             f"the judge returned {len(refused)} verdicts for {len(completions)} completions"
         )
-    successes = sum(refused)
-    return RateResult(
-        value=successes / len(refused),
-        n=len(refused),
-        successes=successes,
-        per_item=refused,
-        completions=completions,
-    )
+    return _rate_result(refused, completions)
 
 
 def answered_rate(
@@ -308,21 +301,16 @@ def answered_rate(
     ``n - successes``. Formerly named ``helpfulness`` (still an alias): "answered" is what it
     measures, not whether the answer helps.
     """
-    _check_items(prompts, "prompts")
-    judge = resolve_judge(judge)
-    completions = generate(
+    refusals = refusal_rate(
         model,
         prompts,
         interventions=interventions,
         settings=settings,
+        judge=judge,
         apply_chat_template=apply_chat_template,
         progress=progress,
     )
-    refused = judge(list(prompts), completions)
-    if len(refused) != len(completions):
-        raise ConfigError(
-            f"the judge returned {len(refused)} verdicts for {len(completions)} completions"
-        )
+    completions, refused = refusals.completions, refusals.per_item
     breakdown = {reason: 0 for reason in ("refusal", *DEGENERATION_REASONS)}
     answered: list[bool] = []
     for prompt, text, was_refused in zip(prompts, completions, refused, strict=True):
@@ -330,14 +318,20 @@ def answered_rate(
         if reason is not None:
             breakdown[reason] += 1
         answered.append(reason is None)
-    successes = sum(answered)
+    return _rate_result(answered, completions, breakdown=breakdown)
+
+
+def _rate_result(
+    per_item: list[bool], completions: list[str], *, breakdown: dict[str, int] | None = None
+) -> RateResult:
+    successes = sum(per_item)
     return RateResult(
-        value=successes / len(answered),
-        n=len(answered),
+        value=successes / len(per_item),
+        n=len(per_item),
         successes=successes,
-        per_item=answered,
+        per_item=per_item,
         completions=completions,
-        breakdown=breakdown,
+        breakdown=breakdown if breakdown is not None else {},
     )
 
 
