@@ -46,7 +46,7 @@ from refusal_dir.generation import (
     next_token_logits,
 )
 from refusal_dir.interventions import Intervention, check_rows, repeat_rows, steer
-from refusal_dir.model import HookedModel, TokenBatch
+from refusal_dir.model import HookedModel, TokenBatch, pad_ids
 from refusal_dir.prompts import LETTERS, Claim, MCQuestion, format_claim_prompt, format_mc_prompt
 
 logger = logging.getLogger(__name__)
@@ -775,15 +775,12 @@ def _forced_batch(
     """Left-padded prompt ids, then answer ids right-padded to ``answer_width``; and the
     padded prompt width, where every row's answer starts. Padded answer positions are masked
     and must never be scored (they follow the real tokens, so no real position sees them)."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width + answer_width), model.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-        input_ids[row, width - len(prompt) : width] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) : width] = 1
-        input_ids[row, width : width + len(answer)] = torch.tensor(list(answer), dtype=torch.long)
-        mask[row, width : width + len(answer)] = 1
-    return TokenBatch(input_ids, mask), width
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    prompt_ids, prompt_mask = pad_ids(prompts, model.pad_token_id)
+    answer_ids, answer_mask = pad_ids(answers, model.pad_token_id, width=answer_width, side="right")
+    batch = TokenBatch(torch.cat([prompt_ids, answer_ids], 1), torch.cat([prompt_mask, answer_mask], 1))
+    return batch, prompt_ids.shape[1]
 
 
 def _answer_logits(
