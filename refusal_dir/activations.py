@@ -158,15 +158,20 @@ def collect_activations(
         site: torch.zeros(len(texts), len(labels), len(layer_list), model.d_model)
         for site in sites
     }
-    collect = _collect_batch_fast if backend == "fast" else _collect_batch_bridge
-    if backend not in ("fast", "bridge"):
+    if backend not in _BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: choose fast or bridge")
+    forward = _BACKENDS[backend]
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=description, disable=not progress, leave=False):
         batch = model.tokenize(texts[start : start + batch_size])
         if position == "post_instruction":
             _check_post_instruction(model, batch)
-        stored = collect(model, batch, sites, layer_list, position, len(labels))
+        storage = _Storage(model, batch, sites, layer_list, position, len(labels))
+        try:
+            forward(model, batch.to(model.device), storage, sites, layer_list)
+        except _StopForward:
+            pass
+        stored = storage.stored
         for site in sites:
             out[site][start : start + len(batch)] = stored[site]
     return Activations(
@@ -209,16 +214,11 @@ class _Storage:
 
 
 @torch.no_grad()
-def _collect_batch_fast(
-    model: HookedModel,
-    batch: TokenBatch,
-    sites: Sequence[str],
-    layers: Sequence[int],
-    rule: str,
-    n_positions: int,
-) -> dict[str, Tensor]:
-    device_batch = batch.to(model.device)
-    storage = _Storage(model, batch, sites, layers, rule, n_positions)
+def _forward_fast(
+    model: HookedModel, batch: TokenBatch, storage: _Storage, sites: Sequence[str], layers: Sequence[int]
+) -> None:
+    """Run ``batch`` (on the model's device) through the ``transformers`` model with forward
+    hooks on the decoder blocks that hand each residual stream to ``storage``."""
     handles = []
 
     def make_pre_hook(layer: int):
@@ -239,35 +239,24 @@ def _collect_batch_fast(
             handles.append(block.register_forward_pre_hook(make_pre_hook(layer), with_kwargs=True))
             if "resid_post" in sites:
                 handles.append(block.register_forward_hook(make_post_hook(layer), with_kwargs=True))
-        try:
-            model.hf(
-                input_ids=device_batch.input_ids,
-                attention_mask=device_batch.attention_mask,
-                use_cache=False,
-                logits_to_keep=1,
-            )
-        except _StopForward:
-            pass
+        model.hf(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+            logits_to_keep=1,
+        )
     finally:
         for handle in handles:
             handle.remove()
-    return storage.stored
 
 
 @torch.no_grad()
-def _collect_batch_bridge(
-    model: HookedModel,
-    batch: TokenBatch,
-    sites: Sequence[str],
-    layers: Sequence[int],
-    rule: str,
-    n_positions: int,
-) -> dict[str, Tensor]:
-    # TransformerLens hooks at the hook points, stopping the forward pass once the last one is
-    # stored: unlike run_with_cache(stop_at_layer=n_layers), this never computes the
-    # unembedding and keeps no per-token cache.
-    device_batch = batch.to(model.device)
-    storage = _Storage(model, batch, sites, layers, rule, n_positions)
+def _forward_bridge(
+    model: HookedModel, batch: TokenBatch, storage: _Storage, sites: Sequence[str], layers: Sequence[int]
+) -> None:
+    """The same through TransformerLens hooks at the hook points. Stopped once the last one is
+    stored: unlike run_with_cache(stop_at_layer=n_layers), this never computes the unembedding
+    and keeps no per-token cache."""
 
     def make_hook(site: str, layer: int):
         def hook(act: Tensor, hook: Any) -> None:
@@ -277,12 +266,9 @@ def _collect_batch_bridge(
 
     fwd_hooks = [(hook_name(site, layer), make_hook(site, layer)) for site in sites for layer in layers]
     with model.bridge.hooks(fwd_hooks=fwd_hooks):
-        try:
-            model.bridge(
-                device_batch.input_ids,
-                attention_mask=device_batch.attention_mask,
-                return_type=None,
-            )
-        except _StopForward:
-            pass
-    return storage.stored
+        model.bridge(batch.input_ids, attention_mask=batch.attention_mask, return_type=None)
+
+
+_BACKENDS = {"fast": _forward_fast, "bridge": _forward_bridge}
+"""How a batch is run while :class:`_Storage` keeps the activations; each raises
+:class:`_StopForward` (from ``storage.store``) once the last needed activation is stored."""

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from refusal_dir.errors import ConfigError, DataError
 from refusal_dir.interventions import Intervention, check_rows, steer
-from refusal_dir.model import HookedModel, TokenBatch
+from refusal_dir.model import HookedModel, TokenBatch, pad_ids
 
 logger = logging.getLogger(__name__)
 
@@ -267,14 +267,9 @@ def continuation_logprobs(
             if any(len(ids) == 0 for ids in cont_ids):
                 raise DataError("a continuation tokenized to zero tokens: remove empty ones")
             full = [p + c for p, c in zip(prompt_ids, cont_ids)]
-            width = max(len(ids) for ids in full)
-            input_ids = torch.full((len(full), width), model.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, ids in enumerate(full):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                mask[row, width - len(ids) :] = 1
+            batch = TokenBatch(*pad_ids(full, model.pad_token_id))
             longest = max(len(ids) for ids in cont_ids)
-            logits = _forward_logits(model, TokenBatch(input_ids, mask), keep=longest + 1)
+            logits = _forward_logits(model, batch, keep=longest + 1)
             logprobs = torch.log_softmax(logits, dim=-1).cpu()
             for row, ids in enumerate(cont_ids):
                 n = len(ids)

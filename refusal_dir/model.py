@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -152,6 +152,28 @@ class TokenBatch:
 
     def to(self, device: str | torch.device) -> TokenBatch:
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def pad_ids(
+    rows: Sequence[Sequence[int]],
+    pad_value: int,
+    *,
+    width: int | None = None,
+    side: Literal["left", "right"] = "left",
+) -> tuple[Int[Tensor, "rows width"], Int[Tensor, "rows width"]]:
+    """Token id rows padded with ``pad_value`` to ``width`` (default: the longest row), and the
+    attention mask (1 on the given ids). Left padding for prompts, so every row ends at the
+    same position; right padding for what follows an already padded prompt."""
+    width = max((len(ids) for ids in rows), default=0) if width is None else width
+    input_ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        if len(ids) > width:
+            raise ValueError(f"row {row} has {len(ids)} ids, more than the width {width}")
+        where = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+        input_ids[row, where] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, where] = 1
+    return input_ids, attention_mask
 
 
 class HookedModel:
@@ -321,13 +343,7 @@ class HookedModel:
         encoded = [self._encode(text) for text in texts]
         if any(len(ids) == 0 for ids in encoded):
             raise ConfigError("a prompt tokenized to zero tokens: remove empty prompts")
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
-        return TokenBatch(input_ids, attention_mask)
+        return TokenBatch(*pad_ids(encoded, self.pad_token_id))
 
     def encode_instructions(self, instructions: Sequence[str]) -> TokenBatch:
         """Format instructions with the chat template and tokenize them, left padded."""

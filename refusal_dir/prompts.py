@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from refusal_dir.errors import DataError
 
@@ -362,46 +363,56 @@ def _parse_jsonl(text: str, *, source: str) -> list[_Record]:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{source}, line {number}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                "fix that line so it holds exactly one JSON object"
-            ) from exc
-        if not isinstance(value, dict):
-            raise DataError(
-                f"{source}, line {number}: expected a JSON object, got {type(value).__name__}; "
-                'write one object per line, e.g. {"instruction": "..."}'
+        value = _load_json(
+            line, source=source, line=number, fix="fix that line so it holds exactly one JSON object"
+        )
+        records.append(
+            _object_record(
+                value,
+                source=source,
+                where=f"line {number}",
+                fix='write one object per line, e.g. {"instruction": "..."}',
             )
-        records.append(_Record(source=source, where=f"line {number}", fields=value))
+        )
     return records
 
 
 def _parse_json(text: str, *, source: str) -> list[_Record]:
     if not text.strip():
         return []
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{source}, line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
-            "fix the syntax there"
-        ) from exc
+    value = _load_json(text, source=source, line=None, fix="fix the syntax there")
     if not isinstance(value, list):
         raise DataError(
             f"{source}: expected a JSON list of objects, got {type(value).__name__}; "
             "wrap the objects in [...] or write them one per line as .jsonl"
         )
-    records = []
-    for number, item in enumerate(value, start=1):
-        if not isinstance(item, dict):
-            raise DataError(
-                f"{source}, item {number}: expected a JSON object, got {type(item).__name__}; "
-                "make every list item an object"
-            )
-        records.append(_Record(source=source, where=f"item {number}", fields=item))
-    return records
+    return [
+        _object_record(
+            item, source=source, where=f"item {number}", fix="make every list item an object"
+        )
+        for number, item in enumerate(value, start=1)
+    ]
+
+
+def _load_json(text: str, *, source: str, line: int | None, fix: str) -> Any:
+    """``json.loads``, or a :class:`DataError` naming the file, the line (``line``, else the
+    parser's) and ``fix``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{source}, line {exc.lineno if line is None else line}: malformed JSON ({exc.msg} at "
+            f"column {exc.colno}); {fix}"
+        ) from exc
+
+
+def _object_record(value: Any, *, source: str, where: str, fix: str) -> _Record:
+    """A JSON object as a record, or a :class:`DataError` naming where it stands and ``fix``."""
+    if not isinstance(value, dict):
+        raise DataError(
+            f"{source}, {where}: expected a JSON object, got {type(value).__name__}; {fix}"
+        )
+    return _Record(source=source, where=where, fields=value)
 
 
 def _parse_csv(text: str, *, source: str) -> list[_Record]:

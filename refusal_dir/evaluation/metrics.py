@@ -46,7 +46,7 @@ from refusal_dir.generation import (
     next_token_logits,
 )
 from refusal_dir.interventions import Intervention, check_rows, repeat_rows, steer
-from refusal_dir.model import HookedModel, TokenBatch
+from refusal_dir.model import HookedModel, TokenBatch, pad_ids
 from refusal_dir.prompts import LETTERS, Claim, MCQuestion, format_claim_prompt, format_mc_prompt
 
 logger = logging.getLogger(__name__)
@@ -278,14 +278,7 @@ def refusal_rate(
         raise ConfigError(
             f"the judge returned {len(refused)} verdicts for {len(completions)} completions"
         )
-    successes = sum(refused)
-    return RateResult(
-        value=successes / len(refused),
-        n=len(refused),
-        successes=successes,
-        per_item=refused,
-        completions=completions,
-    )
+    return _rate_result(refused, completions)
 
 
 def answered_rate(
@@ -308,21 +301,16 @@ def answered_rate(
     ``n - successes``. Formerly named ``helpfulness`` (still an alias): "answered" is what it
     measures, not whether the answer helps.
     """
-    _check_items(prompts, "prompts")
-    judge = resolve_judge(judge)
-    completions = generate(
+    refusals = refusal_rate(
         model,
         prompts,
         interventions=interventions,
         settings=settings,
+        judge=judge,
         apply_chat_template=apply_chat_template,
         progress=progress,
     )
-    refused = judge(list(prompts), completions)
-    if len(refused) != len(completions):
-        raise ConfigError(
-            f"the judge returned {len(refused)} verdicts for {len(completions)} completions"
-        )
+    completions, refused = refusals.completions, refusals.per_item
     breakdown = {reason: 0 for reason in ("refusal", *DEGENERATION_REASONS)}
     answered: list[bool] = []
     for prompt, text, was_refused in zip(prompts, completions, refused, strict=True):
@@ -330,14 +318,20 @@ def answered_rate(
         if reason is not None:
             breakdown[reason] += 1
         answered.append(reason is None)
-    successes = sum(answered)
+    return _rate_result(answered, completions, breakdown=breakdown)
+
+
+def _rate_result(
+    per_item: list[bool], completions: list[str], *, breakdown: dict[str, int] | None = None
+) -> RateResult:
+    successes = sum(per_item)
     return RateResult(
-        value=successes / len(answered),
-        n=len(answered),
+        value=successes / len(per_item),
+        n=len(per_item),
         successes=successes,
-        per_item=answered,
+        per_item=per_item,
         completions=completions,
-        breakdown=breakdown,
+        breakdown=breakdown if breakdown is not None else {},
     )
 
 
@@ -781,15 +775,12 @@ def _forced_batch(
     """Left-padded prompt ids, then answer ids right-padded to ``answer_width``; and the
     padded prompt width, where every row's answer starts. Padded answer positions are masked
     and must never be scored (they follow the real tokens, so no real position sees them)."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width + answer_width), model.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-        input_ids[row, width - len(prompt) : width] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) : width] = 1
-        input_ids[row, width : width + len(answer)] = torch.tensor(list(answer), dtype=torch.long)
-        mask[row, width : width + len(answer)] = 1
-    return TokenBatch(input_ids, mask), width
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    prompt_ids, prompt_mask = pad_ids(prompts, model.pad_token_id)
+    answer_ids, answer_mask = pad_ids(answers, model.pad_token_id, width=answer_width, side="right")
+    batch = TokenBatch(torch.cat([prompt_ids, answer_ids], 1), torch.cat([prompt_mask, answer_mask], 1))
+    return batch, prompt_ids.shape[1]
 
 
 def _answer_logits(

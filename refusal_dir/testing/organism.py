@@ -55,6 +55,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from refusal_dir.errors import ConfigError, OutputDirError
+from refusal_dir.model import pad_ids
 from refusal_dir.prompts import MCQuestion
 
 logger = logging.getLogger(__name__)
@@ -688,14 +689,8 @@ def _encode_examples(
         ids = (prompt + target)[:max_len]
         labels = ([-100] * len(prompt) + target)[:max_len]
         rows.append((ids, labels))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels_tensor = torch.full((len(rows), width), -100, dtype=torch.long)
-    for row, (ids, labels) in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels_tensor[row, : len(labels)] = torch.tensor(labels)
+    input_ids, attention_mask = pad_ids([ids for ids, _ in rows], tokenizer.pad_token_id, side="right")
+    labels_tensor, _ = pad_ids([labels for _, labels in rows], -100, side="right")
     return input_ids, attention_mask, labels_tensor
 
 

@@ -165,6 +165,38 @@ def _gemma3_multimodal_config(text: dict[str, Any]) -> Any:
     return Gemma3Config(**settings)
 
 
+def _base_settings(tokenizer: Any, model_type: str, *, n_layers: int, d_model: int) -> dict[str, Any]:
+    """Config settings every tiny model shares, then its family's own (:func:`_family_config`)."""
+    settings: dict[str, Any] = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    settings.update(_family_config(model_type, d_model))
+    return settings
+
+
+def _save(model: Any, tokenizer: Any, directory: str | Path) -> Path:
+    """Write model and tokenizer to a staging directory beside ``directory``, then move it into
+    place (replacing what was there), so a reader never sees half a model."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tiny-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+    return directory
+
+
 def make_tiny_model(
     directory: str | Path,
     *,
@@ -193,19 +225,7 @@ def make_tiny_model(
     tokenizer = build_byte_tokenizer()
     if not chat_template:
         tokenizer.chat_template = None
-    settings: dict[str, Any] = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    settings.update(_family_config(model_type, d_model))
+    settings = _base_settings(tokenizer, model_type, n_layers=n_layers, d_model=d_model)
     settings.update(overrides or {})
     if model_type == "gemma3_multimodal":
         config = _gemma3_multimodal_config(settings)
@@ -220,15 +240,7 @@ def make_tiny_model(
         for name, parameter in model.named_parameters():
             if "norm" in name:
                 parameter.normal_(1.0 - offset, 0.3)
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tiny-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
-    return directory
+    return _save(model, tokenizer, directory)
 
 
 def make_tiny_classifier(
@@ -248,30 +260,9 @@ def make_tiny_classifier(
     if model_type not in TINY_ARCHITECTURES or model_type == "gemma3_multimodal":
         raise ConfigError(f"no tiny classifier for architecture {architecture!r}: choose llama or qwen2")
     tokenizer = build_byte_tokenizer()
-    settings: dict[str, Any] = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        id2label=dict(enumerate(labels)),
-        label2id={label: index for index, label in enumerate(labels)},
-    )
-    settings.update(_family_config(model_type, d_model))
+    settings = _base_settings(tokenizer, model_type, n_layers=n_layers, d_model=d_model)
+    settings.update(id2label=dict(enumerate(labels)), label2id={label: index for index, label in enumerate(labels)})
     config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config)
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tiny-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
-    return directory
+    return _save(model, tokenizer, directory)
