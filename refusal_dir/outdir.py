@@ -91,6 +91,19 @@ def os_error_message(error: OSError) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed onto it when the block succeeds.
@@ -107,6 +120,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
+        if temporary.exists():  # mkstemp creates 0600: give it the mode any new file gets
+            temporary.chmod(0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as error:
         raise write_error(path, error) from error

@@ -898,3 +898,18 @@ def test_an_interrupted_swap_in_keeps_the_previous_directory(tmp_path: Path, mon
         pass
     assert (out / "directions" / "old.txt").read_text() == "previous directions"
     assert not aside.exists()
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    """Results are written through mkstemp (0600); the renamed file has the umask's mode, as
+    any file the user's tools write (others on a shared machine can read a report)."""
+    import os
+
+    from refusal_dir.outdir import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
