@@ -285,7 +285,10 @@ def cmd_steer(args: argparse.Namespace) -> int:
     check_prompt_lengths(model, {"--prompt/--prompts-file": prompts}, max_new_tokens=args.max_new_tokens)
     token = selected.get("position")
     method = "ablation" if args.ablate else "addition"
-    spec = Steer(method, directions, layer=layer, token=token, apply_to=config.steering.apply_to)
+    spec = Steer(
+        method, directions, layer=layer, token=token, apply_to=config.steering.apply_to,
+        site=directions.meta.site, unit=config.steering.unit,  # the site the directions were read at
+    )
     if args.ablate:
         interventions = spec.at(1.0)
         label = f"ablation of the layer-{layer} direction at every layer"
@@ -462,7 +465,8 @@ def _tune(
         condition_positive=heldout_pairs.positives, condition_negative=heldout_pairs.negatives,
         limits=limits, token=extraction.selected.position,
         settings=GenerationSettings(max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size),
-        apply_to=config.steering.apply_to, mmlu_scoring=config.evaluation.mmlu_scoring,
+        apply_to=config.steering.apply_to, site=config.extraction.site, unit=config.steering.unit,
+        mmlu_scoring=config.evaluation.mmlu_scoring,
         mmlu_formatter=formatter, bootstrap_resamples=config.evaluation.bootstrap_resamples,
         on_event=reporter,
     )

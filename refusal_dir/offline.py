@@ -280,8 +280,10 @@ def conversion_scratch(parent: Path, name: str) -> Iterator[Path]:
     conversion (several GB) is known as ours and as abandoned (:func:`remove_stale_scratch`)."""
     scratch = Path(tempfile.mkdtemp(dir=parent, prefix=f"{SCRATCH_PREFIX}{name}-"))
     try:
-        with (scratch / SCRATCH_MARKER).open("w") as marker:
+        # Locked under another name first: a cleaner never sees an unlocked marker of ours.
+        with (scratch / f"{SCRATCH_MARKER}.new").open("w") as marker:
             fcntl.flock(marker.fileno(), fcntl.LOCK_EX)
+            os.rename(scratch / f"{SCRATCH_MARKER}.new", scratch / SCRATCH_MARKER)
             yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

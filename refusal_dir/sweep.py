@@ -61,6 +61,10 @@ GROUPS = (
     "harmful_generation", "benign_generation", "refusal_score", "mmlu", "kl", "cross_entropy", "honesty",
 )
 
+HONESTY_METHODS = ("addition", "ablation")
+"""The methods the honesty group measures (a prompt has no honesty instruction; a gate has no
+claim prompts to fire on)."""
+
 RESULT_FIELDS = (
     "method", "layer", "alpha", "metric", "value", "ci_low", "ci_high", "n", "diff", "diff_ci_low", "diff_ci_high",
 )
@@ -126,7 +130,15 @@ class SweepResult:
         return sweep_figure(self.rows, title=title)
 
     def extend(self, other: SweepResult) -> None:
-        """Append another result's rows, samples and values (e.g. another method's)."""
+        """Append another result's rows and samples (e.g. another method's). ``values`` holds one
+        sweep's items: extending with the same metric at the same alpha is refused, not merged."""
+        for metric, per_alpha in other.values.items():
+            clash = set(per_alpha) & set(self.values.get(metric, {}))
+            if clash:
+                raise ConfigError(
+                    f"both results hold {metric} at alpha {sorted(clash)[0]:g}: keep one SweepResult per "
+                    "method and read .values from each"
+                )
         self.rows += other.rows
         self.samples += other.samples
         for metric, per_alpha in other.values.items():
@@ -141,13 +153,14 @@ def with_unsteered(alphas: Sequence[float]) -> tuple[float, ...]:
 
 def default_groups(
     *, harmful: Sequence[str], benign: Sequence[str], mmlu: Sequence[MCQuestion],
-    claims: Sequence[Any], answers: Sequence[AnsweredInstruction],
+    claims: Sequence[Any], answers: Sequence[AnsweredInstruction], method: str = "addition",
 ) -> tuple[str, ...]:
-    """The metric groups the given data allows, in :data:`GROUPS` order."""
+    """The metric groups the given data allows, in :data:`GROUPS` order (honesty: for addition
+    and ablation only)."""
     available = {
         "harmful_generation": bool(harmful), "benign_generation": bool(benign),
         "refusal_score": bool(harmful) and bool(benign), "mmlu": bool(mmlu), "kl": bool(benign),
-        "cross_entropy": bool(answers), "honesty": bool(claims),
+        "cross_entropy": bool(answers), "honesty": bool(claims) and method in HONESTY_METHODS,
     }
     return tuple(group for group in GROUPS if available[group])
 
@@ -177,7 +190,7 @@ def sweep(
     coefficients -1, 0 and 1 only.
     """
     groups = tuple(metrics) if metrics is not None else default_groups(
-        harmful=harmful, benign=benign, mmlu=mmlu, claims=claims, answers=answers
+        harmful=harmful, benign=benign, mmlu=mmlu, claims=claims, answers=answers, method=steer.method
     )
     for group in groups:
         if group not in GROUPS:
@@ -461,6 +474,10 @@ class _Engine:
         self.add(result, "ce_harmless", cross_entropy.per_item, len(corpus), binary=False, clusters=self.topics.get("answers"))
 
     def honesty(self, data: Mapping[str, Sequence[Any]], result: SweepResult) -> None:
+        if self.steer.method not in HONESTY_METHODS:
+            raise ConfigError(
+                f"honesty rows steer the claims with a direction: use addition or ablation, not {self.steer.method}"
+            )
         claims = data["claims"]
         rows, coefficients = tile(claims, self.alphas)
         scored = metrics.honesty_accuracy(

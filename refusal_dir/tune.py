@@ -114,12 +114,15 @@ class Evaluator:
         token: str | int | None = None,
         settings: GenerationSettings,
         apply_to: str = "all",
+        site: str = "resid_pre",
+        unit: str = "raw",
         mmlu_scoring: str = "letter",
         mmlu_formatter: Callable[[MCQuestion], str] = format_mc_prompt,
         conditions: dict[int, Condition] | None = None,
         on_prompts: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self.model, self.directions, self.token, self.apply_to = model, directions, token, apply_to
+        self.site, self.unit = site, unit
         self.options = SweepOptions(
             judge="substring", generation=settings, mmlu_scoring=mmlu_scoring, mmlu_formatter=mmlu_formatter,
         )
@@ -130,7 +133,7 @@ class Evaluator:
         if method not in TUNE_METHODS:
             raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(TUNE_METHODS)}")
         return Steer(
-            method, self.directions, layer=layer, token=self.token,
+            method, self.directions, layer=layer, token=self.token, site=self.site, unit=self.unit,
             apply_to="all" if method == "ablation" else self.apply_to,
             condition=self.conditions.get(layer) if method == "conditional" else None,
         )
@@ -233,6 +236,8 @@ def tune(
     token: str | int | None = None,
     settings: GenerationSettings | None = None,
     apply_to: str = "all",
+    site: str = "resid_pre",
+    unit: str = "raw",
     mmlu_scoring: str = "letter",
     mmlu_formatter: Callable[[MCQuestion], str] = format_mc_prompt,
     bootstrap_resamples: int = 2000,
@@ -261,7 +266,7 @@ def tune(
             for layer in layers
         }
     evaluator = Evaluator(
-        model, directions, token=token, settings=settings, apply_to=apply_to,
+        model, directions, token=token, settings=settings, apply_to=apply_to, site=site, unit=unit,
         mmlu_scoring=mmlu_scoring, mmlu_formatter=mmlu_formatter, conditions=conditions, on_prompts=on_prompts,
     )
     notify("search")

@@ -116,3 +116,49 @@ def test_public_sweep_adds_the_unsteered_row_and_matches_a_direct_computation(ti
         sweep(tiny_model, spec, [1.0], metrics=["honesty"])
     with pytest.raises(ConfigError, match="unknown metric group"):
         sweep(tiny_model, spec, [1.0], harmful=harmful, metrics=["refusal"])
+
+
+def test_honesty_rows_need_a_direction_and_results_do_not_merge_values(tiny_model, directions) -> None:
+    from refusal_dir.prompts import true_false_claims
+    from refusal_dir.sweep import SweepResult
+
+    claims = true_false_claims()[:2]
+    # claims= with the prompting baseline: no honesty group by default, refused when asked for.
+    result = sweep(tiny_model, Steer("prompt"), [1.0], claims=claims, harmful=harmful_eval()[:1], metrics=None,
+                   options=SweepOptions(generation=GenerationSettings(max_new_tokens=2), bootstrap_resamples=50))
+    assert not any(row["metric"].startswith("honesty") for row in result.rows)
+    with pytest.raises(ConfigError, match="addition or ablation"):
+        sweep(tiny_model, Steer("prompt"), [1.0], claims=claims, metrics=["honesty"])
+    first = SweepResult(values={"kl_benign": {0.0: [0.0], 1.0: [0.5]}})
+    with pytest.raises(ConfigError, match="one SweepResult per method"):
+        first.extend(SweepResult(values={"kl_benign": {0.0: [0.0], 2.0: [0.9]}}))
+    first.extend(SweepResult(values={"ce_harmless": {0.0: [3.0]}}))
+    assert set(first.values) == {"kl_benign", "ce_harmless"}
+
+
+def test_the_runs_steer_carries_the_configured_site_unit_and_apply_to(tiny_model_dir, tmp_path) -> None:
+    """A setting dropped between the config and the Steer would pass the golden table (which
+    runs the defaults): check each one reaches the interventions."""
+    from refusal_dir.config import load_config
+    from refusal_dir.datasets import load_datasets
+    from refusal_dir.extraction import extract
+    from refusal_dir.model import load_model
+    from refusal_dir.pipeline import SweepContext, prepare_output_dir
+
+    config = load_config().with_overrides({
+        "model.name": str(tiny_model_dir), "data.max_eval_prompts": 4, "extraction.methods": ("mean_diff",),
+        "extraction.sites": ("resid_pre", "resid_post"), "extraction.site": "resid_post",
+        "extraction.selection_candidates": 2, "steering.unit": "unit", "steering.apply_to": "generated",
+    })
+    model = load_model(str(tiny_model_dir), device="cpu")
+    datasets = load_datasets(config)
+    extraction = extract(model, config, datasets, prepare_output_dir(tmp_path / "run", config), progress=False)
+    ctx = SweepContext(model, config, datasets, extraction, progress=False)
+    layer, token = extraction.selected.layer, extraction.selected.position
+    (added,) = ctx.steer("addition", layer, token).at(2.0)
+    expected = addition(extraction.steering_set, layer=layer, token=token, alpha=2.0, site="resid_post", unit="unit", apply_to="generated")
+    assert (added.site, added.apply_to, added.at_layers) == ("resid_post", "generated", (layer,))
+    torch.testing.assert_close(added.vector, expected.vector)
+    assert abs(float(added.vector.norm()) - 1.0) < 1e-5  # unit, not raw
+    (ablated,) = ctx.steer("ablation", layer, token).at(1.0)
+    assert ablated.apply_to == "all"  # an ablation acts everywhere, as before

@@ -99,3 +99,16 @@ def test_limits_on_bounds_reject_a_point_whose_drop_is_uncertain() -> None:
         Limits(check="median")
     with pytest.raises(ConfigError, match="baseline"):
         choose([_p("addition", 0.8, 0.9, 0.6, 0.0)], baseline, Limits(check="bound"))
+
+
+def test_tune_steers_at_the_configured_site_and_unit(tiny_model) -> None:
+    """tune searches the alpha run applies: same site and unit (they were dropped before)."""
+    from refusal_dir.tune import Evaluator
+
+    positive = collect_activations(tiny_model, harmful_eval()[:4], progress=False)
+    negative = collect_activations(tiny_model, benign_eval()[:4], progress=False)
+    directions = compute_directions(positive, negative, site="resid_post", model=tiny_model)
+    evaluator = Evaluator(tiny_model, directions, settings=GenerationSettings(max_new_tokens=2), site="resid_post", unit="unit", apply_to="prompt")
+    (added,) = evaluator.steer("addition", 1).at(3.0)
+    assert (added.site, added.apply_to) == ("resid_post", "prompt")
+    assert abs(float(added.vector.norm()) - 1.0) < 1e-5
