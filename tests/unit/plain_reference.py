@@ -9,7 +9,8 @@ renamed) makes the library disagree with this reference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -22,6 +23,34 @@ def until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
             break
         kept.append(token)
     return kept
+
+
+@contextmanager
+def plain_addition(
+    model, vector: torch.Tensor | None, rule: str, *, layer: int, alpha: float, prompt_length: int
+) -> Iterator[None]:
+    """One plain pre-hook on ``layer`` adding ``alpha * vector`` at the absolute positions of
+    ``rule`` (positions from ``prompt_length`` on are generated); ``vector=None``: no hook."""
+
+    def add(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        position = torch.arange(hidden.shape[1])
+        covered = {
+            "all": torch.ones_like(position, dtype=torch.bool),
+            "prompt": position < prompt_length,
+            "generated": position >= prompt_length,
+        }[rule]
+        edited = hidden + alpha * vector * covered.view(1, -1, 1).to(hidden.dtype)
+        if args:
+            return (edited, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": edited}
+
+    handle = None if vector is None else model.layers[layer].register_forward_pre_hook(add, with_kwargs=True)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -42,32 +71,10 @@ def reference_tokens(
     for text in model.format_prompts(prompts):
         ids = model._encode(text)
         prompt_length = len(ids)
-
-        def add(module, args, kwargs, prompt_length=prompt_length):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            position = torch.arange(hidden.shape[1])
-            covered = {
-                "all": torch.ones_like(position, dtype=torch.bool),
-                "prompt": position < prompt_length,
-                "generated": position >= prompt_length,
-            }[rule]
-            edited = hidden + alpha * vector * covered.view(1, -1, 1).to(hidden.dtype)
-            if args:
-                return (edited, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": edited}
-
-        handle = (
-            None
-            if vector is None
-            else model.layers[layer].register_forward_pre_hook(add, with_kwargs=True)
-        )
-        try:
+        with plain_addition(model, vector, rule, layer=layer, alpha=alpha, prompt_length=prompt_length):
             for _ in range(n_new):
                 logits = model.hf(input_ids=torch.tensor([ids]), use_cache=False).logits
                 ids.append(int(logits[0, -1].argmax()))
-        finally:
-            if handle is not None:
-                handle.remove()
         results.append(until_stop(ids[prompt_length:], stop_ids))
     return results
 
@@ -89,30 +96,8 @@ def reference_continuation_logprobs(
     generated); ``vector=None``: unsteered."""
     ids = torch.tensor([list(prompt_ids) + list(continuation_ids)])
     prompt_length = len(prompt_ids)
-
-    def add(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        position = torch.arange(hidden.shape[1])
-        covered = {
-            "all": torch.ones_like(position, dtype=torch.bool),
-            "prompt": position < prompt_length,
-            "generated": position >= prompt_length,
-        }[rule]
-        edited = hidden + alpha * vector * covered.view(1, -1, 1).to(hidden.dtype)
-        if args:
-            return (edited, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": edited}
-
-    handle = (
-        None
-        if vector is None
-        else model.layers[layer].register_forward_pre_hook(add, with_kwargs=True)
-    )
-    try:
+    with plain_addition(model, vector, rule, layer=layer, alpha=alpha, prompt_length=prompt_length):
         logits = model.hf(input_ids=ids, use_cache=False).logits[0].double()
-    finally:
-        if handle is not None:
-            handle.remove()
     logprobs = torch.log_softmax(logits, dim=-1)
     steps = logprobs[prompt_length - 1 : -1]
     return steps.gather(1, torch.tensor(list(continuation_ids)).view(-1, 1)).squeeze(1)
