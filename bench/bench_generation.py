@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,41 +53,13 @@ def random_direction(d_model: int) -> torch.Tensor:
     return vector / vector.norm() * NORM
 
 
-@contextmanager
-def forced_length(model, n: int):
-    """Make every ``model.hf.generate`` call produce exactly ``n`` new tokens."""
-    config = model.hf.generation_config
-    old = config.min_new_tokens
-    config.min_new_tokens = n
-    try:
-        yield
-    finally:
-        config.min_new_tokens = old
-
-
 # ----------------------------------------------------------------------------------------------
 # Methods
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def plain_generate(model, prompts, n_new):
-    batch = model.tokenize(model.format_prompts(prompts))
-    out = model.hf.generate(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        max_new_tokens=n_new,
-        min_new_tokens=n_new,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=model.pad_token_id,
-        eos_token_id=model.stop_token_ids(),
-    )
-    new = out[:, batch.input_ids.shape[1] :]
-    model.tokenizer.batch_decode(new, skip_special_tokens=True)
-    return new
+    return common.plain_generate(model, prompts, n_new)[0]
 
 
 def ours_generate(model, prompts, interventions, n_new, batch_size=N_PROMPTS):
@@ -165,7 +136,7 @@ def run_main(model, prompts, direction, args) -> None:
         f"loop on {n_naive} tokens\n",
         flush=True,
     )
-    with forced_length(model, NEW_TOKENS):
+    with common.forced_length(model, NEW_TOKENS):
         # Sanity: what each method generates.
         plain = plain_generate(model, prompts, NEW_TOKENS)
         _, ours_plain = ours_generate(model, prompts, (), NEW_TOKENS)

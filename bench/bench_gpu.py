@@ -232,18 +232,6 @@ def directions_for(model: Any, n_pairs: int, batch_size: int) -> Any:
     return compute_directions(positive, negative, model=model)
 
 
-@contextmanager
-def forced_length(model: Any, n: int) -> Iterator[None]:
-    """Every ``model.hf.generate`` call produces exactly ``n`` new tokens (stop tokens held back)."""
-    config = model.hf.generation_config
-    old = config.min_new_tokens
-    config.min_new_tokens = n
-    try:
-        yield
-    finally:
-        config.min_new_tokens = old
-
-
 # ----------------------------------------------------------------------------------------------
 # Parts
 # ----------------------------------------------------------------------------------------------
@@ -321,24 +309,8 @@ def part_extraction(
     return result
 
 
-@torch.no_grad()
 def plain_generate(model: Any, prompts: Sequence[str], n_new: int) -> list[str]:
-    batch = model.tokenize(model.format_prompts(prompts)).to(model.device)
-    out = model.hf.generate(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        max_new_tokens=n_new,
-        min_new_tokens=n_new,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=model.pad_token_id,
-        eos_token_id=model.stop_token_ids(),
-    )
-    return model.tokenizer.batch_decode(
-        out[:, batch.input_ids.shape[1] :], skip_special_tokens=True
-    )
+    return common.plain_generate(model, prompts, n_new)[1]
 
 
 def part_generation(
@@ -369,7 +341,7 @@ def part_generation(
         ),
     }
     tokens = len(prompts) * args.new_tokens
-    with forced_length(model, args.new_tokens):
+    with common.forced_length(model, args.new_tokens):
         result, _ = timed_part(
             methods,
             device=args.device,
@@ -421,7 +393,7 @@ def part_sweep(
         return texts
 
     work = len(rows) * args.new_tokens
-    with forced_length(model, args.new_tokens):
+    with common.forced_length(model, args.new_tokens):
         result, outputs = timed_part(
             {batched_name: batched, sequential_name: sequential},
             device=args.device,

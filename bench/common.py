@@ -373,3 +373,38 @@ def timing_table(
         ],
         rows,
     )
+
+
+@contextmanager
+def forced_length(model: Any, n: int) -> Iterator[None]:
+    """Every ``model.hf.generate`` call produces exactly ``n`` new tokens (stop tokens held back)."""
+    config = model.hf.generation_config
+    old = config.min_new_tokens
+    config.min_new_tokens = n
+    try:
+        yield
+    finally:
+        config.min_new_tokens = old
+
+
+def plain_generate(model: Any, prompts: Sequence[str], n_new: int) -> tuple[Any, list[str]]:
+    """Plain ``transformers`` greedy ``generate`` of exactly ``n_new`` tokens per prompt: the new
+    token ids and their decoded texts (decoding is part of what a user pays for)."""
+    import torch
+
+    with torch.no_grad():
+        batch = model.tokenize(model.format_prompts(prompts)).to(model.device)
+        out = model.hf.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=model.pad_token_id,
+            eos_token_id=model.stop_token_ids(),
+        )
+    new = out[:, batch.input_ids.shape[1] :]
+    return new, model.tokenizer.batch_decode(new, skip_special_tokens=True)
