@@ -41,6 +41,7 @@ import torch
 
 from refusal_dir.chat import GEMMA_CHAT_TEMPLATE
 from refusal_dir.errors import ModelLoadError
+from refusal_dir.outdir import current_umask
 
 logger = logging.getLogger(__name__)
 
@@ -312,10 +313,7 @@ def remove_stale_scratch(parent: Path) -> list[Path]:
 def _readable_as_usual(directory: Path) -> None:
     """Give the files ``save_pretrained`` wrote the permissions of any new file (the safetensors
     writer creates them 0600, so another user of a shared cache could not read them)."""
-    probe = directory / ".refusal_dir_mode_probe"
-    os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666))  # the mode the umask gives
-    file_mode = probe.stat().st_mode & 0o777
-    probe.unlink()
+    file_mode = 0o666 & ~current_umask()
     for path in [directory, *directory.rglob("*")]:
         path.chmod(file_mode | (file_mode & 0o444) >> 2 if path.is_dir() else file_mode)
 

@@ -91,7 +91,7 @@ def os_error_message(error: OSError) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process's umask (read without changing it where /proc tells it)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -121,7 +121,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     try:
         yield temporary
         if temporary.exists():  # mkstemp creates 0600: give it the mode any new file gets
-            temporary.chmod(0o666 & ~_umask())
+            temporary.chmod(0o666 & ~current_umask())
         os.replace(temporary, path)
     except OSError as error:
         raise write_error(path, error) from error
