@@ -97,7 +97,7 @@ def _gather(
 ) -> Float[Tensor, "batch positions d_model"]:
     """Pick the stored positions out of a left-padded ``batch x pos x d_model`` tensor."""
     if rule == "mean":
-        weights = mean_mask.to(torch.float64)
+        weights = mean_mask.to(device=hidden.device, dtype=torch.float64)  # blocks may sit on several devices
         summed = torch.einsum("bp,bpd->bd", weights, hidden.to(torch.float64))
         return (summed / weights.sum(dim=1, keepdim=True)).unsqueeze(1)
     return hidden[:, -n_positions:, :]

@@ -38,6 +38,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from refusal_dir.errors import UnsupportedArchitectureError
+from refusal_dir.placement import onloaded
 
 WriteKind = Literal["attn", "mlp"]
 #: The two writes of a block into the residual stream, in the order the block makes them.
@@ -180,7 +181,8 @@ class Architecture:
                 f"gain convention is unknown: fix the {self.model_type!r} entry in "
                 "refusal_dir.architectures"
             )
-        weight = norm.get_parameter("weight").detach().float()
+        with onloaded(norm):  # an offloaded norm keeps its weight on "meta" between passes
+            weight = norm.get_parameter("weight").detach().float().clone()
         return self.norm_gain_offset + weight if self.norm_gain_offset else weight
 
     # -- lookups -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from torch import Tensor
 from refusal_dir.activations import Activations
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.outdir import atomic_write_bytes
+from refusal_dir.placement import onloaded
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +209,25 @@ def weights_sample(model: Any) -> tuple[float, ...]:
     step = max(1, len(matrices) // _SAMPLE_MATRICES)
     values: list[float] = []
     for matrix in matrices[::step][:_SAMPLE_MATRICES]:
-        flat = matrix.detach().reshape(-1)
+        flat = _present(hf, matrix).detach().reshape(-1)
         # Integer arithmetic: a float32 linspace rounds the last index of a 168M-element matrix
         # (Gemma 3 270M's embedding) one past the end.
         index = torch.arange(_SAMPLE_PER_MATRIX) * (flat.numel() - 1) // (_SAMPLE_PER_MATRIX - 1)
         values += [float(v) for v in flat[index.to(flat.device)].float().cpu()]
     return tuple(values)
+
+
+def _present(hf: Any, matrix: Tensor) -> Tensor:
+    """``matrix``, or its values read through accelerate when it was offloaded (then it sits on
+    the meta device between forward passes: :func:`refusal_dir.placement.onloaded`)."""
+    if not matrix.is_meta:
+        return matrix
+    for module in hf.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter is matrix:
+                with onloaded(module):
+                    return module.get_parameter(name).detach().clone()
+    return matrix
 
 
 def same_weights(recorded: tuple[float, ...], current: tuple[float, ...]) -> bool:

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from refusal_dir import offline
+from refusal_dir import offline, placement
 from refusal_dir.architectures import Architecture, architecture_of
 from refusal_dir.chat import (
     PLAIN_CHAT_TEMPLATE,
@@ -121,20 +121,33 @@ def resolve_model_source(name_or_path: str, *, cache: Path | None = None) -> str
 
 
 def _load_hf_model(
-    source: str, *, dtype: torch.dtype, device: str, revision: str | None
+    source: str,
+    *,
+    dtype: torch.dtype,
+    device: str,
+    revision: str | None,
+    placement: dict[str, Any] | None = None,
+    quantization_config: Any | None = None,
 ) -> tuple[Any, Any]:
+    """Tokenizer and model. ``placement`` (:func:`placement.check_placement`) and
+    ``quantization_config`` go to ``from_pretrained``, which then places the modules itself."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = dict(placement or {})
+    if quantization_config is not None:
+        extra["quantization_config"] = quantization_config
+        extra.setdefault("device_map", {"": device})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision, **extra)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise ModelLoadError(
             f"cannot load model {source!r} ({first_line[:200]}): check the id or path; without "
             f"hub access use a local model directory or {OFFLINE_MODEL!r}"
         ) from error
-    model.to(device)  # type: ignore[arg-type]
+    if "device_map" not in extra:
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -388,6 +401,10 @@ def load_model(
     cache: Path | None = None,
     system_prompt: str | None = None,
     enable_thinking: bool | None = None,
+    device_map: placement.DeviceMap | None = None,
+    max_memory: str | placement.MaxMemory | None = None,
+    offload_folder: str | Path | None = None,
+    quantization: str | None = None,
 ) -> HookedModel:
     """Load a model by hub id, local directory, or ``"gemma-3-270m-offline"``.
 
@@ -395,11 +412,26 @@ def load_model(
     ``transformers`` view share their parameters; the bridge boots on first use of
     ``model.bridge`` (``with_bridge=False``: never). ``system_prompt`` and ``enable_thinking``
     are the chat settings of :class:`HookedModel` (both ``None``: the template's defaults).
+
+    ``device_map`` (``"auto"``, another accelerate strategy, or a dict from module names to
+    devices, ``"disk"`` included), ``max_memory`` (``{0: "20GiB", "cpu": "60GiB"}`` or
+    ``"0=20GiB,cpu=60GiB"``) and ``offload_folder`` split the model over several devices with
+    accelerate, instead of ``device``. ``quantization`` (``"8bit"``/``"4bit"``) loads the
+    weights with bitsandbytes. All are checked before anything is loaded (docs/scaling.md).
     """
+    where = placement.check_placement(
+        device=device, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder
+    )
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
+    quantized = placement.quantization_config(quantization, torch_dtype)
     source = resolve_model_source(name_or_path, cache=cache)
-    hf, tokenizer = _load_hf_model(source, dtype=torch_dtype, device=device, revision=revision)
+    hf, tokenizer = _load_hf_model(
+        source, dtype=torch_dtype, device=device, revision=revision, placement=where,
+        quantization_config=quantized,
+    )
+    if where or quantized is not None:
+        device = placement.input_device(hf)
     _contiguous_unembedding_input(hf)
 
     def boot() -> Any:
