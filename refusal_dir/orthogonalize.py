@@ -13,7 +13,6 @@ The user's model is never modified.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ from refusal_dir.errors import (
 )
 from refusal_dir.interventions import weights_mode_unit
 from refusal_dir.model import HookedModel
+from refusal_dir.placement import materialized_copy
 
 
 def _project_rows(matrix: Tensor, unit: Tensor) -> Tensor:
@@ -87,7 +87,7 @@ def orthogonalized_copy(
             f"the direction has shape {tuple(unit.shape)} but the model has d_model "
             f"{model.d_model}: extract directions for this model"
         )
-    edited = copy.deepcopy(model.hf)
+    edited = materialized_copy(model.hf)  # one device, full precision (offloaded or quantized loads too)
     edited.requires_grad_(False)
     architecture = model.architecture
     embedding = architecture.embedding(edited)
