@@ -191,12 +191,7 @@ def _config(args: argparse.Namespace) -> Config:
 def _load(config: Config) -> Any:
     from refusal_dir.model import load_model
 
-    return load_model(
-        config.model.name,
-        device=None if config.model.device == "auto" else config.model.device,
-        dtype=config.model.dtype,
-        revision=config.model.revision,
-    )
+    return load_model(config.model.name, **config.model.load_options())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from refusal_dir.errors import ConfigError
+from refusal_dir.placement import DEVICE_MAPS, QUANTIZATIONS, parse_max_memory
 from refusal_dir.sites import RESIDUAL_SITES
 
 TOKEN_RULES = ("last", "mean", "post_instruction")
@@ -104,6 +105,23 @@ class ModelSettings:
         "auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16", flag="--dtype", choices=DTYPES
     )
     revision: str | None = setting(None, "hub revision (branch, tag or commit) to pin")
+    device_map: str | None = setting(
+        None,
+        "split the model over devices with accelerate: auto, balanced, balanced_low_0 or sequential "
+        "(null: all on model.device; docs/scaling.md)",
+        flag="--device-map",
+        choices=DEVICE_MAPS,
+    )
+    max_memory: str | None = setting(
+        None, "with device_map: memory per device, like 0=20GiB,1=20GiB,cpu=60GiB", flag="--max-memory"
+    )
+    offload_folder: str | None = setting(
+        None, "with device_map: directory for the weights offloaded to disk", flag="--offload-folder"
+    )
+    quantization: str | None = setting(
+        None, "load the weights in 8bit or 4bit with bitsandbytes (null: full precision)",
+        flag="--quantization", choices=QUANTIZATIONS,
+    )
 
     def __post_init__(self) -> None:
         _check_types("model", self)
@@ -111,6 +129,31 @@ class ModelSettings:
             _fail("model.name", "must be a hub id, a local directory or an offline model name")
         if self.dtype not in DTYPES:
             _fail("model.dtype", f"{self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            _fail("model.device_map", f"{self.device_map!r} is not one of {', '.join(DEVICE_MAPS)} or null")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            _fail("model.quantization", f"{self.quantization!r} is not one of {', '.join(QUANTIZATIONS)} or null")
+        for name in ("max_memory", "offload_folder"):
+            if getattr(self, name) is not None and self.device_map is None:
+                _fail(f"model.{name}", "needs model.device_map (auto, ...): set both or neither")
+        if self.device_map is not None and self.device != "auto":
+            _fail("model.device", "must be auto when model.device_map places the model")
+        try:
+            parse_max_memory(self.max_memory)
+        except ConfigError as error:
+            _fail("model.max_memory", str(error))
+
+    def load_options(self) -> dict[str, Any]:
+        """The keywords of :func:`refusal_dir.model.load_model` these settings give."""
+        return {
+            "device": None if self.device == "auto" else self.device,
+            "dtype": self.dtype,
+            "revision": self.revision,
+            "device_map": self.device_map,
+            "max_memory": self.max_memory,
+            "offload_folder": self.offload_folder,
+            "quantization": self.quantization,
+        }
 
 
 @dataclass(frozen=True)

@@ -568,12 +568,7 @@ def run(
     notify = on_stage or (lambda stage: None)
     notify("loading model")
     if model is None:
-        model = load_model(
-            config.model.name,
-            device=None if config.model.device == "auto" else config.model.device,
-            dtype=config.model.dtype,
-            revision=config.model.revision,
-        )
+        model = load_model(config.model.name, **config.model.load_options())
     check_steering_layer(config, model)
     check_prompt_lengths(model, extraction_prompts(datasets, config), max_new_tokens=0)
     check_prompt_lengths(

@@ -119,7 +119,7 @@ def test_cli_flags_are_the_fields_that_declare_one_with_their_help() -> None:
 
 def test_each_command_keeps_its_setting_flags() -> None:
     data = {"--pairs-file", "--harmful-file", "--benign-file", "--mmlu-file", "--harmless-answers-file", "--max-eval-prompts"}
-    model = {"--model", "--device", "--dtype"}
+    model = {"--model", "--device", "--dtype", "--device-map", "--max-memory", "--offload-folder", "--quantization"}
     sweep = {"--alphas", "--methods", "--layer", "--max-new-tokens", "--batch-size", "--no-honesty", "--no-cross-entropy"}
     expected = {
         "extract": model | data | {"--token", "--directions-methods", "--extract-batch-size", "--no-honesty", "--selection", "--selection-prompts"},
