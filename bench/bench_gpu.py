@@ -37,6 +37,17 @@ or receive the weights (see BENCHMARKS.md, "GPU benchmark").
 
 The same script runs on the CPU (``--device cpu --dtype float32``, a tiny model) as a smoke
 test (``tests/unit/test_bench_gpu.py``); there peak GPU memory is ``null``.
+
+GPU check of models split across devices and of quantized loads (docs/scaling.md), not part of
+this script: on the GPU machine, with bitsandbytes installed (``pip install
+'refusal-dir[quantization]'``, or the dev extra), run ::
+
+    python -m pytest -q tests/unit/test_placement.py
+
+There the tiny model is split between the GPU, CPU offload and disk offload, and must give the
+plain GPU load's activations, directions, steered logits, generation, layer selection and
+exported weights; the 8-bit and 4-bit tests load, steer and export (full-precision weights) on
+the GPU. None of it has run on a GPU yet.
 """
 
 from __future__ import annotations
