@@ -311,6 +311,8 @@ _PER_ROW_FIELDS = {Addition: ("alpha",), Ablation: ("value", "alpha")}
 
 
 def _per_row(intervention: Intervention) -> dict[str, Tensor]:
+    if hasattr(intervention, "per_row"):  # refusal_dir.abliteration.KernelAblation
+        return intervention.per_row()
     names = _PER_ROW_FIELDS[type(intervention)]
     fields = {name: getattr(intervention, name) for name in names if isinstance(getattr(intervention, name), Tensor)}
     if isinstance(intervention, Ablation) and intervention.unit.ndim == 2:
@@ -489,6 +491,9 @@ def _writes_of(intervention: Ablation) -> Ablation:
 
 
 def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state: PositionState) -> None:
+    if hasattr(intervention, "place_on"):  # refusal_dir.abliteration.KernelAblation places itself
+        intervention.place_on(model, scope, state)
+        return
     if isinstance(intervention, Addition):
         edit = _edit_for(intervention, intervention.vector, state)
         for layer in intervention.at_layers:
@@ -635,6 +640,10 @@ def bridge_hooks(
         return fn
 
     for intervention in interventions:
+        if hasattr(intervention, "place_on"):
+            raise ConfigError(
+                "a kernel ablation runs on the fast path (steer(model, ...)), not as bridge hooks"
+            )
         if isinstance(intervention, Addition):
             edit = _edit_for(intervention, intervention.vector, state)
             hooks += [(hook_name(intervention.site, layer), as_hook(edit)) for layer in intervention.at_layers]
