@@ -1,6 +1,6 @@
 """Parametrized ablation: a per-layer weight kernel, at run time (per batch row) and in the weights.
 
-A search over ablation parameters (``tune --objective remove``) needs one thing evaluated many
+A search over ablation parameters (a tuner that removes refusal) needs one thing evaluated many
 times: "remove ``w(L)`` of the refusal direction from what layer ``L``'s attention and MLP
 write". This module is that thing, in two equal forms:
 
