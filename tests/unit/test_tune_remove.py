@@ -133,3 +133,57 @@ def test_heldout_report_measures_the_chosen_point_on_heldout_items_only(setup, r
     assert result.heldout["baseline"]["kl"]["value"] == 0.0
     assert set(result.heldout["baseline"]) == {"refusal", "kl"}  # no limit below 1: not measured
     assert result.chosen in result.trials or result.chosen == result.baseline
+
+
+def _cli(capsys, *arguments: str) -> tuple[int, str]:
+    from refusal_dir.cli import main
+
+    code = main(list(arguments))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def extracted_dir(tiny_model_dir, tmp_path_factory):
+    from refusal_dir.cli import main
+
+    out = tmp_path_factory.mktemp("extract") / "dirs"
+    assert main([
+        "extract", "--model", str(tiny_model_dir), "--output-dir", str(out), "--directions-methods", "mean_diff",
+        "--no-honesty", "--quiet",
+    ]) == 0
+    return out
+
+
+REMOVE = ("--objective", "remove", "--trials", "4", "--candidates-per-batch", "2", "--max-new-tokens", "3",
+          "--max-eval-prompts", "6", "--search-space", "wide", "--max-mmlu-drop", "1", "--quiet")
+
+
+def test_cli_tune_remove_writes_a_reproducible_point(capsys, extracted_dir, tmp_path) -> None:
+    import json
+
+    from refusal_dir.tuned import read_tuned
+
+    outputs = []
+    for name in ("first", "again"):
+        code, err = _cli(capsys, "tune", "--directions-dir", str(extracted_dir), "--output-dir", str(tmp_path / name), *REMOVE)
+        assert code == 0, err
+        outputs.append(tmp_path / name)
+    first, again = (json.loads((out / "tune.json").read_text()) for out in outputs)
+    assert first["objective"] == "remove" and len(first["trials"]) == 4
+    assert first["trials"] == again["trials"] and first["chosen_point"] == again["chosen_point"]
+    for name in ("trials.csv", "pareto.csv", "tune.md", "figures/pareto.html"):
+        assert (outputs[0] / name).is_file(), name
+    tuned = read_tuned(outputs[0])
+    assert tuned.point.to_dict() == first["chosen_point"]
+    assert tuned.options.projected and tuned.options.norm_preserving and tuned.harmless_means is not None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(("--trials", "0"), "--trials"), (("--max-refusal", "-1"), "max_refusal"), (("--candidates-per-batch", "0"), "--candidates-per-batch")],
+)
+def test_cli_tune_remove_bad_input_is_one_line(capsys, extracted_dir, tmp_path, flags, message) -> None:
+    code, err = _cli(capsys, "tune", "--directions-dir", str(extracted_dir), "--output-dir", str(tmp_path / "o"), *REMOVE, *flags)
+    lines = [line for line in err.strip().splitlines() if line.startswith("refusal-dir")]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
