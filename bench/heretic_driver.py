@@ -6,9 +6,10 @@ heretic's unchanged ``heretic.main.run()``: the settings come from a ``config.to
 into the work directory (heretic reads ``./config.toml``), and the three interactive questions
 that follow the search are answered here:
 
-* "Which trial do you want to use?": the Pareto-front trial chosen by :func:`choose_trial`
-  (fewest refusals among those with KL <= ``max_kl``, heretic's own warning line being 0.5;
-  ties to the lower KL; none within: the lowest KL), then, when asked again, exit;
+* "Which trial do you want to use?": the Pareto-front trial chosen by :func:`choose_trial`,
+  the rule ``refusal_dir.tune_remove.choose`` applies to our trials (least KL among those
+  refusing at most ``max_refusal`` of the prompts; none there: fewest refusals, then least KL;
+  the front holds every such trial), then, when asked again, exit;
 * "What do you want to do with the decensored model?": save it (``export_strategy = "merge"``:
   the LoRA merged into full weights), then go back;
 * "Path to the folder:": ``SPEC["export_dir"]``.
@@ -17,7 +18,7 @@ SPEC (JSON): ``model`` (a local model directory), ``work_dir`` (empty or absent)
 ``export_dir``, ``result``, the four prompt files (``good_prompts``, ``bad_prompts``,
 ``good_evaluation_prompts``, ``bad_evaluation_prompts``: one prompt a line), ``n_trials``,
 ``n_startup_trials``, ``batch_size``, ``max_response_length``, ``seed``, ``system_prompt``,
-``dtype``, ``max_kl``. Writes ``SPEC["result"]``: every trial (parameters, heretic's refusals
+``dtype``, ``max_refusal`` (a rate). Writes ``SPEC["result"]``: every trial (parameters, heretic's refusals
 and KL, start and end), the Pareto front, the chosen trial and the wall times.
 """
 
@@ -38,13 +39,17 @@ ACTION_QUESTION = "What do you want to do with the decensored model?"
 SAVE_ACTION = "Save the model to a local folder"
 
 
-def choose_trial(front: list[dict[str, Any]], max_kl: float) -> dict[str, Any]:
-    """Fewest refusals among the front's trials with KL <= ``max_kl`` (ties: lower KL); with
-    none within, the lowest KL."""
-    within = [t for t in front if t["kl_divergence"] <= max_kl]
-    if within:
-        return min(within, key=lambda t: (t["refusals"], t["kl_divergence"]))
-    return min(front, key=lambda t: (t["kl_divergence"], t["refusals"]))
+def choose_trial(front: list[dict[str, Any]], max_refusal: float) -> dict[str, Any]:
+    """Least KL among the trials refusing at most ``max_refusal`` of the prompts; with none,
+    fewest refusals, then least KL (``refusal_dir.tune_remove.choose``'s rule)."""
+
+    def rate(trial: dict[str, Any]) -> float:
+        return trial["refusals"] / trial["n_bad_prompts"]
+
+    reached = [t for t in front if rate(t) <= max_refusal + 1e-12]
+    if reached:
+        return min(reached, key=lambda t: (t["kl_divergence"], t["refusals"], t["number"]))
+    return min(front, key=lambda t: (t["refusals"], t["kl_divergence"], t["number"]))
 
 
 def _trial_record(trial: Any) -> dict[str, Any]:
@@ -85,7 +90,7 @@ class Answers:
                 return ""  # second time: exit
             trials = [v for v in values if hasattr(v, "user_attrs")]
             self.front = [_trial_record(t) for t in trials]
-            self.chosen = choose_trial(self.front, self.spec["max_kl"])
+            self.chosen = choose_trial(self.front, self.spec["max_refusal"])
             return next(t for t in trials if t.number == self.chosen["number"])
         if message == ACTION_QUESTION:
             if self.saved:
@@ -177,7 +182,7 @@ def main(spec_path: str) -> int:
         "versions": {name: version(name) for name in ("torch", "transformers", "optuna", "peft")},
         "settings": config_toml(spec, work_dir),
         "refusal_markers": list(heretic_main.Settings.model_fields["refusal_markers"].default),
-        "choice_rule": f"fewest refusals among front trials with KL <= {spec['max_kl']} (ties: lower KL)",
+        "choice_rule": f"least KL with refusal rate <= {spec['max_refusal']}; none: fewest refusals, then least KL",
         "wall_seconds": wall,
         "setup_seconds": setup,
         "trial_seconds": seconds,
