@@ -189,8 +189,8 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
         ctx.model, ctx.train_harmless, site=config.extraction.site, token=config.extraction.token,
         batch_size=config.extraction.batch_size,
     )
-    events: list[tuple[float, str]] = []
-    started = time.perf_counter()
+    events: list[tuple[float, float, str]] = []  # (wall, process CPU) seconds since the start
+    started, started_cpu = time.perf_counter(), time.process_time()
     result = tune_remove.tune_remove(
         ctx.model, ctx.directions,
         validation=EvalSplit(ctx.validation_harmful, ctx.validation_benign, []),
@@ -198,10 +198,12 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
         trials=args.trials, seed=args.seed, candidates_per_batch=args.candidates_per_batch,
         space=tune_remove.SearchSpace(args.search_space), limits=tune_remove.RemoveLimits(args.max_refusal, 1.0, 1.0),
         options=options, harmless_means=means, settings=ctx.settings,
-        on_event=lambda event: events.append((time.perf_counter() - started, event)),
+        on_event=lambda event: events.append(
+            (time.perf_counter() - started, time.process_time() - started_cpu, event)
+        ),
     )
-    search_seconds = next(t for t, event in events if event == "held-out check")
-    batches = [t for t, event in events if event.startswith("trials ")]
+    search_seconds, search_cpu = next((t, c) for t, c, event in events if event == "held-out check")
+    batches = [t for t, _, event in events if event.startswith("trials ")]
     first_batch = min(args.candidates_per_batch, args.trials)
     edit = kernel_ablation(ctx.directions, result.chosen.point, options=options, harmless_means=means)
     row = measure(ctx, ctx.model, interventions=(edit,), markers=markers)
@@ -215,6 +217,7 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
             (batches[-1] - batches[0]) / (args.trials - first_batch) if len(batches) > 1 else None
         ),
         search_seconds=search_seconds,
+        trial_cpu_seconds_mean=search_cpu / len(result.trials),
         own_validation={"refusal": result.chosen.refusal, "kl": result.chosen.kl},
         own_heldout=result.heldout,
         front=[{"trial": t.number, "refusal": t.refusal, "kl": t.kl} for t in result.front],
@@ -277,6 +280,8 @@ def evaluate_heretic(ctx: Context, record: dict[str, Any]) -> dict[str, Any]:
         parameters={"direction_index": chosen["direction_index"], **chosen["parameters"]},
         trials=len(record["trials"]),
         trial_seconds_mean=record["trial_seconds_mean"],
+        trial_seconds_median=record["trial_seconds_median"],
+        trial_cpu_seconds_mean=record["trial_cpu_seconds_mean"],
         setup_seconds=record["setup_seconds"],
         wall_seconds=record["wall_seconds"],
         own_validation={
@@ -355,13 +360,14 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     lines = []
     for name, row in rows.items():
         heretic = cell(row["refusal_heretic_markers"]) if "refusal_heretic_markers" in row else "-"
-        seconds = row.get("trial_seconds_mean")
+        seconds, cpu = row.get("trial_seconds_mean"), row.get("trial_cpu_seconds_mean")
         lines.append([
             name, cell(row["refusal"]), heretic, cell(row["answered"]),
             f"{row['kl']['value']:.3f} [{row['kl']['ci'][0]:.3f}, {row['kl']['ci'][1]:.3f}]",
             str(row.get("trials", "-")), "-" if seconds is None else f"{seconds:.1f}",
+            "-" if cpu is None else f"{cpu:.1f}",
         ])
-    headers = ["method", "refusal (ours)", "refusal (heretic markers)", "answered", "KL", "trials", "s/trial"]
+    headers = ["method", "refusal (ours)", "refusal (heretic markers)", "answered", "KL", "trials", "wall s/trial", "CPU s/trial"]
     return common.markdown_table(headers, lines)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from datetime import datetime
@@ -133,6 +134,35 @@ def config_toml(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     }
 
 
+TIMED = (("Model", "reset_model"), ("Model", "abliterate"), ("Evaluator", "get_score"))
+"""What a trial runs besides the sampler: reset the LoRA, abliterate, score (KL and refusals)."""
+
+
+def time_calls(heretic_main: Any) -> dict[str, list[tuple[float, float]]]:
+    """Record (process CPU seconds, wall seconds) of every call of :data:`TIMED`."""
+    calls: dict[str, list[tuple[float, float]]] = {}
+    for owner, name in TIMED:
+        cls = getattr(heretic_main, owner)
+        original = getattr(cls, name)
+        record = calls.setdefault(name, [])
+
+        def timed(*args: Any, _original: Any = original, _record: list = record, **kwargs: Any) -> Any:
+            cpu, wall = time.process_time(), time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                _record.append((time.process_time() - cpu, time.perf_counter() - wall))
+
+        setattr(cls, name, timed)
+    return calls
+
+
+def trial_cpu_seconds(calls: dict[str, list[tuple[float, float]]], n_trials: int) -> list[float]:
+    """Process CPU seconds of each trial: its reset, abliteration and scoring (the first
+    ``n_trials`` calls of each; later ones restore the chosen trial for export)."""
+    return [sum(calls[name][i][0] for _, name in TIMED) for i in range(n_trials)]
+
+
 def _study_trials(work_dir: Path) -> list[dict[str, Any]]:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -161,6 +191,7 @@ def main(spec_path: str) -> int:
 
     import heretic.main as heretic_main
 
+    calls = time_calls(heretic_main)
     answers = Answers(spec)
     heretic_main.prompt_select = answers.select
     heretic_main.prompt_path = answers.path
@@ -187,6 +218,9 @@ def main(spec_path: str) -> int:
         "setup_seconds": setup,
         "trial_seconds": seconds,
         "trial_seconds_mean": sum(seconds) / len(seconds) if seconds else math.nan,
+        "trial_seconds_median": statistics.median(seconds) if seconds else math.nan,
+        "trial_cpu_seconds": (cpu := trial_cpu_seconds(calls, len(seconds))),
+        "trial_cpu_seconds_mean": sum(cpu) / len(cpu) if cpu else math.nan,
         "first_trial_start": first_start,
         "trials": trials,
         "front": answers.front,

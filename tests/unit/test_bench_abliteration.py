@@ -61,7 +61,7 @@ chosen = {{"index": 1, "number": 0, "refusals": 1, "n_bad_prompts": 2, "base_ref
           "parameters": {{"attn.o_proj": {{"max_weight": 1.0}}}}}}
 Path(spec["result"]).write_text(json.dumps({{
     "heretic_version": "fake", "refusal_markers": ["sorry", "i cannot"], "trials": [chosen],
-    "trial_seconds_mean": 1.5, "setup_seconds": 2.0, "wall_seconds": 4.0, "front": [chosen],
+    "trial_seconds_mean": 1.5, "trial_seconds_median": 1.4, "trial_cpu_seconds_mean": 1.2, "setup_seconds": 2.0, "wall_seconds": 4.0, "front": [chosen],
     "chosen": chosen, "export_dir": spec["export_dir"], "prompts": prompts, "spec": spec}}))
 """
 
@@ -100,7 +100,9 @@ def test_heretic_row_of_the_unedited_model_is_the_unedited_row(bench, tiny_model
     assert ours["own_heldout"]["chosen"]["refusal"]["value"] == ours["refusal"]["value"]
     assert ours["own_heldout"]["chosen"]["kl"]["value"] == pytest.approx(ours["kl"]["value"], abs=1e-6)
     assert ours["own_heldout"]["baseline"]["refusal"]["value"] == unedited["refusal"]["value"]
-    assert ours["trial_seconds_mean"] > 0 and ours["settings"]["limits"]["max_refusal"] == 0.1
+    assert ours["trial_seconds_mean"] > 0 and ours["trial_cpu_seconds_mean"] > 0
+    assert ours["settings"]["limits"]["max_refusal"] == 0.1
+    assert heretic["trial_cpu_seconds_mean"] == 1.2
     assert not (work / "heretic-model").exists()  # removed unless --keep-heretic-model
     # heretic got our splits: train pairs for its directions, the first validation items for its
     # trials, none of them held out.
@@ -153,6 +155,30 @@ def test_trial_choice_is_tune_removes_rule(driver):
     assert driver.choose_trial(front, 0.2)["number"] == 2  # least KL among those <= 20%
     assert driver.choose_trial(front, 0.5)["number"] == 3
     assert driver.choose_trial(front[1:], 0.1)["number"] == 2  # none reached: fewest, then KL
+
+
+def test_driver_times_each_trials_calls(driver):
+    class Model:
+        def reset_model(self):
+            return "reset"
+
+        def abliterate(self, x):
+            return sum(i * i for i in range(x))
+
+    class Evaluator:
+        def get_score(self):
+            return (0.0, 0.0), 0.1, 2
+
+    module = type("heretic_main", (), {"Model": Model, "Evaluator": Evaluator})
+    calls = driver.time_calls(module)
+    model, evaluator = Model(), Evaluator()
+    for _ in range(3):  # two trials, then the chosen one restored for export
+        assert model.reset_model() == "reset" and model.abliterate(200_000) > 0
+    assert evaluator.get_score()[2] == 2 and evaluator.get_score()[2] == 2
+    assert [len(calls[name]) for name in ("reset_model", "abliterate", "get_score")] == [3, 3, 2]
+    cpu = driver.trial_cpu_seconds(calls, 2)
+    assert len(cpu) == 2 and all(c > 0 for c in cpu)
+    assert cpu[0] == sum(calls[name][0][0] for name in ("reset_model", "abliterate", "get_score"))
 
 
 def test_driver_answers_heretics_questions(driver):
