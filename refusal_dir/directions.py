@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
-from refusal_dir.activations import Activations
+from refusal_dir.activations import ActivationReader
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
 from refusal_dir.outdir import atomic_write_bytes
 from refusal_dir.placement import onloaded
@@ -499,8 +499,8 @@ def token_rule(labels: Sequence[str]) -> str:
 
 
 def compute_directions(
-    positive: Activations,
-    negative: Activations,
+    positive: ActivationReader,
+    negative: ActivationReader,
     *,
     site: str = "resid_pre",
     method: str = "mean_diff",
@@ -512,7 +512,12 @@ def compute_directions(
     """Directions for every (token label, layer) of one site from contrastive activations.
 
     ``position_rule``: the token rule the activations were collected with (recorded in the
-    set); by default read from their labels (``last``, ``mean``, ``post_instruction-k``)."""
+    set); by default read from their labels (``last``, ``mean``, ``post_instruction-k``).
+
+    The activations may be in memory (:class:`~refusal_dir.activations.Activations`) or on disk
+    (:class:`~refusal_dir.store.StoredActivations`): the mean difference then comes from float64
+    sums streamed over the stored batches (memory flat in the number of prompts); ``pca`` and
+    ``probe`` read one (position, layer) column of every prompt at a time."""
     check_method(method)
     if position_rule is None:
         position_rule = token_rule(positive.positions)
@@ -525,7 +530,6 @@ def compute_directions(
         )
     if positive.positions != negative.positions or positive.layers != negative.layers:
         raise DataError("positive and negative activations were collected differently")
-    pos_acts, neg_acts = positive.site(site), negative.site(site)
     n_positions, n_layers = len(positive.positions), model.n_layers
     if len(positive.layers) != n_layers:
         raise DataError("collect activations at every layer before computing directions")
@@ -533,12 +537,16 @@ def compute_directions(
     norms = torch.zeros(n_positions, n_layers)
     for p in range(n_positions):
         for layer in range(n_layers):
-            pos, neg = pos_acts[:, p, layer], neg_acts[:, p, layer]
-            raw = METHODS[method](pos, neg)
+            # mean_diff(pos, neg), from each side's own float64 mean (streamed when stored).
+            difference = positive.layer_mean(site, p, layer) - negative.layer_mean(site, p, layer)
+            if method == "mean_diff":
+                raw = difference
+            else:
+                raw = METHODS[method](positive.column(site, p, layer), negative.column(site, p, layer))
             length = raw.norm()
             unit = raw / length if length > 0 else torch.zeros_like(raw)
             units[p, layer] = unit.float()
-            norms[p, layer] = float(mean_diff(pos, neg) @ unit)
+            norms[p, layer] = float(difference @ unit)
     meta = DirectionMeta(
         model_id=model.model_id,
         model_revision=model.revision,
