@@ -54,7 +54,9 @@ RESULT_NAMES = frozenset(
 #: The note an exported model directory of an earlier version carries.
 LEGACY_EXPORT_NOTE = "refusal_dir_edit.json"
 
-KINDS = ("results", "model")
+KINDS = ("results", "model", "activations")
+#: How an error names each kind of directory.
+_KIND_NAMES = {"results": "run results", "model": "an exported model", "activations": "an activation store"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
 
 
 def owner_kind(directory: Path) -> str | None:
-    """``"results"`` or ``"model"`` for a directory refusal-dir wrote, else None."""
+    """``"results"``, ``"model"`` or ``"activations"`` for a directory refusal-dir wrote, else None."""
     marker = read_marker(directory)
     if marker is not None:
         kind = marker.get("kind")
@@ -254,8 +256,7 @@ def check_output_dir(
             f"marker): nothing was changed there; choose a new or empty {flag}"
         )
     if owner != kind:
-        what = "an exported model" if owner == "model" else "run results"
-        raise OutputDirError(f"{flag} {path} holds {what}, not {'a model' if kind == 'model' else 'results'}: choose another {flag}")
+        raise OutputDirError(f"{flag} {path} holds {_KIND_NAMES[owner]}, not {_KIND_NAMES[kind]}: choose another {flag}")
     if fresh and read_marker(path) is None:
         raise OutputDirError(
             f"{flag} {path} has no {MARKER_NAME} marker (an earlier version's output): --fresh "
