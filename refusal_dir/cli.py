@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", required=True)
     run.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
     run.add_argument("--no-figures", action="store_true", help="skip the plotly HTML figures")
-    add_setting_flags(run, (*JUDGE, "extraction.selection_prompts"))
+    add_setting_flags(run, (*JUDGE, "extraction.selection_prompts", "extraction.activation_store"))
 
     tune = commands.add_parser("tune", help="search layer x alpha x method under a capability limit")
     _common(tune)
@@ -202,11 +202,12 @@ def _load(config: Config) -> Any:
 def cmd_extract(args: argparse.Namespace) -> int:
     from refusal_dir import outdir, pipeline
     from refusal_dir.datasets import load_datasets
-    from refusal_dir.extraction import extract, extraction_prompts
+    from refusal_dir.extraction import check_activation_store, extract, extraction_prompts
     from refusal_dir.selection import format_score_table
 
     config = _config(args)
     output_dir = outdir.check_output_dir(args.output_dir)
+    check_activation_store(config, output_dir)
     datasets = load_datasets(config)
     model = _load(config)
     pipeline.check_prompt_lengths(model, extraction_prompts(datasets, config), max_new_tokens=0)

@@ -232,6 +232,13 @@ class ExtractionSettings:
     selection_prompts: int = setting(
         16, "held-out pairs of each kind per candidate layer in effect selection", flag="--selection-prompts", type=int
     )
+    activation_store: str | None = setting(
+        None,
+        "directory the extraction activations are written to, batch by batch, and read back from: memory flat "
+        "in the number of prompts, and a killed extraction resumes from the stored batches (null: in memory; "
+        "docs/scaling.md). Speed and memory only: the directions equal the in-memory ones",
+        flag="--activation-store",
+    )
 
     def __post_init__(self) -> None:
         _check_types("extraction", self)
@@ -239,6 +246,8 @@ class ExtractionSettings:
             _fail("extraction.selection", f"{self.selection!r} is not one of effect, separation")
         if self.selection_candidates is not None and self.selection_candidates < 1:
             _fail("extraction.selection_candidates", f"must be null or >= 1, got {self.selection_candidates}")
+        if self.activation_store is not None and not self.activation_store.strip():
+            _fail("extraction.activation_store", "is empty: name a directory, or null to keep activations in memory")
         if self.selection_prompts < 1:
             _fail("extraction.selection_prompts", f"must be >= 1, got {self.selection_prompts}")
         if not 0 < self.max_kl < float("inf"):
@@ -473,6 +482,11 @@ class Config:
 
 
 _SECTIONS = {f.name: f for f in fields(Config)}
+
+#: Settings that change speed and memory only, never results (batched == one at a time, and
+#: stored == in-memory activations, tested): a run may resume with another value, and resume
+#: keys leave them out.
+SPEED_ONLY_SETTINGS = ("generation.batch_size", "extraction.activation_store")
 
 # Old key -> new key (docs/glossary.md). The old names load for one release, with a warning.
 RENAMED_KEYS = {"extraction.position": "extraction.token", "steering.positions": "steering.apply_to"}

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refusal_dir.activations import Activations, collect_activations
-from refusal_dir.config import Config
+from refusal_dir.activations import ActivationReader, collect_activations
+from refusal_dir.config import SPEED_ONLY_SETTINGS, Config
 from refusal_dir.datasets import Datasets, split_pairs
 from refusal_dir.directions import DirectionSet, compute_directions, weights_fingerprint
 from refusal_dir.errors import DataError, DirectionMismatchError, OutputDirError, short_message
@@ -43,6 +43,7 @@ from refusal_dir.selection import (
     score_layers,
     select_layer,
 )
+from refusal_dir.store import check_store_dir, collect_to_store
 
 
 @dataclass(frozen=True)
@@ -64,21 +65,27 @@ class Extraction:
 
 def _collect_split(
     model: HookedModel, pairs: PairSet, config: Config, *, progress: bool, label: str
-) -> tuple[Activations, Activations, Activations, Activations, list[str]]:
-    """Train and held-out activations of both sides, and each held-out pair's group."""
+) -> tuple[ActivationReader, ActivationReader, ActivationReader, ActivationReader, list[str]]:
+    """Train and held-out activations of both sides, and each held-out pair's group.
+
+    With ``extraction.activation_store`` they are written to ``<store>/<label>-<side>`` and
+    read from there (:mod:`refusal_dir.store`), else kept in memory."""
     train, heldout = split_pairs(pairs, config)
     texts_pos = train.positives + heldout.positives
     texts_neg = train.negatives + heldout.negatives
-    def collect(texts: list[str], side: str) -> Activations:
-        return collect_activations(
-            model,
-            texts,
-            sites=config.extraction.sites,
-            token=config.extraction.token,
-            batch_size=config.extraction.batch_size,
-            progress=progress,
-            description=f"{label}: {side}",
-        )
+    store = config.extraction.activation_store
+
+    def collect(texts: list[str], side: str) -> ActivationReader:
+        options: dict[str, Any] = {
+            "sites": config.extraction.sites,
+            "token": config.extraction.token,
+            "batch_size": config.extraction.batch_size,
+            "progress": progress,
+            "description": f"{label}: {side}",
+        }
+        if store is None:
+            return collect_activations(model, texts, **options)
+        return collect_to_store(model, texts, store=store, name=f"{label}-{side}", **options)
 
     positive, negative = collect(texts_pos, "positive"), collect(texts_neg, "negative")
     n_train = len(train)
@@ -126,16 +133,23 @@ def _extract_family(
 def extraction_key(config: Config, model: HookedModel, datasets: Datasets) -> str:
     """What an extraction depends on: its settings, the model's weights and the pairs."""
     settings = config.key_dict()
+    speed_only = {key.partition(".")[2] for key in SPEED_ONLY_SETTINGS if key.startswith("extraction.")}
     record = {
         "model": settings["model"],
         "data": {k: settings["data"][k] for k in ("refusal_pairs", "honesty_pairs", "heldout_fraction", "seed")},
-        "extraction": settings["extraction"],
+        "extraction": {k: v for k, v in settings["extraction"].items() if k not in speed_only},
         "honesty": config.evaluation.honesty,
         "weights": weights_fingerprint(model),
         "pairs": datasets.refusal_pairs.content_hash(),
         "honesty_pairs": datasets.honesty_pairs.content_hash() if datasets.honesty_pairs else None,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_activation_store(config: Config, output_dir: Path) -> None:
+    """Validate ``extraction.activation_store`` (when set) before anything is loaded."""
+    if config.extraction.activation_store is not None:
+        check_store_dir(config.extraction.activation_store, output_dir=output_dir)
 
 
 def extract(

@@ -46,11 +46,17 @@ import yaml
 
 from refusal_dir import prompts as prompt_sets
 from refusal_dir.conditional import Condition, fit_condition
-from refusal_dir.config import Config, upgrade_stored_config
+from refusal_dir.config import SPEED_ONLY_SETTINGS, Config, upgrade_stored_config
 from refusal_dir.datasets import Datasets, load_datasets, mc_formatter, split_pairs
 from refusal_dir.directions import DirectionSet, weights_fingerprint
 from refusal_dir.errors import ConfigError, DataError, OutputDirError, short_message
-from refusal_dir.extraction import Extraction, extract, extraction_prompts, load_saved_extraction
+from refusal_dir.extraction import (
+    Extraction,
+    check_activation_store,
+    extract,
+    extraction_prompts,
+    load_saved_extraction,
+)
 from refusal_dir.generation import (
     GenerationSettings,
 )
@@ -81,9 +87,6 @@ method)."""
 # ----------------------------------------------------------------------------------------------
 
 
-# Settings that change speed and memory only, never results (batched == one at a time, tested):
-# a run that crashed out of memory may resume with fewer rows per call.
-SPEED_ONLY_SETTINGS = ("generation.batch_size",)
 
 
 def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -562,6 +565,7 @@ def run(
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir, fresh=fresh)
+    check_activation_store(config, output_dir)
     if not fresh:
         check_resumable(output_dir, config)
     datasets = load_datasets(config)
