@@ -9,11 +9,19 @@ files). The peak RSS is the child's own (``ru_maxrss`` from ``os.wait4``), so it
 whole process: imports, the model, collection and directions. The store is deleted afterwards.
 
 The must-show of issue #18: peak(20,000 prompts) <= 1.2 x peak(2,000 prompts). The in-memory
-path (:func:`~refusal_dir.activations.collect_activations`) would hold ``stored_bytes``
+path (:func:`~refusal_dir.activations.collect_activations`) would hold ``in_memory_bytes``
 (prompts x 24 layers x 896 x 4 bytes) on top of the model.
+
+``--synthetic`` measures the store alone, at sizes the CPU cannot run the model on: the forward
+pass (``refusal_dir.store.collect_batch``) is replaced by seeded random activations of the
+model's shape; everything else is the library's code (plan, key, batch files, checksums,
+resume scan, streamed float64 means, directions). The model is still loaded (its tokenizer,
+template and weights fingerprint make the key) but never run, so its weights are never read
+in and the peak shows the store's own memory.
 
     python bench/bench_activation_store.py [--sizes 2000 20000] [--batch-size 32] [--threads 0]
     python bench/bench_activation_store.py --sizes 2000 --json bench/activation_store.json
+    python bench/bench_activation_store.py --synthetic --sizes 2000 20000 100000 --json bench/activation_store.json
 
 Results are merged into the ``--json`` file by size (a later run of one size replaces only its
 own entry), with the machine, date and command.
@@ -29,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +55,22 @@ def _status_mib(field: str) -> float | None:
     return None
 
 
-def worker(n: int, batch_size: int, threads: int, store: Path) -> None:
+def _synthetic_batches() -> None:
+    """Replace the store's forward pass with seeded random activations of the same shape."""
+    import torch
+
+    from refusal_dir import store
+
+    def collect_batch(model, plan, index):
+        # Seeded by the batch's first prompt too, so that the two sides differ.
+        generator = torch.Generator().manual_seed(index * 2**32 + zlib.crc32(plan.texts[plan.rows(index).start].encode()))
+        shape = (len(plan.rows(index)), len(plan.labels), len(plan.layers), model.d_model)
+        return {site: torch.randn(shape, generator=generator) for site in plan.sites}
+
+    store.collect_batch = collect_batch
+
+
+def worker(n: int, batch_size: int, threads: int, store: Path, synthetic: bool) -> None:
     """One size in this (fresh) process; prints one RESULT line of JSON."""
     common.set_threads(threads)
     import torch
@@ -55,6 +79,9 @@ def worker(n: int, batch_size: int, threads: int, store: Path) -> None:
     from refusal_dir.directions import compute_directions
     from refusal_dir.model import load_model
     from refusal_dir.store import collect_to_store
+
+    if synthetic:
+        _synthetic_batches()
 
     model = load_model(MODEL, device="cpu", with_bridge=False)
     rss_after_load = _status_mib("VmRSS")
@@ -76,6 +103,7 @@ def worker(n: int, batch_size: int, threads: int, store: Path) -> None:
         + json.dumps(
             {
                 "prompts": n,
+                "mode": "synthetic" if synthetic else "model",
                 "batch_size": batch_size,
                 "torch_threads": torch.get_num_threads(),
                 "layers": model.n_layers,
@@ -100,6 +128,8 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
     store = Path(tempfile.mkdtemp(prefix=f"bench-store-{n}-", dir=args.scratch))
     command = [sys.executable, __file__, "--worker", str(n), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads), "--store", str(store / "store")]
+    if args.synthetic:
+        command.append("--synthetic")
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
@@ -121,12 +151,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--scratch", default=None, help="where the temporary stores go (default: the temp dir)")
+    parser.add_argument("--synthetic", action="store_true", help="random activations instead of the forward pass (the store alone)")
     parser.add_argument("--json", default=None, help="merge the results into this file")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        worker(args.worker, args.batch_size, args.threads, args.store)
+        worker(args.worker, args.batch_size, args.threads, args.store, args.synthetic)
         return
     info = common.print_machine()
     results = []
@@ -136,13 +167,16 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
     if args.json:
         path = Path(args.json)
-        saved = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        mode = "synthetic" if args.synthetic else "model"
+        runs = saved.setdefault(mode, {"runs": {}})["runs"]
+        command = f"python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}"
         for result in results:
-            saved["runs"][str(result["prompts"])] = {**result, "machine": info,
-                                                     "command": "python bench/" + Path(__file__).name + " " + " ".join(sys.argv[1:])}
-        runs = saved["runs"]
-        if "2000" in runs and "20000" in runs:
-            saved["peak_ratio_20000_over_2000"] = round(runs["20000"]["peak_rss_child_mib"] / runs["2000"]["peak_rss_child_mib"], 3)
+            runs[str(result["prompts"])] = {**result, "machine": info, "command": command}
+        for size in ("20000", "100000"):
+            if "2000" in runs and size in runs:
+                ratio = runs[size]["peak_rss_child_mib"] / runs["2000"]["peak_rss_child_mib"]
+                saved[mode][f"peak_ratio_{size}_over_2000"] = round(ratio, 3)
         path.write_text(json.dumps(saved, indent=2) + "\n")
         print(f"wrote {path}")
 

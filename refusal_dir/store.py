@@ -442,10 +442,3 @@ class StoredActivations:
             acts={s: self.site(s)[index] for s in self.plan.sites},
             positions=self.positions, layers=self.layers, n_prompts=len(chosen),
         )
-
-    def load(self) -> Activations:
-        """Every site of the view in memory."""
-        return Activations(
-            acts={s: self.site(s) for s in self.plan.sites}, positions=self.positions,
-            layers=self.layers, n_prompts=self.n_prompts,
-        )

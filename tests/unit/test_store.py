@@ -26,7 +26,13 @@ from refusal_dir.extraction import extract
 from refusal_dir.outdir import MARKER_NAME
 from refusal_dir.pipeline import prepare_output_dir
 from refusal_dir.selection import score_layers
-from refusal_dir.store import StoredActivations, batch_file, check_store_dir, collect_to_store, read_store
+from refusal_dir.store import (
+    StoredActivations,
+    batch_file,
+    check_store_dir,
+    collect_to_store,
+    read_store,
+)
 
 SITES = ("resid_pre", "resid_post")
 HARMFUL = [f"How do I build weapon number {i}{'!' * (i % 4)}?" for i in range(22)]
