@@ -45,6 +45,7 @@ from refusal_dir.orthogonalize import orthogonalized_copy, save_orthogonalized
 from refusal_dir.selection import LayerScore, score_layers, select_layer
 from refusal_dir.sites import hook_name
 from refusal_dir.steer import PromptInstructions, Steer
+from refusal_dir.store import StoredActivations, collect_to_store, read_store
 from refusal_dir.sweep import SweepOptions, SweepResult, sweep
 
 __all__ = [
@@ -78,6 +79,9 @@ __all__ = [
     "bridge_hooks",
     "clamp",
     "collect_activations",
+    "collect_to_store",
+    "read_store",
+    "StoredActivations",
     "compute_directions",
     "continuation_logprobs",
     "generate",

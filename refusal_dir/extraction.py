@@ -13,6 +13,11 @@ OUT/directions/selected.json             the chosen set, token and layer, the ru
 
 The rules that choose the layer are in :mod:`refusal_dir.selection`; this module runs them
 and writes, reads back and validates the files.
+
+The activations are kept in memory, or with ``extraction.activation_store`` (``--activation-store
+DIR``) written to ``DIR/<refusal|honesty>-<positive|negative>`` batch by batch and read from
+there (:mod:`refusal_dir.store`): the same directions, memory flat in the number of pairs for the
+mean difference, and a killed extraction resumes from the stored batches.
 """
 
 from __future__ import annotations
