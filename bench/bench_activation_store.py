@@ -91,10 +91,10 @@ def worker(n: int, batch_size: int, threads: int, store: Path, synthetic: bool) 
     harmless = [base_harmless[i % len(base_harmless)] for i in range(n - n // 2)]
     tokens = [len(model._encode(t)) for t in model.format_prompts(base_harmful + base_harmless)]
     options = {"sites": (SITE,), "token": "last", "batch_size": batch_size, "progress": False}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     positive = collect_to_store(model, harmful, store=store, name="harmful", **options)
     negative = collect_to_store(model, harmless, store=store, name="harmless", **options)
-    collected = time.perf_counter()
+    collected, cpu_collected = time.perf_counter(), time.process_time()
     directions = compute_directions(positive, negative, site=SITE, method="mean_diff", model=model)
     finished = time.perf_counter()
     store_bytes = sum(f.stat().st_size for f in store.rglob("*.safetensors"))
@@ -110,6 +110,7 @@ def worker(n: int, batch_size: int, threads: int, store: Path, synthetic: bool) 
                 "d_model": model.d_model,
                 "tokens_per_prompt_min_mean_max": [min(tokens), round(sum(tokens) / len(tokens), 1), max(tokens)],
                 "collect_seconds": round(collected - start, 1),
+                "collect_cpu_seconds": round(cpu_collected - cpu_start, 1),
                 "directions_seconds": round(finished - collected, 2),
                 "prompts_per_second": round(n / (collected - start), 2),
                 "rss_after_load_mib": round(rss_after_load or 0, 1),
