@@ -301,8 +301,9 @@ _HELD: dict[Path, list[Any]] = {}  # resolved directory -> [open lock file, dept
 
 
 @contextlib.contextmanager
-def lock_output_dir(directory: Path | str) -> Iterator[Path]:
-    """Hold the directory's exclusive lock (re-entrant within this process)."""
+def lock_output_dir(directory: Path | str, *, flag: str = "--output-dir") -> Iterator[Path]:
+    """Hold the directory's exclusive lock (re-entrant within this process); ``flag`` names the
+    option that chose the directory in the refusal."""
     directory = Path(directory)
     key = _resolve(directory)
     if key in _HELD:
@@ -323,7 +324,7 @@ def lock_output_dir(directory: Path | str) -> Iterator[Path]:
             except BlockingIOError as error:
                 raise OutputDirError(
                     f"another refusal-dir run holds {directory}: wait for it to finish or choose "
-                    "another --output-dir"
+                    f"another {flag}"
                 ) from error
         _HELD[key] = [handle, 1]
         try:
@@ -398,7 +399,7 @@ def claim_output_dir(
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise write_error(directory, error) from error
-    with lock_output_dir(directory):
+    with lock_output_dir(directory, flag=flag):
         # Checked again under the lock: another run may have written here since.
         check_output_dir(directory, kind=kind, fresh=fresh, protect=protect, flag=flag)
         try:

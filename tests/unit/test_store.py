@@ -321,3 +321,15 @@ def test_cli_extract_uses_resumes_and_guards_the_store(capsys, tiny_model_dir, t
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--activation-store" in err
     assert [p.name for p in foreign.iterdir()] == ["x.txt"] and not (tmp_path / "d").exists()
+
+
+def test_a_store_another_run_holds_is_refused_naming_the_flag(tiny_model, tmp_path: Path) -> None:
+    import fcntl
+
+    from refusal_dir.outdir import LOCK_NAME
+
+    _store(tiny_model, HARMFUL[:4], tmp_path)
+    with open(tmp_path / LOCK_NAME, "a+b") as handle:  # another process's lock, as flock sees it
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OutputDirError, match=r"another refusal-dir run holds .*choose another --activation-store$"):
+            _store(tiny_model, HARMFUL[:4], tmp_path)
