@@ -151,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="check each limit on the paired drop (mean) or on its 95%% upper bound (bound)",
     )
 
-    export = commands.add_parser("export", help="bake directional ablation into a model copy")
+    export = commands.add_parser("export", help="bake an ablation into a new model directory (or a LoRA adapter)")
     _common(export)
-    export.add_argument("--directions-dir", required=True)
+    export.add_argument("--directions-dir", help="output of `refusal-dir extract`: full ablation of one layer's direction")
+    export.add_argument("--from-tune", help="output of `refusal-dir tune --objective remove`: its tuned ablation point")
     export.add_argument("--output-dir", required=True, help="new model directory (transformers format)")
-    export.add_argument("--layer", type=int, help="direction of this layer (default: the selected one)")
+    export.add_argument("--layer", type=int, help="with --directions-dir: direction of this layer (default: the selected one)")
+    export.add_argument("--lora", action="store_true", help="write a peft LoRA adapter of the edit instead of full weights")
 
     rejudge = commands.add_parser(
         "rejudge", help="judge a finished run's samples again and compare with the phrase judge"
@@ -398,23 +400,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir
+    from refusal_dir import export, outdir
+    from refusal_dir.extraction import load_selected
     from refusal_dir.model import resolve_model_source
-    from refusal_dir.orthogonalize import save_orthogonalized
+    from refusal_dir.tuned import read_tuned
 
     config = _config(args)
-    protect = [Path(args.directions_dir)]
+    if (args.directions_dir is None) == (args.from_tune is None):
+        raise ConfigError("give one of --directions-dir (full ablation of one direction) or --from-tune (a tuned point)")
+    protect = [Path(args.directions_dir or args.from_tune)]
     if args.model is not None and Path(args.model).expanduser().is_dir():
         protect.append(Path(resolve_model_source(args.model)))
     outdir.check_output_dir(args.output_dir, kind="model", fresh=True, protect=protect)
-    model, directions, selected, layer = _model_and_directions(args, config)
-    if Path(model.model_id).expanduser().is_dir():  # also when the directions named the model
-        protect.append(Path(model.model_id))
-    path = save_orthogonalized(
-        model, directions, args.output_dir, layer=layer,
-        token=selected.get("position"), protect=protect,
+    if args.from_tune is not None:
+        if args.layer is not None:
+            raise ConfigError("--layer picks a direction of --directions-dir; a tuned point brings its own: drop --layer")
+        tuned = read_tuned(args.from_tune)
+        bake, model_name, what = export.Bake.tuned(tuned), tuned.model, "the tuned ablation point"
+    else:
+        directions, selected = load_selected(Path(args.directions_dir))
+        layer = args.layer if args.layer is not None else selected.get("layer")
+        if layer is None:
+            raise ConfigError("this direction set has no selected layer: pass --layer")
+        bake = export.Bake.full_ablation(directions, int(layer), selected.get("position"))
+        model_name, what = directions.meta.model_id, f"directional ablation of the layer-{layer} direction"
+    if args.model is not None:
+        model_name = config.model.name
+    source = Path(resolve_model_source(model_name))
+    if source.is_dir():  # also when the directions named the model
+        protect.append(source)
+    path = export.export(
+        model_name, bake, args.output_dir, load_options=config.model.load_options(),
+        lora_adapter=args.lora, protect=protect, progress=not args.quiet,
     )
-    _out(f"wrote {path}: directional ablation of the layer-{layer} direction baked into the weights")
+    _out(f"wrote {path}: {what} {'as a LoRA adapter' if args.lora else 'baked into the weights'}")
     return 0
 
 
@@ -576,7 +595,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         _quiet_libraries()
     try:
-        for name in ("output_dir", "directions_dir"):
+        for name in ("output_dir", "directions_dir", "from_tune"):
             if getattr(args, name, None) is not None and not getattr(args, name).strip():
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} is empty: name a directory (an empty path means the current one)")

@@ -173,11 +173,11 @@ def checkpoint_of(hf: nn.Module, scratch: Path) -> Checkpoint | str:
     tensors = []
     for file in sorted({path for path, _ in located}):
         for stored in shards.read_header(file):
-            name = located.get((file, stored.key))
-            if name is None:
+            parameter = located.get((file, stored.key))
+            if parameter is None:
                 logger.info("%s in %s is not part of the model: not exported", stored.key, Path(file).name)
                 continue
-            tensors.append((name, stored))
+            tensors.append((parameter, stored))
     return Checkpoint(tensors)
 
 
@@ -257,14 +257,11 @@ def _counted(planned: shards.Planned, bar: Any) -> shards.Planned:
     return shards.Planned(planned.key, planned.dtype, planned.shape, produce)
 
 
-def _write_in_memory(staging: Path, model: HookedModel, bake: Bake, *, max_shard_bytes: int) -> None:
-    edited = materialized_copy(model.hf)  # one device, full precision (offloaded or quantized loads too)
-    twin = copy.copy(model)
-    twin.hf = edited
-    edits = planned_edits(twin, bake)
-    architecture = model.architecture
-    if bake.embedding is not None and architecture.embeddings_tied(edited):
-        embedding = architecture.embedding(edited)
+def _write_in_memory(staging: Path, model: HookedModel, edits: Mapping[str, Any], *, untie: bool, max_shard_bytes: int) -> None:
+    """Edit ``model`` (a copy the caller owns) in place and save it with ``save_pretrained``."""
+    edited = model.hf
+    if untie:
+        embedding = model.architecture.embedding(edited)
         edited.get_output_embeddings().weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
         _untie(edited.config)
     parameters = dict(edited.named_parameters(remove_duplicate=False))
@@ -275,9 +272,42 @@ def _write_in_memory(staging: Path, model: HookedModel, bake: Bake, *, max_shard
     model.tokenizer.save_pretrained(staging)
 
 
-def _write_lora(staging: Path, model: HookedModel, edits: Mapping[str, Any], read: Callable[[str], Tensor]) -> None:
-    tensors = lora.adapter_tensors(edits, read, embedding=_embedding_name(model))
-    lora.write_adapter(staging, tensors, base_model=model.model_id)
+def _checked_edits(model: HookedModel, bake: Bake, lora_adapter: bool) -> tuple[dict[str, Any], bool]:
+    """The edits, once the directions are known to fit the model; whether the output unties the
+    embeddings (the embedding is edited and the unembedding shares it)."""
+    # Before any weight is read: reading an offloaded weight unties it (accelerate swaps the
+    # module's parameter in and out).
+    untie = bake.embedding is not None and model.architecture.embeddings_tied(model.hf)
+    bake.directions.check_fits(model)
+    edits = planned_edits(model, bake)
+    if lora_adapter:
+        shapes = {name: tuple(p.shape) for name, p in model.hf.named_parameters(remove_duplicate=False)}
+        lora.check_edits(edits, shapes, embedding=_embedding_name(model))
+    return edits, untie
+
+
+def _reader(checkpoint: Checkpoint | str, hf: Any) -> Callable[[str], Tensor]:
+    if isinstance(checkpoint, Checkpoint):
+        stored = dict(checkpoint.tensors)
+        return lambda name: stored[name].read()
+    weights = dict(hf.named_parameters(remove_duplicate=False))
+    return lambda name: weights[name].detach()
+
+
+def _write_note(staging: Path, model: HookedModel, bake: Bake, *, lora_adapter: bool, streamed: bool) -> None:
+    meta = bake.directions.meta
+    note = {
+        "source_model": model.model_id,
+        "source_revision": model.revision,
+        **bake.note,
+        "format": "peft LoRA adapter" if lora_adapter else "full weights",
+        "streamed": streamed,
+        "direction_meta": {
+            "method": meta.method, "site": meta.site, "position": meta.position, "prompt_set_hash": meta.prompt_set_hash,
+        },
+    }
+    outdir.atomic_write_text(staging / outdir.LEGACY_EXPORT_NOTE, json.dumps(note, indent=2))
+    outdir.write_marker(staging, "model")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,55 +336,33 @@ def export(
         lora.check_peft()
         lora.check_low_rank(bake.options.norm_preserving)
     options = dict(load_options or {})
-    streamable = options.get("quantization") is None
     staging = outdir.staging_dir(output_dir.parent, output_dir.name)
     scratch = outdir.staging_dir(output_dir.parent, f"{output_dir.name}-offload")
     try:
-        model: HookedModel | None = None
         checkpoint: Checkpoint | str = "the model is loaded quantized"
-        if streamable:
+        if options.get("quantization") is None:
             model = load_model(
                 model_name, device_map={"": "disk"}, offload_folder=scratch, with_bridge=False,
                 revision=options.get("revision"), cache=cache,
             )
             checkpoint = checkpoint_of(model.hf, scratch)
+            edits, untie = _checked_edits(model, bake, lora_adapter)
         if not isinstance(checkpoint, Checkpoint):
             logger.warning("exporting %s in memory, not streamed: %s", model_name, checkpoint)
-            model = load_model(model_name, with_bridge=False, cache=cache, **options)
-        assert model is not None
-        # Before anything is read: reading an offloaded weight unties it (accelerate swaps the
-        # module's parameter in and out).
-        untie = bake.embedding is not None and model.architecture.embeddings_tied(model.hf)
-        bake.directions.check_fits(model)
+            loaded = load_model(model_name, with_bridge=False, cache=cache, **options)
+            model = copy.copy(loaded)
+            model.hf = materialized_copy(loaded.hf)  # one device, full precision, no hooks
+            del loaded
+            edits, untie = _checked_edits(model, bake, lora_adapter)
         try:
-            if isinstance(checkpoint, Checkpoint):
-                edits = planned_edits(model, bake)
-                if lora_adapter:
-                    _write_lora(staging, model, edits, lambda name: checkpoint.stored(name).read())
-                else:
-                    _write_streamed(staging, model, checkpoint, edits, untie=untie, max_shard_bytes=max_shard_bytes, progress=progress)
-            elif lora_adapter:
-                twin = copy.copy(model)
-                twin.hf = materialized_copy(model.hf)
-                weights = dict(twin.hf.named_parameters(remove_duplicate=False))
-                _write_lora(staging, twin, planned_edits(twin, bake), lambda name: weights[name].detach())
+            if lora_adapter:
+                tensors = lora.adapter_tensors(edits, _reader(checkpoint, model.hf), embedding=_embedding_name(model))
+                lora.write_adapter(staging, tensors, base_model=model.model_id)
+            elif isinstance(checkpoint, Checkpoint):
+                _write_streamed(staging, model, checkpoint, edits, untie=untie, max_shard_bytes=max_shard_bytes, progress=progress)
             else:
-                _write_in_memory(staging, model, bake, max_shard_bytes=max_shard_bytes)
-            note = {
-                "source_model": model.model_id,
-                "source_revision": model.revision,
-                **bake.note,
-                "format": "peft LoRA adapter" if lora_adapter else "full weights",
-                "streamed": isinstance(checkpoint, Checkpoint),
-                "direction_meta": {
-                    "method": bake.directions.meta.method,
-                    "site": bake.directions.meta.site,
-                    "position": bake.directions.meta.position,
-                    "prompt_set_hash": bake.directions.meta.prompt_set_hash,
-                },
-            }
-            outdir.atomic_write_text(staging / outdir.LEGACY_EXPORT_NOTE, json.dumps(note, indent=2))
-            outdir.write_marker(staging, "model")
+                _write_in_memory(staging, model, edits, untie=untie, max_shard_bytes=max_shard_bytes)
+            _write_note(staging, model, bake, lora_adapter=lora_adapter, streamed=isinstance(checkpoint, Checkpoint))
         except OSError as error:
             raise outdir.write_error(output_dir, error) from error
         outdir.check_output_dir(output_dir, kind="model", fresh=True, protect=protect)

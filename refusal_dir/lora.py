@@ -16,7 +16,6 @@ embedding edit (peft's ``lora_bias`` does not cover embeddings).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,38 +51,44 @@ def _module(parameter_name: str) -> tuple[str, str]:
     return module, leaf
 
 
-def adapter_tensors(edits: Mapping[str, Any], read: Any, *, embedding: str | None) -> dict[str, Tensor]:
-    """The adapter's tensors (peft's key names) for ``edits`` (parameter name -> edit with
-    ``basis`` and ``weight``), reading each edited parameter with ``read(name)``; ``embedding``
-    names the token embedding's parameter (edited row-wise)."""
-    tensors: dict[str, Tensor] = {}
+def check_edits(edits: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *, embedding: str | None) -> None:
+    """Refuse, in one line, edits that one exact adapter cannot hold (``shapes``: each edited
+    parameter's shape, known before any weight is read)."""
+    for name in edits:
+        leaf = _module(name)[1]
+        if name != embedding and (leaf not in ("weight", "bias") or len(shapes[name]) != (1 if leaf == "bias" else 2)):
+            raise ConfigError(
+                f"{name} ({tuple(shapes[name])}) is no dense Linear weight (stacked experts?), so it "
+                "has no exact peft LoRA form: drop --lora to export full weights"
+            )
     biased = [name for name in edits if _module(name)[1] == "bias"]
     if biased and embedding in edits:
         raise ConfigError(
             f"this edit changes writer biases ({biased[0]}) and the token embedding, which one "
             "peft LoRA adapter cannot hold together: drop --lora to export full weights"
         )
+    if not edits:
+        raise ConfigError("this point edits no weight, so there is no adapter to write: drop --lora or choose another point")
+
+
+def adapter_tensors(edits: Mapping[str, Any], read: Any, *, embedding: str | None) -> dict[str, Tensor]:
+    """The adapter's tensors (peft's key names) for ``edits`` (parameter name -> edit with
+    ``basis`` and ``weight``; checked by :func:`check_edits`), reading each edited parameter with
+    ``read(name)``; ``embedding`` names the token embedding's parameter (edited row-wise)."""
+    tensors: dict[str, Tensor] = {}
     for name, edit in edits.items():
         module, leaf = _module(name)
-        if leaf not in ("weight", "bias"):
-            raise ConfigError(f"{name} is no Linear or Embedding weight, so it has no LoRA form: drop --lora")
         basis = edit.basis.double()
         value = read(name).double()
         if name == embedding:
             tensors[f"{_PREFIX}{module}.lora_embedding_A"] = (basis @ value.T).float().contiguous()
             tensors[f"{_PREFIX}{module}.lora_embedding_B"] = (-edit.weight * basis.T).float().contiguous()
-            continue
-        if leaf == "bias":
+        elif leaf == "bias":
             tensors[f"{_PREFIX}{module}.lora_B.bias"] = (-edit.weight * (basis.T @ (basis @ value))).float()
-            continue
-        if value.ndim != 2:
-            raise ConfigError(
-                f"{name} holds stacked experts ({tuple(value.shape)}), which have no exact peft "
-                "LoRA form: drop --lora to export full weights"
-            )
-        tensors[f"{_PREFIX}{module}.lora_A.weight"] = (basis @ value).float().contiguous()
-        tensors[f"{_PREFIX}{module}.lora_B.weight"] = (-edit.weight * basis.T).float().contiguous()
-    if biased:  # lora_bias gives every adapted Linear a B bias: zero where the bias is unedited
+        else:
+            tensors[f"{_PREFIX}{module}.lora_A.weight"] = (basis @ value).float().contiguous()
+            tensors[f"{_PREFIX}{module}.lora_B.weight"] = (-edit.weight * basis.T).float().contiguous()
+    if any(key.endswith(".lora_B.bias") for key in tensors):  # lora_bias gives every adapted Linear a B bias
         for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
             tensors.setdefault(key.removesuffix(".weight") + ".bias", torch.zeros(tensors[key].shape[0]))
     return tensors
@@ -93,10 +98,10 @@ def write_adapter(directory: Path, tensors: Mapping[str, Tensor], *, base_model:
     """``adapter_config.json`` and ``adapter_model.safetensors`` as ``peft`` saves them."""
     from peft import LoraConfig
 
-    ranks = {key.removeprefix(_PREFIX).rsplit(".", 2)[0]: int(value.shape[0])
-             for key, value in tensors.items() if key.endswith((".lora_A.weight", ".lora_embedding_A"))}
-    if not ranks:
-        raise ConfigError("this point edits no weight, so there is no adapter to write: drop --lora or choose another point")
+    ranks = {
+        key.removeprefix(_PREFIX).removesuffix(".lora_A.weight").removesuffix(".lora_embedding_A"): int(value.shape[0])
+        for key, value in tensors.items() if key.endswith((".lora_A.weight", ".lora_embedding_A"))
+    }
     rank = max(ranks.values())
     patterns = {module: k for module, k in ranks.items() if k != rank}
     config = LoraConfig(
@@ -114,9 +119,3 @@ def write_adapter(directory: Path, tensors: Mapping[str, Tensor], *, base_model:
     )
     config.save_pretrained(str(directory))
     save_file(dict(tensors), str(directory / ADAPTER_FILE), metadata={"format": "pt"})
-
-
-def adapter_ranks(directory: Path) -> dict[str, Any]:
-    """The saved adapter's rank and target modules (for the export's note)."""
-    config = json.loads((directory / "adapter_config.json").read_text())
-    return {"r": config["r"], "target_modules": len(config["target_modules"])}

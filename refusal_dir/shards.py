@@ -137,7 +137,7 @@ def write_file(path: Path, tensors: Sequence[Planned], metadata: Mapping[str, st
                     f"{planned.dtype} {planned.shape}"
                 )
             if tensor.numel():
-                file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+                file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
             del tensor
 
 
