@@ -48,29 +48,40 @@ from torch import Tensor, nn
 
 from refusal_dir import lora, outdir, shards
 from refusal_dir.abliteration import AblationOptions, AblationPoint, Kernel, weight_edits
-from refusal_dir.directions import DirectionSet
+from refusal_dir.directions import DirectionSet, ReadElements
 from refusal_dir.errors import ConfigError
 from refusal_dir.model import HookedModel, load_model
-from refusal_dir.orthogonalize import _project_rows
 from refusal_dir.placement import materialized_copy
 from refusal_dir.tuned import TunedAblation
 
 logger = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 2 * 1024**3
+_BLOCK = 1 << 22  # elements of the embedding edited at a time
 
 
 @dataclass(frozen=True)
 class EmbeddingEdit:
     """The token embedding's edit in the full ablation: no row keeps a component along ``basis``
-    (``vocab x d_model``: rows live in the residual stream)."""
+    (``vocab x d_model``: rows live in the residual stream). The same arithmetic as
+    :func:`refusal_dir.orthogonalize.orthogonalized_copy` (float32, ``E - outer(E u, u)``), done
+    a block of rows at a time so that a large vocabulary needs no second full-size matrix."""
 
     basis: Tensor
     weight: float = 1.0
 
-    def apply(self, tensor: Tensor) -> Tensor:
+    def apply(self, tensor: Tensor, *, owned: bool = False) -> Tensor:
+        """The edited tensor (``owned``: the caller gives ``tensor`` up; a float32 one is then
+        edited in place)."""
         values = tensor.float()
-        return _project_rows(values, self.basis[0].to(values.device)).to(tensor.dtype)
+        if values is tensor and not owned:
+            values = values.clone()
+        unit = self.basis[0].to(device=values.device, dtype=values.dtype)
+        along = values @ unit
+        rows = max(1, _BLOCK // max(1, values.shape[1]))
+        for start in range(0, values.shape[0], rows):
+            values[start : start + rows] -= torch.outer(along[start : start + rows], unit)
+        return values.to(tensor.dtype)
 
 
 @dataclass(frozen=True)
@@ -203,16 +214,20 @@ def _planned(model: HookedModel, checkpoint: Checkpoint, edits: Mapping[str, Any
     planned = []
     for name, stored in checkpoint.tensors:
         edit = edits.get(name)
-        produce = stored.read if edit is None else _edited(stored, edit)
-        planned.append(shards.Planned(stored.key, stored.torch_dtype, stored.shape, produce))
-        if untie and name == embedding:
+        if edit is None:
+            planned.append(shards.Planned.copied(stored.key, stored))
+        else:
+            planned.append(shards.Planned(stored.key, stored.torch_dtype, stored.shape, _edited(stored, edit)))
+        if untie and name == embedding:  # the unembedding keeps the original weights
             output = model.hf.get_output_embeddings()
             head = next(n for n, module in model.hf.named_modules() if module is output) + ".weight"
-            planned.append(shards.Planned(_checkpoint_key(model.hf, head), stored.torch_dtype, stored.shape, stored.read))
+            planned.append(shards.Planned.copied(_checkpoint_key(model.hf, head), stored))
     return planned
 
 
 def _edited(stored: shards.StoredTensor, edit: Any) -> Callable[[], Tensor]:
+    if isinstance(edit, EmbeddingEdit):
+        return lambda: edit.apply(stored.read(), owned=True)  # the read buffer is ours
     return lambda: edit.apply(stored.read())
 
 
@@ -233,7 +248,7 @@ def _write_streamed(staging: Path, model: HookedModel, checkpoint: Checkpoint, e
     files = shards.plan_shards(planned, max_shard_bytes)
     with tqdm(total=len(planned), desc="export", unit="tensor", disable=not progress) as bar:
         for name, tensors in files.items():
-            shards.write_file(staging / name, [_counted(t, bar) for t in tensors])
+            shards.write_file(staging / name, tensors, written=bar.update)
     if len(files) > 1:
         outdir.write_json(staging / shards.INDEX_FILE, shards.index_payload(files))
     config = copy.deepcopy(model.hf.config)
@@ -246,15 +261,6 @@ def _write_streamed(staging: Path, model: HookedModel, checkpoint: Checkpoint, e
     if model.hf.can_generate():
         model.hf.generation_config.save_pretrained(staging)
     model.tokenizer.save_pretrained(staging)
-
-
-def _counted(planned: shards.Planned, bar: Any) -> shards.Planned:
-    def produce() -> Tensor:
-        tensor = planned.produce()
-        bar.update(1)
-        return tensor
-
-    return shards.Planned(planned.key, planned.dtype, planned.shape, produce)
 
 
 def _write_in_memory(staging: Path, model: HookedModel, edits: Mapping[str, Any], *, untie: bool, max_shard_bytes: int) -> None:
@@ -272,18 +278,29 @@ def _write_in_memory(staging: Path, model: HookedModel, edits: Mapping[str, Any]
     model.tokenizer.save_pretrained(staging)
 
 
-def _checked_edits(model: HookedModel, bake: Bake, lora_adapter: bool) -> tuple[dict[str, Any], bool]:
-    """The edits, once the directions are known to fit the model; whether the output unties the
-    embeddings (the embedding is edited and the unembedding shares it)."""
+def _checked_edits(
+    model: HookedModel, bake: Bake, lora_adapter: bool, *, loaded: HookedModel, read: ReadElements | None = None
+) -> tuple[dict[str, Any], bool]:
+    """The edits of ``model``, once the directions are known to fit the ``loaded`` model (the
+    same, or the one ``model`` was copied from; its weights sample read with ``read``); whether
+    the output unties the embeddings (the embedding is edited and the unembedding shares it)."""
     # Before any weight is read: reading an offloaded weight unties it (accelerate swaps the
     # module's parameter in and out).
     untie = bake.embedding is not None and model.architecture.embeddings_tied(model.hf)
-    bake.directions.check_fits(model)
+    bake.directions.check_fits(loaded, read=read)
     edits = planned_edits(model, bake)
     if lora_adapter:
         shapes = {name: tuple(p.shape) for name, p in model.hf.named_parameters(remove_duplicate=False)}
         lora.check_edits(edits, shapes, embedding=_embedding_name(model))
     return edits, untie
+
+
+def _sample_reader(hf: nn.Module, checkpoint: Checkpoint) -> ReadElements:
+    """Elements of a parameter read from the checkpoint file (the fingerprint needs 16 numbers
+    of a matrix, not the matrix)."""
+    stored = dict(checkpoint.tensors)
+    by_id = {id(p): stored[name] for name, p in hf.named_parameters(remove_duplicate=False) if name in stored}
+    return lambda matrix, flat_index: by_id[id(matrix)].read_elements(flat_index)
 
 
 def _reader(checkpoint: Checkpoint | str, hf: Any) -> Callable[[str], Tensor]:
@@ -346,14 +363,15 @@ def export(
                 revision=options.get("revision"), cache=cache,
             )
             checkpoint = checkpoint_of(model.hf, scratch)
-            edits, untie = _checked_edits(model, bake, lora_adapter)
+            read = _sample_reader(model.hf, checkpoint) if isinstance(checkpoint, Checkpoint) else None
+            edits, untie = _checked_edits(model, bake, lora_adapter, loaded=model, read=read)
         if not isinstance(checkpoint, Checkpoint):
             logger.warning("exporting %s in memory, not streamed: %s", model_name, checkpoint)
             loaded = load_model(model_name, with_bridge=False, cache=cache, **options)
             model = copy.copy(loaded)
             model.hf = materialized_copy(loaded.hf)  # one device, full precision, no hooks
+            edits, untie = _checked_edits(model, bake, lora_adapter, loaded=loaded)
             del loaded
-            edits, untie = _checked_edits(model, bake, lora_adapter)
         try:
             if lora_adapter:
                 tensors = lora.adapter_tensors(edits, _reader(checkpoint, model.hf), embedding=_embedding_name(model))

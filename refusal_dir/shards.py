@@ -3,9 +3,10 @@
 ``safetensors`` itself writes a file from a dict of tensors held in memory, and reads through a
 memory map whose pages count towards the process's resident memory until the file is closed.
 An export that must stay near one tensor of memory needs neither: :func:`read_header` lists a
-file's tensors, :meth:`StoredTensor.read` reads one of them with plain file reads, and
-:func:`write_file` writes a header for tensors that do not exist yet, then each tensor's bytes as
-its producer makes it. The files are ordinary safetensors files (``safetensors.safe_open``
+file's tensors, :meth:`StoredTensor.read` reads one of them (or a few of its elements) with plain
+file reads, and :func:`write_file` writes a header for tensors that do not exist yet, then each
+tensor's bytes as its producer makes it, or copied from the source file a chunk at a time. The
+files are ordinary safetensors files (``safetensors.safe_open``
 reads them; tested).
 
 :func:`plan_shards` splits tensors into shards of at most ``max_bytes`` the way
@@ -20,6 +21,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -44,6 +46,7 @@ NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_CHUNK = 64 * 1024 * 1024  # bytes copied at a time
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,29 @@ class StoredTensor:
                 raise ModelLoadError(f"{self.path} ends inside tensor {self.key}: the checkpoint file is truncated; download it again")
         return torch.frombuffer(buffer, dtype=self.torch_dtype).reshape(self.shape)
 
+    def read_elements(self, flat_index: Tensor) -> Tensor:
+        """The elements at these positions of the flattened tensor (one small read each)."""
+        size = self.torch_dtype.itemsize
+        buffer = bytearray(size * len(flat_index))
+        view = memoryview(buffer)
+        with open(self.path, "rb") as file:
+            for k, position in enumerate(flat_index.tolist()):
+                file.seek(self.start + position * size)
+                file.readinto(view[k * size : (k + 1) * size])
+        return torch.frombuffer(buffer, dtype=self.torch_dtype)
+
+    def copy_to(self, file: BinaryIO) -> None:
+        """Append this tensor's bytes to ``file``, a chunk at a time (no tensor in memory)."""
+        with open(self.path, "rb") as source:
+            source.seek(self.start)
+            left = self.nbytes
+            while left:
+                chunk = source.read(min(left, _CHUNK))
+                if not chunk:
+                    raise ModelLoadError(f"{self.path} ends inside tensor {self.key}: the checkpoint file is truncated; download it again")
+                file.write(chunk)
+                left -= len(chunk)
+
 
 def read_header(path: str | Path) -> list[StoredTensor]:
     """The tensors of a safetensors file, in the order of their bytes."""
@@ -101,12 +127,24 @@ def read_header(path: str | Path) -> list[StoredTensor]:
 @dataclass(frozen=True)
 class Planned:
     """A tensor to be written: its key, dtype and shape now, its values when :func:`write_file`
-    calls ``produce``."""
+    calls ``produce``, or, with ``produce=None``, the bytes of ``copy`` (a stored tensor of this
+    dtype and shape) copied as they are."""
 
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    produce: Callable[[], Tensor]
+    produce: Callable[[], Tensor] | None = None
+    copy: StoredTensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.produce is None) == (self.copy is None):
+            raise ValueError(f"{self.key}: plan a producer or a stored tensor to copy, not both or neither")
+        if self.copy is not None and (self.copy.torch_dtype, self.copy.shape) != (self.dtype, self.shape):
+            raise ValueError(f"{self.key}: the copied tensor is {self.copy.dtype} {self.copy.shape}")
+
+    @classmethod
+    def copied(cls, key: str, stored: StoredTensor) -> Planned:
+        return cls(key, stored.torch_dtype, stored.shape, copy=stored)
 
     @property
     def nbytes(self) -> int:
@@ -116,9 +154,16 @@ class Planned:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
-def write_file(path: Path, tensors: Sequence[Planned], metadata: Mapping[str, str] | None = None) -> None:
+def write_file(
+    path: Path,
+    tensors: Sequence[Planned],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    written: Callable[[], object] | None = None,
+) -> None:
     """Write a safetensors file: the header first, then each tensor as it is produced (one
-    tensor in memory at a time). A produced tensor must have its planned dtype and shape."""
+    tensor in memory at a time) or copied. A produced tensor must have its planned dtype and
+    shape. ``written()`` is called after each tensor (a progress bar)."""
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for planned in tensors:
@@ -130,15 +175,21 @@ def write_file(path: Path, tensors: Sequence[Planned], metadata: Mapping[str, st
         file.write(struct.pack("<Q", len(encoded)))
         file.write(encoded)
         for planned in tensors:
-            tensor = planned.produce()
-            if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
-                raise ValueError(
-                    f"{planned.key}: produced {tensor.dtype} {tuple(tensor.shape)}, planned "
-                    f"{planned.dtype} {planned.shape}"
-                )
-            if tensor.numel():
-                file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
-            del tensor
+            if planned.produce is None:
+                assert planned.copy is not None  # __post_init__
+                planned.copy.copy_to(file)
+            else:
+                tensor = planned.produce()
+                if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+                    raise ValueError(
+                        f"{planned.key}: produced {tensor.dtype} {tuple(tensor.shape)}, planned "
+                        f"{planned.dtype} {planned.shape}"
+                    )
+                if tensor.numel():
+                    file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+                del tensor
+            if written is not None:
+                written()
 
 
 def plan_shards(tensors: Iterable[Planned], max_bytes: int) -> dict[str, list[Planned]]:

@@ -168,6 +168,21 @@ def test_moe_point_is_exported_in_memory_with_a_warning(built, tmp_path, caplog)
     _close(_logits(_plain_transformers(out), case.model), case.runtime())
 
 
+def test_quantized_load_is_exported_in_memory_like_save_orthogonalized(built, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    case = built("llama")
+    options = {"device": "cpu", "dtype": "float32", "quantization": "8bit"}
+    quantized = load_model(str(case.path), with_bridge=False, **options)
+    acts = {side: collect_activations(quantized, prompts, sites=("resid_post",), progress=False) for side, prompts in (("h", HARMFUL), ("b", HARMLESS))}
+    directions = compute_directions(acts["h"], acts["b"], site="resid_post", model=quantized)
+    old = save_orthogonalized(quantized, directions, tmp_path / "old", layer=2)
+    new = export(str(case.path), Bake.full_ablation(directions, 2), tmp_path / "new", load_options=options, progress=False)
+    assert not _note(new)["streamed"]
+    assert "quantization_config" not in json.loads((new / "config.json").read_text())
+    before, after = _tensors(old), _tensors(new)
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_bfloat16_checkpoint_keeps_its_dtype_and_equals_bake(built, tmp_path):
     case = built("llama")
     source = tmp_path / "bf16"
@@ -332,12 +347,31 @@ def test_shards_round_trip_through_safetensors(tmp_path):
                 assert torch.equal(handle.get_tensor(key), values[key])
         for stored in shards.read_header(tmp_path / name):
             assert torch.equal(stored.read(), values[stored.key])
+    stored = {t.key: t for name in files for t in shards.read_header(tmp_path / name)}
+    flat = torch.tensor([0, 4, 14])
+    assert torch.equal(stored["a"].read_elements(flat), values["a"].reshape(-1)[flat])
+    shards.write_file(tmp_path / "copied.safetensors", [shards.Planned.copied("x", stored["b"]), shards.Planned.copied("y", stored["e"])])
+    assert torch.equal(load_file(tmp_path / "copied.safetensors")["x"], values["b"])
+    assert torch.equal(load_file(tmp_path / "copied.safetensors")["y"], values["e"])
     index = shards.index_payload(files)
     assert set(index["weight_map"]) == set(values)
     assert shards.plan_shards(planned, max_bytes=10**9).keys() == {shards.SINGLE_FILE}
     wrong = [shards.Planned("a", torch.float32, (3, 4), lambda: values["a"])]
     with pytest.raises(ValueError, match="planned"):
         shards.write_file(tmp_path / "wrong.safetensors", wrong)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_multimodal"])
+def test_the_weights_sample_read_from_the_checkpoint_is_the_models(built, family, tmp_path):
+    from refusal_dir.directions import weights_sample
+    from refusal_dir.export import _sample_reader, checkpoint_of
+
+    case = built(family)
+    skeleton = load_model(str(case.path), device_map={"": "disk"}, offload_folder=tmp_path, with_bridge=False)
+    checkpoint = checkpoint_of(skeleton.hf, tmp_path)
+    assert not isinstance(checkpoint, str), checkpoint
+    sample = weights_sample(skeleton, read=_sample_reader(skeleton.hf, checkpoint))
+    assert len(sample) == 256 and sample == weights_sample(case.model)
 
 
 def test_fingerprint_mismatch_is_refused(built, tmp_path):
