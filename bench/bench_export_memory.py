@@ -2,7 +2,9 @@
 
 On the offline instruction model (Qwen2.5-Coder-0.5B-Instruct, float32 safetensors, about 2.5 GB),
 each export runs in a child process of its own, which reports its peak resident memory
-(``getrusage`` ``ru_maxrss``: anonymous and file-backed pages alike):
+(``VmHWM`` of ``/proc/self/status``: anonymous and file-backed pages alike; ``getrusage``'s
+``ru_maxrss`` would not do, as a child started by ``fork`` and ``exec`` inherits the parent's
+peak):
 
 (baseline) the child imports torch, transformers and refusal_dir, and does nothing else;
 (i)   streamed export of a tuned point (``refusal_dir.export``, norm-preserving and projected: the
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,15 @@ def child(kind: str, model: str, scratch: Path) -> dict[str, float]:
         loaded = load_model(model, with_bridge=False, device="cpu", dtype="float32")
         save_orthogonalized(loaded, DirectionSet.load(scratch / "directions"), out, layer=LAYER)
     seconds = time.perf_counter() - start
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "seconds": round(seconds, 1)}
+    return {"peak_rss_bytes": peak_rss(), "seconds": round(seconds, 1)}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: this benchmark needs Linux")
 
 
 def prepare(model: str, scratch: Path) -> Path:
@@ -127,7 +136,7 @@ def main() -> None:
         results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
         print(kind, results[kind], flush=True)
     baseline = results["baseline"]["peak_rss_bytes"]
-    for kind, row in results.items():
+    for row in results.values():
         row["ratio_to_model"] = round(row["peak_rss_bytes"] / model_bytes, 3)
         row["ratio_above_baseline"] = round((row["peak_rss_bytes"] - baseline) / model_bytes, 3)
     equal = same_tensors(scratch / "streamed-full", scratch / "deep-copy")
