@@ -152,16 +152,40 @@ def _letter_scores(
     progress: bool = False,
 ) -> list[Tensor]:
     widest = max(len(question.choices) for question in questions)
-    letter_ids = letter_token_ids(model, LETTERS[:widest])
-    letters = next_token_logits(
+    letters = _letter_table(
+        model,
+        prompts,
+        LETTERS[:widest],
+        interventions=interventions,
+        apply_chat_template=apply_chat_template,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return [letters[row, : len(q.choices)] for row, q in enumerate(questions)]
+
+
+def _letter_table(
+    model: HookedModel,
+    prompts: list[str],
+    letters: str,
+    *,
+    interventions: Sequence[Intervention],
+    apply_chat_template: bool,
+    batch_size: int,
+    progress: bool,
+) -> Tensor:
+    """``prompts x letters``: each answer letter's next-token logit after each prompt (float64,
+    the max over the letter's one-token spellings)."""
+    letter_ids = letter_token_ids(model, letters)
+    return next_token_logits(
         model,
         prompts,
         interventions=interventions,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size,
+        progress=progress,
         apply_chat_template=apply_chat_template,
         reduce=lambda logits: letter_logits(logits, letter_ids),
     )
-    return [letters[row, : len(q.choices)] for row, q in enumerate(questions)]
 
 
 def _option_scores(
@@ -221,14 +245,14 @@ def honesty_accuracy(
     for index, claim in enumerate(claims):
         if not isinstance(getattr(claim, "label", None), bool):
             raise DataError(f"claim {index} has no True/False label: got {claim!r:.80}")
-    letter_ids = letter_token_ids(model, "AB")
-    letters = next_token_logits(
+    letters = _letter_table(
         model,
         [formatter(claim) for claim in claims],
+        "AB",
         interventions=interventions,
-        batch_size=batch_size, progress=progress,
         apply_chat_template=apply_chat_template,
-        reduce=lambda logits: letter_logits(logits, letter_ids),
+        batch_size=batch_size,
+        progress=progress,
     )
     p_true = torch.softmax(letters, dim=1)[:, 0].tolist()
     predicted_true = [p > 0.5 for p in p_true]
