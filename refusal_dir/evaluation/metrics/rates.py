@@ -9,7 +9,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusal_dir.errors import ConfigError
-from refusal_dir.evaluation.judges import DEGENERATION_REASONS, Judge, degeneration, resolve_judge
+from refusal_dir.evaluation.degenerate import DEGENERATION_REASONS, degeneration
+from refusal_dir.evaluation.judges import Judge, judge_refusals, resolve_judge
 from refusal_dir.evaluation.metrics.results import RateResult, check_items
 from refusal_dir.evaluation.metrics.tokens import refusal_token_ids
 from refusal_dir.generation import GenerationSettings, generate, next_token_logits
@@ -38,12 +39,7 @@ def refusal_rate(
         apply_chat_template=apply_chat_template,
         progress=progress,
     )
-    refused = [bool(flag) for flag in judge(list(prompts), completions)]
-    if len(refused) != len(completions):
-        raise ConfigError(
-            f"the judge returned {len(refused)} verdicts for {len(completions)} completions"
-        )
-    return _rate_result(refused, completions)
+    return _rate_result(judge_refusals(judge, prompts, completions), completions)
 
 
 def answered_rate(
