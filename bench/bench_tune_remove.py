@@ -34,7 +34,11 @@ from refusal_dir.tune_remove import PointEvaluator, SearchSpace  # noqa: E402
 
 def _data(name: str | None, cache: Path) -> tuple[object, EvalSplit, list[str], list[str], int]:
     if name is None:
-        from refusal_dir.testing.organism import OrganismConfig, load_or_train_organism, organism_eval_sets
+        from refusal_dir.testing.organism import (
+            OrganismConfig,
+            load_or_train_organism,
+            organism_eval_sets,
+        )
 
         model = load_model(str(load_or_train_organism(cache, OrganismConfig(), progress=False)), device="cpu")
         sets = organism_eval_sets(0)

@@ -435,17 +435,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir, pipeline, tune
-    from refusal_dir.datasets import load_datasets
-    from refusal_dir.extraction import check_pairs_match
+    from refusal_dir import outdir, tune
 
     if args.objective == "remove":
         return cmd_tune_remove(args)
     limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop, check=args.limits_on)
     if args.n_layers < 1:
         raise ConfigError(f"--n-layers must be >= 1, got {args.n_layers}")
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
+    with outdir.claim_output_dir(output_dir) as output_dir:
+        return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
+
+
+def _tune_inputs(args: argparse.Namespace) -> tuple[Config, Any, Any, Any, Path, _StageReporter]:
+    """Everything checked before a tune claims its output directory: the saved extraction, the
+    data sets (the same refusal pairs), the model it fits, the prompts' lengths."""
+    from refusal_dir import outdir, pipeline
+    from refusal_dir.datasets import load_datasets
+    from refusal_dir.extraction import check_pairs_match
+
     config, directions_dir, extraction = _saved_extraction(args, _config(args))
-    output_dir = outdir.check_output_dir(args.output_dir)
+    output_dir = outdir.check_output_dir(args.output_dir, protect=[directions_dir])
     reporter = _StageReporter(args.quiet)
     datasets = load_datasets(config)
     check_pairs_match(extraction, datasets, directions_dir=directions_dir)
@@ -453,8 +463,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     pipeline.check_prompt_lengths(
         model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
     )
-    with outdir.claim_output_dir(output_dir) as output_dir:
-        return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
+    return config, datasets, model, extraction, output_dir, reporter
 
 
 def _tune(
@@ -508,32 +517,25 @@ def _tune(
 
 
 def cmd_tune_remove(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir, pipeline
+    from refusal_dir import outdir
     from refusal_dir.abliteration import AblationOptions
-    from refusal_dir.datasets import load_datasets
-    from refusal_dir.extraction import check_pairs_match
-    from refusal_dir.tune_remove import RemoveLimits, SearchSpace
+    from refusal_dir.tune_remove import RemoveLimits, SearchSettings, SearchSpace
 
-    limits = RemoveLimits(args.max_refusal, args.max_mmlu_drop, args.max_helpfulness_drop)
     for flag, value in (("--trials", args.trials), ("--candidates-per-batch", args.candidates_per_batch)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    config, directions_dir, extraction = _saved_extraction(args, _config(args))
-    output_dir = outdir.check_output_dir(args.output_dir, protect=[directions_dir])
-    reporter = _StageReporter(args.quiet)
-    datasets = load_datasets(config)
-    check_pairs_match(extraction, datasets, directions_dir=directions_dir)
-    model = _checked_model(config, extraction, reporter)
-    pipeline.check_prompt_lengths(
-        model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
+    search = SearchSettings(
+        args.trials, args.seed, args.candidates_per_batch, SearchSpace(args.search_space),
+        RemoveLimits(args.max_refusal, args.max_mmlu_drop, args.max_helpfulness_drop),
     )
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
     options = AblationOptions(args.projected, args.norm_preserving, extraction.selected.position)
     with outdir.claim_output_dir(output_dir) as output_dir:
-        return _tune_remove(args, config, limits, SearchSpace(args.search_space), options, datasets, model, extraction, output_dir, reporter)
+        return _tune_remove(args, config, search, options, datasets, model, extraction, output_dir, reporter)
 
 
 def _tune_remove(
-    args: argparse.Namespace, config: Config, limits: Any, space: Any, options: Any, datasets: Any, model: Any,
+    args: argparse.Namespace, config: Config, search: Any, options: Any, datasets: Any, model: Any,
     extraction: Any, output_dir: Path, reporter: _StageReporter,
 ) -> int:
     from refusal_dir import tune
@@ -557,8 +559,7 @@ def _tune_remove(
     result = tune_remove(
         model, directions,
         validation=tune.EvalSplit(*(half[0] for half in halves)), heldout=tune.EvalSplit(*(half[1] for half in halves)),
-        trials=args.trials, seed=args.seed, candidates_per_batch=args.candidates_per_batch, space=space,
-        limits=limits, options=options, harmless_means=means,
+        search=search, options=options, harmless_means=means,
         settings=GenerationSettings(max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size),
         mmlu_scoring=config.evaluation.mmlu_scoring, mmlu_formatter=mc_formatter(config),
         bootstrap_resamples=config.evaluation.bootstrap_resamples, on_event=reporter,
