@@ -368,8 +368,7 @@ class KernelAblation:
                 if not bool(weight.ne(0).any()):
                     continue  # no hook at all: the unedited layer is bit-for-bit the model's
                 unit = self.units[..., layer, :]
-                rescaled = torch.stack([weights_mode_unit(architecture, block, kind, u) for u in unit.reshape(-1, unit.shape[-1])])
-                rescaled = rescaled.reshape(unit.shape)
+                rescaled = weights_mode_unit(architecture, block, kind, unit)
                 if not self.norm_preserving:
                     scope.on_output(architecture.block_output(block, kind), _projection(rescaled, weight, state))
                     continue

@@ -136,11 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-figures", action="store_true", help="skip the plotly HTML figures")
     add_setting_flags(run, (*JUDGE, "extraction.selection_prompts"))
 
-    tune = commands.add_parser("tune", help="search layer x alpha x method under a capability limit")
+    tune = commands.add_parser(
+        "tune", help="induce: search layer x alpha x method under a capability limit; "
+        "remove: search ablation kernels for least refusal at least KL",
+    )
     _common(tune)
     add_setting_flags(tune, (*DATA, *SWEEP))
     tune.add_argument("--directions-dir", required=True, help="output of `refusal-dir extract`")
     tune.add_argument("--output-dir", required=True)
+    tune.add_argument(
+        "--objective", choices=["induce", "remove"], default="induce",
+        help="induce refusal (steering) or remove it (ablation kernels, Optuna TPE; docs/abliteration.md)",
+    )
+    remove = tune.add_argument_group("--objective remove")
+    remove.add_argument("--trials", type=int, default=48, help="ablation points tried")
+    remove.add_argument("--seed", type=int, default=0, help="the sampler's seed (same seed, same trials)")
+    remove.add_argument("--candidates-per-batch", type=int, default=8, help="points measured in one batched pass")
+    remove.add_argument("--max-refusal", type=float, default=0.1, help="refusal rate to reach; least KL among those reaching it")
+    remove.add_argument("--search-space", choices=["heretic", "wide"], default="heretic", help="parameter ranges (heretic's, or every layer)")
+    remove.add_argument("--projected", action=argparse.BooleanOptionalAction, default=True, help="orthogonalize each direction against the harmless mean")
+    remove.add_argument("--norm-preserving", action=argparse.BooleanOptionalAction, default=True, help="edited matrices keep their row norms")
+    remove.add_argument("--no-figures", action="store_true", help="skip figures/pareto.html")
     tune.add_argument("--tune-methods", nargs="+", choices=["addition", "ablation", "conditional"], default=["addition", "ablation", "conditional"])
     tune.add_argument("--n-layers", type=int, default=3, help="try the N best candidate layers of the extraction")
     tune.add_argument("--max-mmlu-drop", type=float, default=0.01, help="accuracy points (0.01 = 1 point)")
@@ -438,15 +454,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir, pipeline, tune
-    from refusal_dir.datasets import load_datasets
-    from refusal_dir.extraction import check_pairs_match
+    from refusal_dir import outdir, tune
 
+    if args.objective == "remove":
+        return cmd_tune_remove(args)
     limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop, check=args.limits_on)
     if args.n_layers < 1:
         raise ConfigError(f"--n-layers must be >= 1, got {args.n_layers}")
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
+    with outdir.claim_output_dir(output_dir) as output_dir:
+        return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
+
+
+def _tune_inputs(args: argparse.Namespace) -> tuple[Config, Any, Any, Any, Path, _StageReporter]:
+    """Everything checked before a tune claims its output directory: the saved extraction, the
+    data sets (the same refusal pairs), the model it fits, the prompts' lengths."""
+    from refusal_dir import outdir, pipeline
+    from refusal_dir.datasets import load_datasets
+    from refusal_dir.extraction import check_pairs_match
+
     config, directions_dir, extraction = _saved_extraction(args, _config(args))
-    output_dir = outdir.check_output_dir(args.output_dir)
+    output_dir = outdir.check_output_dir(args.output_dir, protect=[directions_dir])
     reporter = _StageReporter(args.quiet)
     datasets = load_datasets(config)
     check_pairs_match(extraction, datasets, directions_dir=directions_dir)
@@ -454,8 +482,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     pipeline.check_prompt_lengths(
         model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
     )
-    with outdir.claim_output_dir(output_dir) as output_dir:
-        return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
+    return config, datasets, model, extraction, output_dir, reporter
 
 
 def _tune(
@@ -505,6 +532,64 @@ def _tune(
     for label, metrics in result.heldout.items():
         cells = ", ".join(f"{m} {v['value']:.2f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" for m, v in metrics.items())
         _out(f"held-out {label}: {cells}")
+    return 0
+
+
+def cmd_tune_remove(args: argparse.Namespace) -> int:
+    from refusal_dir import outdir
+    from refusal_dir.abliteration import AblationOptions
+    from refusal_dir.tune_remove import RemoveLimits, SearchSettings, SearchSpace
+
+    for flag, value in (("--trials", args.trials), ("--candidates-per-batch", args.candidates_per_batch)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    search = SearchSettings(
+        args.trials, args.seed, args.candidates_per_batch, SearchSpace(args.search_space),
+        RemoveLimits(args.max_refusal, args.max_mmlu_drop, args.max_helpfulness_drop),
+    )
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
+    options = AblationOptions(args.projected, args.norm_preserving, extraction.selected.position)
+    with outdir.claim_output_dir(output_dir) as output_dir:
+        return _tune_remove(args, config, search, options, datasets, model, extraction, output_dir, reporter)
+
+
+def _tune_remove(
+    args: argparse.Namespace, config: Config, search: Any, options: Any, datasets: Any, model: Any,
+    extraction: Any, output_dir: Path, reporter: _StageReporter,
+) -> int:
+    from refusal_dir import tune
+    from refusal_dir.abliteration import harmless_means
+    from refusal_dir.datasets import mc_formatter, split_pairs
+    from refusal_dir.generation import GenerationSettings
+    from refusal_dir.tune_remove import tune_remove
+    from refusal_dir.tune_report import write_remove_outputs
+    from refusal_dir.tuned import TunedAblation
+
+    train_pairs, _ = split_pairs(datasets.refusal_pairs, config)
+    means = None
+    if options.projected:
+        reporter("harmless means")
+        means = harmless_means(
+            model, train_pairs.negatives, site=config.extraction.site, token=config.extraction.token,
+            batch_size=config.extraction.batch_size,
+        )
+    halves = [tune.split_half(x) for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)]
+    directions = extraction.steering_set
+    result = tune_remove(
+        model, directions,
+        validation=tune.EvalSplit(*(half[0] for half in halves)), heldout=tune.EvalSplit(*(half[1] for half in halves)),
+        search=search, options=options, harmless_means=means,
+        settings=GenerationSettings(max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size),
+        mmlu_scoring=config.evaluation.mmlu_scoring, mmlu_formatter=mc_formatter(config),
+        bootstrap_resamples=config.evaluation.bootstrap_resamples, on_event=reporter,
+    )
+    tuned = TunedAblation(config.model.name, result.chosen.point, options, directions, means)
+    table = write_remove_outputs(
+        output_dir, result, tuned, figures=not args.no_figures,
+        extra={"model": config.model.name, "directions_dir": str(args.directions_dir)},
+    )
+    _out(table)
+    _out(f"wrote {output_dir}: the chosen point is in {output_dir / 'ablation.json'} (export: docs/abliteration.md)")
     return 0
 
 

@@ -551,7 +551,8 @@ def _place_embedding_edit(model: HookedModel, intervention: Intervention, scope:
 def weights_mode_unit(
     architecture: Architecture, block: nn.Module, kind: WriteKind, unit: Tensor
 ) -> Tensor:
-    """The direction to remove from a block's ``kind`` write, before its post-norm if any.
+    """The direction to remove from a block's ``kind`` write, before its post-norm if any
+    (``unit``: ``d_model``, or any batch of them ``... x d_model``).
 
     Without a post-norm it is ``unit`` itself. With one, it is ``unit`` rescaled by the norm's
     gain: the norm's output then has no ``unit`` component (the norm divides by one number per
@@ -561,7 +562,7 @@ def weights_mode_unit(
     if norm is None:
         return unit
     scaled = architecture.norm_gain(norm).to(unit.device) * unit.float()
-    return scaled / scaled.norm().clamp_min(1e-12)
+    return scaled / scaled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> Tensor:
