@@ -12,7 +12,7 @@ parameter, which checkpoint file and key hold it). That is enough to check the d
 fingerprint and to compute the edits (:func:`refusal_dir.abliteration.weight_edits` reads the
 architecture and the post-norm gains only). Then the checkpoint's safetensors files are copied
 one tensor at a time (:mod:`refusal_dir.shards`): a tensor with an edit is read, edited in
-float32 and cast back to its stored dtype; the others are copied as they are. Output shards hold
+float32 and cast back to its stored dtype; the others are copied a chunk at a time. Output shards hold
 at most 2 GiB; the names and layout are the checkpoint's own (what ``save_pretrained`` writes),
 with the config, generation config and tokenizer beside them. Peak memory is about one tensor
 (bench/bench_export_memory.py measures it). Tied input/output embeddings stay tied unless the
@@ -25,7 +25,7 @@ transformers converts while loading (mixture-of-experts weights stored one exper
 (:func:`refusal_dir.placement.materialized_copy`), edited and saved with ``save_pretrained``, in
 the same output format; a warning says so.
 
-**LoRA** (``lora=True``): a peft adapter instead of full weights, exact for plain projections
+**LoRA** (``lora_adapter=True``): a peft adapter instead of full weights, exact for plain projections
 (:mod:`refusal_dir.lora`).
 
 Everything is written into a staging directory beside ``output_dir`` and swapped in with the
@@ -49,7 +49,6 @@ from torch import Tensor, nn
 from refusal_dir import lora, outdir, shards
 from refusal_dir.abliteration import AblationOptions, AblationPoint, Kernel, weight_edits
 from refusal_dir.directions import DirectionSet, ReadElements
-from refusal_dir.errors import ConfigError
 from refusal_dir.model import HookedModel, load_model
 from refusal_dir.placement import materialized_copy
 from refusal_dir.tuned import TunedAblation
@@ -149,12 +148,6 @@ class Checkpoint:
 
     tensors: list[tuple[str, shards.StoredTensor]]
 
-    def stored(self, name: str) -> shards.StoredTensor:
-        for parameter, stored in self.tensors:
-            if parameter == name:
-                return stored
-        raise KeyError(name)
-
 
 def checkpoint_of(hf: nn.Module, scratch: Path) -> Checkpoint | str:
     """Where each weight of a disk-offloaded model lives, or why it cannot be streamed."""
@@ -208,9 +201,6 @@ def _checkpoint_key(hf: Any, name: str) -> str:
 
 def _planned(model: HookedModel, checkpoint: Checkpoint, edits: Mapping[str, Any], untie: bool) -> list[shards.Planned]:
     embedding = _embedding_name(model)
-    unused = set(edits) - {name for name, _ in checkpoint.tensors}
-    if unused:
-        raise ConfigError(f"the edited weights {sorted(unused)[:3]} are not in the checkpoint's files: export without streaming")
     planned = []
     for name, stored in checkpoint.tensors:
         edit = edits.get(name)
@@ -365,6 +355,10 @@ def export(
             checkpoint = checkpoint_of(model.hf, scratch)
             read = _sample_reader(model.hf, checkpoint) if isinstance(checkpoint, Checkpoint) else None
             edits, untie = _checked_edits(model, bake, lora_adapter, loaded=model, read=read)
+            if isinstance(checkpoint, Checkpoint):
+                missing = sorted(set(edits) - {name for name, _ in checkpoint.tensors})
+                if missing:
+                    checkpoint = f"the edited weight {missing[0]} is not in the checkpoint's files"
         if not isinstance(checkpoint, Checkpoint):
             logger.warning("exporting %s in memory, not streamed: %s", model_name, checkpoint)
             loaded = load_model(model_name, with_bridge=False, cache=cache, **options)
