@@ -589,7 +589,7 @@ def _tune_remove(
         extra={"model": config.model.name, "directions_dir": str(args.directions_dir)},
     )
     _out(table)
-    _out(f"wrote {output_dir}: the chosen point is in {output_dir / 'ablation.json'} (export: docs/abliteration.md)")
+    _out(f"wrote {output_dir}: export the chosen point with `refusal-dir export --from-tune {output_dir} --output-dir DIR`")
     return 0
 
 
