@@ -21,7 +21,7 @@ from refusal_dir.activations import Activations
 from refusal_dir.directions import compute_directions
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError
 from refusal_dir.generation import next_token_logits
-from refusal_dir.interventions import ablation, clamp, steer
+from refusal_dir.interventions import ablation, bridge_hooks, clamp, steer
 from refusal_dir.model import load_model
 from refusal_dir.orthogonalize import orthogonalized_copy
 from refusal_dir.steer import Steer
@@ -171,6 +171,18 @@ def test_orthogonalized_k2_weights_equal_the_runtime_k2_ablation(tiny_model, pla
     single = next_token_logits(tiny_model, PROMPTS, interventions=[ablation(directions, layer=1, mode="weights")])
     assert torch.allclose(baked, runtime, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(runtime, single, atol=1e-3)  # the second direction changes the model
+
+
+def test_bridge_hooks_ablate_the_subspace_like_the_fast_path(tiny_model, planted_case) -> None:
+    _, positive, negative, directions = planted_case
+    intervention = ablation(build_subspace(directions, positive, negative, k=2), layer=1)
+    batch = tiny_model.encode_instructions(PROMPTS)
+    with torch.no_grad(), tiny_model.bridge.hooks(fwd_hooks=bridge_hooks(tiny_model, intervention)):
+        bridged = tiny_model.bridge(batch.input_ids, attention_mask=batch.attention_mask)[:, -1]
+    fast = next_token_logits(tiny_model, PROMPTS, interventions=[intervention])
+    single = next_token_logits(tiny_model, PROMPTS, interventions=[ablation(directions, layer=1)])
+    torch.testing.assert_close(bridged, fast, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(fast, single, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
