@@ -182,35 +182,22 @@ def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress
     selection: dict[str, Any] | None = None
     chosen: LayerEffect | LayerCosine | None = None
     _, heldout = split_pairs(datasets.refusal_pairs, config)
+    # What both rules that steer to choose are given: the held-out pairs, never evaluation sets.
+    candidates: dict[str, Any] = dict(
+        harmful=heldout.positives,
+        harmless=heldout.negatives,
+        max_layer_fraction=config.extraction.max_layer_fraction,
+        batch_size=config.extraction.batch_size,
+        max_candidates=config.extraction.selection_candidates,
+        max_prompts=config.extraction.selection_prompts,
+        progress=progress,
+    )
     if config.extraction.selection == "effect":
-        effects = layer_effects(
-            model,
-            sets[key],
-            scores[key],
-            harmful=heldout.positives,
-            harmless=heldout.negatives,
-            max_layer_fraction=config.extraction.max_layer_fraction,
-            site=config.extraction.site,
-            batch_size=config.extraction.batch_size,
-            max_candidates=config.extraction.selection_candidates,
-            max_prompts=config.extraction.selection_prompts,
-            progress=progress,
-        )
+        effects = layer_effects(model, sets[key], scores[key], site=config.extraction.site, **candidates)
         choice = choose_layer(effects, max_kl=config.extraction.max_kl)
         selection, chosen = choice.as_record(), choice.chosen
     elif config.extraction.selection == "cosine":
-        scan = layer_cosines(
-            model,
-            sets[key],
-            scores[key],
-            harmful=heldout.positives,
-            harmless=heldout.negatives,
-            max_layer_fraction=config.extraction.max_layer_fraction,
-            batch_size=config.extraction.batch_size,
-            max_candidates=config.extraction.selection_candidates,
-            max_prompts=config.extraction.selection_prompts,
-            progress=progress,
-        )
+        scan = layer_cosines(model, sets[key], scores[key], **candidates)
         cosine_choice = choose_by_cosine(scan)
         selection, chosen, cosines = cosine_choice.as_record(), cosine_choice.chosen, scan.cosines
     if chosen is not None:
