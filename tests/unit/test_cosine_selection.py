@@ -26,6 +26,7 @@ from refusal_dir.errors import ConfigError, DataError
 from refusal_dir.extraction import load_extraction
 from refusal_dir.interventions import ablation, addition, steer
 from refusal_dir.model import load_model
+from refusal_dir.report import write_report
 from refusal_dir.selection import (
     CosineScan,
     LayerCosine,
@@ -182,6 +183,8 @@ def test_extract_with_selection_cosine_writes_and_reloads(tiny_model, tiny_model
     assert [c.layer for c in reloaded.cosines] == [int(r["layer"]) for r in rows]
     assert reloaded.selection == selected["selection"] and reloaded.rule == "cosine"
     assert "candidate cosines" in printed
+    report = write_report([], tmp_path, extraction=reloaded, model_id="tiny", command="test").read_text()
+    assert "layer_cosines.csv" in report and reloaded.selection["description"] in report
     (directory / "layer_cosines.csv").unlink()
     with pytest.raises(DataError, match="layer_cosines.csv is missing"):
         load_extraction(directory)
