@@ -242,6 +242,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
         _out("candidate effects on held-out pairs (ablation KL on harmless, bypass, induce):")
         _out(effects_table(extraction.effects, selected=chosen))
         rule = (extraction.selection or {}).get("description", "effect")
+    elif extraction.cosines:
+        from refusal_dir.selection import cosines_table
+
+        picked = next(c for c in extraction.cosines if c.layer == s.layer and c.position == s.position)
+        _out("candidate cosines on held-out pairs (ablated harmful vs harmless, steered harmless vs harmful):")
+        _out(cosines_table(extraction.cosines, selected=picked))
+        rule = (extraction.selection or {}).get("description", "cosine")
     else:
         rule = "best held-out separation"
     _out(
