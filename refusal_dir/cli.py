@@ -136,11 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-figures", action="store_true", help="skip the plotly HTML figures")
     add_setting_flags(run, (*JUDGE, "extraction.selection_prompts", "extraction.activation_store"))
 
-    tune = commands.add_parser("tune", help="search layer x alpha x method under a capability limit")
+    tune = commands.add_parser(
+        "tune", help="induce: search layer x alpha x method under a capability limit; "
+        "remove: search ablation kernels for least refusal at least KL",
+    )
     _common(tune)
     add_setting_flags(tune, (*DATA, *SWEEP))
     tune.add_argument("--directions-dir", required=True, help="output of `refusal-dir extract`")
     tune.add_argument("--output-dir", required=True)
+    tune.add_argument(
+        "--objective", choices=["induce", "remove"], default="induce",
+        help="induce refusal (steering) or remove it (ablation kernels, Optuna TPE; docs/abliteration.md)",
+    )
+    remove = tune.add_argument_group("--objective remove")
+    remove.add_argument("--trials", type=int, default=48, help="ablation points tried")
+    remove.add_argument("--seed", type=int, default=0, help="the sampler's seed (same seed, same trials)")
+    remove.add_argument("--candidates-per-batch", type=int, default=8, help="points measured in one batched pass")
+    remove.add_argument("--max-refusal", type=float, default=0.1, help="refusal rate to reach; least KL among those reaching it")
+    remove.add_argument("--search-space", choices=["heretic", "wide"], default="heretic", help="parameter ranges (heretic's, or every layer)")
+    remove.add_argument("--projected", action=argparse.BooleanOptionalAction, default=True, help="orthogonalize each direction against the harmless mean")
+    remove.add_argument("--norm-preserving", action=argparse.BooleanOptionalAction, default=True, help="edited matrices keep their row norms")
+    remove.add_argument("--no-figures", action="store_true", help="skip figures/pareto.html")
     tune.add_argument("--tune-methods", nargs="+", choices=["addition", "ablation", "conditional"], default=["addition", "ablation", "conditional"])
     tune.add_argument("--n-layers", type=int, default=3, help="try the N best candidate layers of the extraction")
     tune.add_argument("--max-mmlu-drop", type=float, default=0.01, help="accuracy points (0.01 = 1 point)")
@@ -151,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="check each limit on the paired drop (mean) or on its 95%% upper bound (bound)",
     )
 
-    export = commands.add_parser("export", help="bake directional ablation into a model copy")
+    export = commands.add_parser("export", help="bake an ablation into a new model directory (or a LoRA adapter)")
     _common(export)
-    export.add_argument("--directions-dir", required=True)
+    export.add_argument("--directions-dir", help="output of `refusal-dir extract`: full ablation of one layer's direction")
+    export.add_argument("--from-tune", help="output of `refusal-dir tune --objective remove`: its tuned ablation point")
     export.add_argument("--output-dir", required=True, help="new model directory (transformers format)")
-    export.add_argument("--layer", type=int, help="direction of this layer (default: the selected one)")
+    export.add_argument("--layer", type=int, help="with --directions-dir: direction of this layer (default: the selected one)")
+    export.add_argument("--lora", action="store_true", help="write a peft LoRA adapter of the edit instead of full weights")
 
     rejudge = commands.add_parser(
         "rejudge", help="judge a finished run's samples again and compare with the phrase judge"
@@ -225,6 +243,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
         _out("candidate effects on held-out pairs (ablation KL on harmless, bypass, induce):")
         _out(effects_table(extraction.effects, selected=chosen))
         rule = (extraction.selection or {}).get("description", "effect")
+    elif extraction.cosines:
+        from refusal_dir.selection import cosines_table
+
+        picked = next(c for c in extraction.cosines if c.layer == s.layer and c.position == s.position)
+        _out("candidate cosines on held-out pairs (ablated harmful vs harmless, steered harmless vs harmful):")
+        _out(cosines_table(extraction.cosines, selected=picked))
+        rule = (extraction.selection or {}).get("description", "cosine")
     else:
         rule = "best held-out separation"
     _out(
@@ -399,36 +424,65 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir
+    from refusal_dir import export, outdir
+    from refusal_dir.extraction import load_selected
     from refusal_dir.model import resolve_model_source
-    from refusal_dir.orthogonalize import save_orthogonalized
+    from refusal_dir.tuned import read_tuned
 
     config = _config(args)
-    protect = [Path(args.directions_dir)]
+    if (args.directions_dir is None) == (args.from_tune is None):
+        raise ConfigError("give one of --directions-dir (full ablation of one direction) or --from-tune (a tuned point)")
+    protect = [Path(args.directions_dir or args.from_tune)]
     if args.model is not None and Path(args.model).expanduser().is_dir():
         protect.append(Path(resolve_model_source(args.model)))
     outdir.check_output_dir(args.output_dir, kind="model", fresh=True, protect=protect)
-    model, directions, selected, layer = _model_and_directions(args, config)
-    if Path(model.model_id).expanduser().is_dir():  # also when the directions named the model
-        protect.append(Path(model.model_id))
-    path = save_orthogonalized(
-        model, directions, args.output_dir, layer=layer,
-        token=selected.get("position"), protect=protect,
+    if args.from_tune is not None:
+        if args.layer is not None:
+            raise ConfigError("--layer picks a direction of --directions-dir; a tuned point brings its own: drop --layer")
+        tuned = read_tuned(args.from_tune)
+        bake, model_name, what = export.Bake.tuned(tuned), tuned.model, "the tuned ablation point"
+    else:
+        directions, selected = load_selected(Path(args.directions_dir))
+        layer = args.layer if args.layer is not None else selected.get("layer")
+        if layer is None:
+            raise ConfigError("this direction set has no selected layer: pass --layer")
+        bake = export.Bake.full_ablation(directions, int(layer), selected.get("position"))
+        model_name, what = directions.meta.model_id, f"directional ablation of the layer-{layer} direction"
+    if args.model is not None:
+        model_name = config.model.name
+    source = Path(resolve_model_source(model_name))
+    if source.is_dir():  # also when the directions named the model
+        protect.append(source)
+    path = export.export(
+        model_name, bake, args.output_dir, load_options=config.model.load_options(),
+        lora_adapter=args.lora, protect=protect, progress=not args.quiet,
     )
-    _out(f"wrote {path}: directional ablation of the layer-{layer} direction baked into the weights")
+    _out(f"wrote {path}: {what} {'as a LoRA adapter' if args.lora else 'baked into the weights'}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir, pipeline, tune
-    from refusal_dir.datasets import load_datasets
-    from refusal_dir.extraction import check_pairs_match
+    from refusal_dir import outdir, tune
 
+    if args.objective == "remove":
+        return cmd_tune_remove(args)
     limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop, check=args.limits_on)
     if args.n_layers < 1:
         raise ConfigError(f"--n-layers must be >= 1, got {args.n_layers}")
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
+    with outdir.claim_output_dir(output_dir) as output_dir:
+        return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
+
+
+def _tune_inputs(args: argparse.Namespace) -> tuple[Config, Any, Any, Any, Path, _StageReporter]:
+    """Everything checked before a tune claims its output directory: the saved extraction, the
+    data sets (the same refusal pairs), the model it fits, the prompts' lengths."""
+    from refusal_dir import outdir, pipeline
+    from refusal_dir.datasets import load_datasets
+    from refusal_dir.extraction import check_pairs_match
+
     config, directions_dir, extraction = _saved_extraction(args, _config(args))
-    output_dir = outdir.check_output_dir(args.output_dir)
+    output_dir = outdir.check_output_dir(args.output_dir, protect=[directions_dir])
     reporter = _StageReporter(args.quiet)
     datasets = load_datasets(config)
     check_pairs_match(extraction, datasets, directions_dir=directions_dir)
@@ -436,8 +490,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     pipeline.check_prompt_lengths(
         model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
     )
-    with outdir.claim_output_dir(output_dir) as output_dir:
-        return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
+    return config, datasets, model, extraction, output_dir, reporter
 
 
 def _tune(
@@ -487,6 +540,64 @@ def _tune(
     for label, metrics in result.heldout.items():
         cells = ", ".join(f"{m} {v['value']:.2f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" for m, v in metrics.items())
         _out(f"held-out {label}: {cells}")
+    return 0
+
+
+def cmd_tune_remove(args: argparse.Namespace) -> int:
+    from refusal_dir import outdir
+    from refusal_dir.abliteration import AblationOptions
+    from refusal_dir.tune_remove import RemoveLimits, SearchSettings, SearchSpace
+
+    for flag, value in (("--trials", args.trials), ("--candidates-per-batch", args.candidates_per_batch)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    search = SearchSettings(
+        args.trials, args.seed, args.candidates_per_batch, SearchSpace(args.search_space),
+        RemoveLimits(args.max_refusal, args.max_mmlu_drop, args.max_helpfulness_drop),
+    )
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
+    options = AblationOptions(args.projected, args.norm_preserving, extraction.selected.position)
+    with outdir.claim_output_dir(output_dir) as output_dir:
+        return _tune_remove(args, config, search, options, datasets, model, extraction, output_dir, reporter)
+
+
+def _tune_remove(
+    args: argparse.Namespace, config: Config, search: Any, options: Any, datasets: Any, model: Any,
+    extraction: Any, output_dir: Path, reporter: _StageReporter,
+) -> int:
+    from refusal_dir import tune
+    from refusal_dir.abliteration import harmless_means
+    from refusal_dir.datasets import mc_formatter, split_pairs
+    from refusal_dir.generation import GenerationSettings
+    from refusal_dir.tune_remove import tune_remove
+    from refusal_dir.tune_report import write_remove_outputs
+    from refusal_dir.tuned import TunedAblation
+
+    train_pairs, _ = split_pairs(datasets.refusal_pairs, config)
+    means = None
+    if options.projected:
+        reporter("harmless means")
+        means = harmless_means(
+            model, train_pairs.negatives, site=config.extraction.site, token=config.extraction.token,
+            batch_size=config.extraction.batch_size,
+        )
+    halves = [tune.split_half(x) for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)]
+    directions = extraction.steering_set
+    result = tune_remove(
+        model, directions,
+        validation=tune.EvalSplit(*(half[0] for half in halves)), heldout=tune.EvalSplit(*(half[1] for half in halves)),
+        search=search, options=options, harmless_means=means,
+        settings=GenerationSettings(max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size),
+        mmlu_scoring=config.evaluation.mmlu_scoring, mmlu_formatter=mc_formatter(config),
+        bootstrap_resamples=config.evaluation.bootstrap_resamples, on_event=reporter,
+    )
+    tuned = TunedAblation(config.model.name, result.chosen.point, options, directions, means)
+    table = write_remove_outputs(
+        output_dir, result, tuned, figures=not args.no_figures,
+        extra={"model": config.model.name, "directions_dir": str(args.directions_dir)},
+    )
+    _out(table)
+    _out(f"wrote {output_dir}: export the chosen point with `refusal-dir export --from-tune {output_dir} --output-dir DIR`")
     return 0
 
 
@@ -577,7 +688,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         _quiet_libraries()
     try:
-        for name in ("output_dir", "directions_dir"):
+        for name in ("output_dir", "directions_dir", "from_tune"):
             if getattr(args, name, None) is not None and not getattr(args, name).strip():
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} is empty: name a directory (an empty path means the current one)")

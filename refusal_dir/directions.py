@@ -185,15 +185,19 @@ _SAMPLE_PER_MATRIX = 16
 #: bfloat16 and float16 loads of one checkpoint match; the weights match when most samples agree.
 _SAMPLE_RTOL = 2.0**-7
 _SAMPLE_AGREEMENT = 0.75
+#: ``read(matrix, flat_index)``: the elements of a (possibly meta) matrix at flat positions.
+ReadElements = Callable[[Tensor, Tensor], Tensor]
 
 
 @torch.no_grad()
-def weights_sample(model: Any) -> tuple[float, ...]:
+def weights_sample(model: Any, *, read: ReadElements | None = None) -> tuple[float, ...]:
     """256 weights spread over the model's matrices: which weights a direction set belongs to.
 
     Evenly spaced elements of up to 16 evenly spaced weight matrices (the embedding first).
     Rounding-tolerant comparison (:func:`same_weights`) makes the sample independent of the
-    dtype the model was loaded in. Empty for objects without ``hf`` weights.
+    dtype the model was loaded in. Empty for objects without ``hf`` weights. ``read(matrix,
+    flat_index)`` gives those elements of a matrix whose values are elsewhere (an export reads
+    16 numbers from the checkpoint file, not the matrix); by default they are read from the model.
     """
     hf = getattr(model, "hf", None)
     if hf is None or not hasattr(hf, "parameters"):
@@ -209,11 +213,15 @@ def weights_sample(model: Any) -> tuple[float, ...]:
     step = max(1, len(matrices) // _SAMPLE_MATRICES)
     values: list[float] = []
     for matrix in matrices[::step][:_SAMPLE_MATRICES]:
-        flat = _present(hf, matrix).detach().reshape(-1)
         # Integer arithmetic: a float32 linspace rounds the last index of a 168M-element matrix
         # (Gemma 3 270M's embedding) one past the end.
-        index = torch.arange(_SAMPLE_PER_MATRIX) * (flat.numel() - 1) // (_SAMPLE_PER_MATRIX - 1)
-        values += [float(v) for v in flat[index.to(flat.device)].float().cpu()]
+        index = torch.arange(_SAMPLE_PER_MATRIX) * (matrix.numel() - 1) // (_SAMPLE_PER_MATRIX - 1)
+        if read is None:
+            flat = _present(hf, matrix).detach().reshape(-1)
+            picked = flat[index.to(flat.device)]
+        else:
+            picked = read(matrix, index)
+        values += [float(v) for v in picked.float().cpu()]
     return tuple(values)
 
 
@@ -353,12 +361,13 @@ class DirectionSet:
             )
 
     # -- compatibility ---------------------------------------------------------------------------
-    def check_fits(self, model: Any) -> None:
+    def check_fits(self, model: Any, *, read: ReadElements | None = None) -> None:
         """Raise DirectionMismatchError unless this set was made for this model.
 
         Checks the shape and, when the set recorded one, the sample of the weights it was
         extracted from (same-shape directions of another model, or of another fine-tune, are
-        refused; another dtype of the same checkpoint is accepted).
+        refused; another dtype of the same checkpoint is accepted). ``read``: as
+        :func:`weights_sample`'s.
         """
         problems = []
         if model.d_model != self.d_model:
@@ -366,7 +375,7 @@ class DirectionSet:
         if model.n_layers != self.n_layers:
             problems.append(f"{self.n_layers} layers vs the model's {model.n_layers}")
         if not problems and self.meta.weights_sample:
-            current = weights_sample(model)
+            current = weights_sample(model, read=read)
             if current and not same_weights(self.meta.weights_sample, current):
                 problems.append("same shape, but other weights")
         if problems:

@@ -288,7 +288,18 @@ def tune(
         layer = layers[0] if point.method == "none" else point.layer
         values = evaluator.per_item(method, layer, [point.alpha], heldout)
         per_item[label] = {metric: v[0] for metric, v in values.items()}
-    heldout_report: dict[str, Any] = {
+    heldout_report = heldout_comparison(per_item, bootstrap_resamples=bootstrap_resamples)
+    return TuneResult(baseline, points, front, chosen, heldout_report)
+
+
+def heldout_comparison(
+    per_item: dict[str, dict[str, list[float]]], *, bootstrap_resamples: int = 2000
+) -> dict[str, Any]:
+    """The held-out report of ``{"baseline": values, "chosen": values}`` (per-item values of each
+    metric on the same items): each metric's mean with its interval (Wilson for the 0/1 metrics,
+    bootstrap otherwise), and under ``"difference"`` chosen minus baseline with its paired
+    interval (Newcombe's for rates, a paired bootstrap otherwise)."""
+    report: dict[str, Any] = {
         label: {
             metric: {
                 "value": sum(v) / len(v),
@@ -299,7 +310,7 @@ def tune(
         }
         for label, values in per_item.items()
     }
-    heldout_report["difference"] = {
+    report["difference"] = {
         metric: {
             "value": (sum(chosen_values) - sum(per_item["baseline"][metric])) / len(chosen_values),
             "ci": (
@@ -311,7 +322,7 @@ def tune(
         }
         for metric, chosen_values in per_item["chosen"].items()
     }
-    return TuneResult(baseline, points, front, chosen, heldout_report)
+    return report
 
 
 def tune_table(result: TuneResult) -> str:

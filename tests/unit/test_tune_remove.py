@@ -1,0 +1,189 @@
+"""``tune --objective remove``: batched per-row measurement, seeded search, choice, held-out report."""
+
+from __future__ import annotations
+
+import pytest
+
+from refusal_dir.abliteration import AblationPoint, Kernel
+from refusal_dir.activations import collect_activations
+from refusal_dir.directions import compute_directions
+from refusal_dir.errors import ConfigError
+from refusal_dir.generation import GenerationSettings
+from refusal_dir.prompts import benign_eval, harmful_eval, mmlu_questions
+from refusal_dir.tune import EvalSplit, split_half
+from refusal_dir.tune_remove import (
+    PointEvaluator,
+    RemoveLimits,
+    SearchSettings,
+    SearchSpace,
+    Trial,
+    choose,
+    pareto_front,
+    search_trials,
+    tune_remove,
+)
+
+SETTINGS = GenerationSettings(max_new_tokens=3, batch_size=64)
+POINTS = [
+    AblationPoint(Kernel(1.0, 1.0, 0.5, 2.0), Kernel(0.8, 2.0, 0.0, 1.0)),
+    AblationPoint(Kernel(1.4, 0.0, 0.2, 1.5), Kernel(1.1, 3.0, 0.4, 2.5), direction_index=1.5),
+    AblationPoint.zero(),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    positive = collect_activations(tiny_model, harmful_eval()[8:16], progress=False)
+    negative = collect_activations(tiny_model, benign_eval()[8:16], progress=False)
+    directions = compute_directions(positive, negative, site="resid_pre", model=tiny_model, position_rule="last")
+    means = negative.mean("resid_pre").float()
+    validation = EvalSplit(harmful_eval()[:3], benign_eval()[:3], mmlu_questions()[:3])
+    return tiny_model, directions, means, validation
+
+
+def _evaluator(setup, **kwargs) -> PointEvaluator:
+    model, directions, means, _ = setup
+    return PointEvaluator(model, directions, harmless_means=means, settings=SETTINGS, **kwargs)
+
+
+def test_many_points_in_one_batch_equal_each_point_alone(setup) -> None:
+    split = setup[3]
+    evaluator = _evaluator(setup)
+    together = evaluator.per_item(POINTS, split)
+    for point, batched in zip(POINTS, together, strict=True):
+        alone = evaluator.per_item([point], split)[0]
+        assert batched.values.keys() == alone.values.keys() == {"refusal", "kl", "helpfulness", "mmlu"}
+        for metric in ("refusal", "helpfulness", "mmlu"):
+            assert batched.values[metric] == alone.values[metric], metric
+        assert batched.values["kl"] == pytest.approx(alone.values["kl"], abs=1e-6)
+    # The zero point is the unedited model (exactly alone; to float precision beside edited rows),
+    # and the others do change it.
+    assert alone.values["kl"] == [0.0, 0.0, 0.0]
+    assert max(together[2].values["kl"]) < 1e-12
+    assert min(together[0].values["kl"]) > 0 and min(together[1].values["kl"]) > 0
+
+
+def test_same_seed_same_trials_and_another_seed_differs(setup) -> None:
+    model, _, _, validation = setup
+
+    def run(seed: int, batch: int) -> list[Trial]:
+        return search_trials(
+            _evaluator(setup, measure=()), model.n_layers, validation=validation,
+            search=SearchSettings(trials=6, seed=seed, candidates_per_batch=batch, space=SearchSpace("wide")),
+        )[1]
+
+    first, again, other = run(3, 3), run(3, 3), run(4, 3)
+    assert [t.point for t in first] == [t.point for t in again]
+    assert [(t.refusal, t.kl) for t in first] == [(t.refusal, t.kl) for t in again]
+    assert [t.point for t in first] != [t.point for t in other]
+    assert len({t.point for t in first}) == 6
+
+
+def _t(number, refusal, kl, feasible=True) -> Trial:
+    return Trial(number, AblationPoint.zero(), refusal, kl, None, None, feasible)
+
+
+def test_choice_and_front() -> None:
+    baseline = _t(-1, 0.9, 0.0)
+    cheap_enough = _t(0, 0.1, 0.05)
+    cheaper_not_enough = _t(1, 0.3, 0.01)
+    best_but_infeasible = _t(2, 0.0, 0.001, feasible=False)
+    dominated = _t(3, 0.3, 0.2)
+    expensive = _t(4, 0.0, 0.5)
+    trials = [cheap_enough, cheaper_not_enough, best_but_infeasible, dominated, expensive]
+    assert choose(trials, baseline, RemoveLimits(max_refusal=0.1)) == cheap_enough
+    assert choose(trials, baseline, RemoveLimits(max_refusal=0.0)) == expensive
+    assert choose(trials, baseline, RemoveLimits(max_refusal=0.5)) == cheaper_not_enough
+    assert choose([best_but_infeasible], baseline, RemoveLimits()) == baseline
+    assert pareto_front(trials) == [expensive, cheap_enough, cheaper_not_enough]
+    with pytest.raises(ConfigError):
+        RemoveLimits(max_refusal=-0.1)
+
+
+def test_constraint_makes_a_damaging_point_infeasible(setup) -> None:
+    model, directions, means, validation = setup
+    result = search_trials(
+        _evaluator(setup, measure=("mmlu",)), model.n_layers, validation=validation,
+        search=SearchSettings(trials=4, candidates_per_batch=4, space=SearchSpace("wide"), limits=RemoveLimits(max_mmlu_drop=0.0)),
+    )
+    baseline, trials, base_items = result
+    for trial in trials:
+        assert trial.feasible == (trial.mmlu >= baseline.mmlu - 1e-12)
+
+
+def test_heldout_report_measures_the_chosen_point_on_heldout_items_only(setup, record_tokenized) -> None:
+    model, directions, means, _ = setup
+    harmful_val, harmful_test = split_half(harmful_eval()[:6])
+    benign_val, benign_test = split_half(benign_eval()[:6])
+    mmlu_val, mmlu_test = split_half(mmlu_questions()[:6])
+    seen = record_tokenized(model)
+    at_choice: list[int] = []
+    result = tune_remove(
+        model, directions, validation=EvalSplit(harmful_val, benign_val, mmlu_val),
+        heldout=EvalSplit(harmful_test, benign_test, mmlu_test),
+        search=SearchSettings(3, 0, 3, SearchSpace("wide"), RemoveLimits(max_mmlu_drop=1.0, max_helpfulness_drop=1.0)),
+        harmless_means=means, settings=SETTINGS, bootstrap_resamples=100,
+        on_event=lambda event: at_choice.append(len(seen)) if event == "held-out check" else None,
+    )
+    heldout_texts = [*harmful_test, *benign_test, *(q.question for q in mmlu_test)]
+    before = seen[: at_choice[0]]
+    assert not [text for text in before if any(item in text for item in heldout_texts)]
+    assert result.heldout["baseline"]["refusal"]["n"] == len(harmful_test)
+    assert result.heldout["difference"]["kl"]["n"] == len(benign_test)
+    assert result.heldout["baseline"]["kl"]["value"] == 0.0
+    assert set(result.heldout["baseline"]) == {"refusal", "kl"}  # no limit below 1: not measured
+    assert result.chosen in result.trials or result.chosen == result.baseline
+
+
+def _cli(capsys, *arguments: str) -> tuple[int, str]:
+    from refusal_dir.cli import main
+
+    code = main(list(arguments))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def extracted_dir(tiny_model_dir, tmp_path_factory):
+    from refusal_dir.cli import main
+
+    out = tmp_path_factory.mktemp("extract") / "dirs"
+    assert main([
+        "extract", "--model", str(tiny_model_dir), "--output-dir", str(out), "--directions-methods", "mean_diff",
+        "--no-honesty", "--quiet",
+    ]) == 0
+    return out
+
+
+REMOVE = ("--objective", "remove", "--trials", "4", "--candidates-per-batch", "2", "--max-new-tokens", "3",
+          "--max-eval-prompts", "6", "--search-space", "wide", "--max-mmlu-drop", "1", "--quiet")
+
+
+def test_cli_tune_remove_writes_a_reproducible_point(capsys, extracted_dir, tmp_path) -> None:
+    import json
+
+    from refusal_dir.tuned import read_tuned
+
+    outputs = []
+    for name in ("first", "again"):
+        code, err = _cli(capsys, "tune", "--directions-dir", str(extracted_dir), "--output-dir", str(tmp_path / name), *REMOVE)
+        assert code == 0, err
+        outputs.append(tmp_path / name)
+    first, again = (json.loads((out / "tune.json").read_text()) for out in outputs)
+    assert first["objective"] == "remove" and len(first["trials"]) == 4
+    assert first["trials"] == again["trials"] and first["chosen_point"] == again["chosen_point"]
+    for name in ("trials.csv", "pareto.csv", "tune.md", "figures/pareto.html"):
+        assert (outputs[0] / name).is_file(), name
+    tuned = read_tuned(outputs[0])
+    assert tuned.point.to_dict() == first["chosen_point"]
+    assert tuned.options.projected and tuned.options.norm_preserving and tuned.harmless_means is not None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(("--trials", "0"), "--trials"), (("--max-refusal", "-1"), "max_refusal"), (("--candidates-per-batch", "0"), "--candidates-per-batch")],
+)
+def test_cli_tune_remove_bad_input_is_one_line(capsys, extracted_dir, tmp_path, flags, message) -> None:
+    code, err = _cli(capsys, "tune", "--directions-dir", str(extracted_dir), "--output-dir", str(tmp_path / "o"), *REMOVE, *flags)
+    lines = [line for line in err.strip().splitlines() if line.startswith("refusal-dir")]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
