@@ -258,6 +258,7 @@ def run_heretic(args: argparse.Namespace, prompts: dict[str, list[str]], model_d
         "system_prompt": args.heretic_system_prompt,
         "dtype": "float32",
         "max_refusal": args.max_refusal,
+        "threads": args.threads,
     }
     (work / "heretic-spec.json").write_text(json.dumps(spec, indent=2))
     log = raw / "heretic.log"
@@ -396,6 +397,7 @@ def _main(args: argparse.Namespace) -> int:
     for name in ("trials", "validation_prompts", "new_tokens", "batch_size", "candidates_per_batch"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    common.set_threads(args.threads)
     try:
         work = prepare_work_dir(Path(args.work_dir))
         raw = Path(args.raw_dir)
@@ -437,6 +439,7 @@ def _main(args: argparse.Namespace) -> int:
             "extraction_pairs": len(ctx.train_harmful), "new_tokens": args.new_tokens, "batch_size": args.batch_size,
             "seed": args.seed, "max_refusal": args.max_refusal, "candidates_per_batch": args.candidates_per_batch,
             "search_space": args.search_space,
+            "threads": args.threads,
         },
         "prompt_format_equal": heretic_format_equal(ctx.model, ctx.heldout_harmful[0], args.heretic_system_prompt),
         "heretic_version": record["heretic_version"] if record else None,
@@ -471,6 +474,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--candidates-per-batch", type=int, default=8, help="(b): trials scored per batched pass")
     parser.add_argument("--search-space", default="heretic", choices=("heretic", "wide"), help="(b)'s ranges")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="torch threads of both processes (0: torch's default; 1 for CPU times that load does not inflate)",
+    )
     parser.add_argument("--heretic-system-prompt", default=QWEN_SYSTEM_PROMPT)
     parser.add_argument("--heretic-python", type=Path, default=PEERS / "heretic" / "bin" / "python")
     parser.add_argument("--no-full", dest="full", action="store_false")

@@ -18,7 +18,7 @@ SPEC (JSON): ``model`` (a local model directory), ``work_dir`` (empty or absent)
 ``export_dir``, ``result``, the four prompt files (``good_prompts``, ``bad_prompts``,
 ``good_evaluation_prompts``, ``bad_evaluation_prompts``: one prompt a line), ``n_trials``,
 ``n_startup_trials``, ``batch_size``, ``max_response_length``, ``seed``, ``system_prompt``,
-``dtype``, ``max_refusal`` (a rate). Writes ``SPEC["result"]``: every trial (parameters, heretic's refusals
+``dtype``, ``max_refusal`` (a rate), ``threads`` (torch's, 0: its default). Writes ``SPEC["result"]``: every trial (parameters, heretic's refusals
 and KL, start and end), the Pareto front, the chosen trial and the wall times.
 """
 
@@ -190,6 +190,10 @@ def main(spec_path: str) -> int:
     sys.argv = ["heretic"]  # heretic's settings also parse the command line
 
     import heretic.main as heretic_main
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
 
     calls = time_calls(heretic_main)
     answers = Answers(spec)
