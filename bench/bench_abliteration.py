@@ -195,8 +195,10 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
         ctx.model, ctx.directions,
         validation=EvalSplit(ctx.validation_harmful, ctx.validation_benign, []),
         heldout=EvalSplit(ctx.heldout_harmful, ctx.heldout_benign, []),
-        trials=args.trials, seed=args.seed, candidates_per_batch=args.candidates_per_batch,
-        space=tune_remove.SearchSpace(args.search_space), limits=tune_remove.RemoveLimits(args.max_refusal, 1.0, 1.0),
+        search=tune_remove.SearchSettings(
+            args.trials, args.seed, args.candidates_per_batch, tune_remove.SearchSpace(args.search_space),
+            tune_remove.RemoveLimits(args.max_refusal, 1.0, 1.0),
+        ),
         options=options, harmless_means=means, settings=ctx.settings,
         on_event=lambda event: events.append(
             (time.perf_counter() - started, time.process_time() - started_cpu, event)

@@ -54,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, with_bridge=False)
     extraction = load_extraction(args.run_dir / "directions", model=model)
     directions, selected = extraction.steering_set, extraction.selected
-    records = prompt_sets._read_shipped("benign_eval.jsonl")
-    prompts = [r.text("instruction") for r in records if r.fields.get("category") != "lookalike"]
+    categories = prompt_sets.benign_eval_categories()
+    prompts = [
+        text
+        for text, category in zip(prompt_sets.benign_eval(), categories, strict=True)
+        if category != prompt_sets.LOOKALIKE_CATEGORY
+    ]
     prompts = prompts[: args.prompts]
     chosen = conditions(selected.layer, model.n_layers)
     rows = [p for _ in chosen for p in prompts]

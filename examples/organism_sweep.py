@@ -42,7 +42,9 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def run(cache: Path, output_dir: Path) -> int:
+def eval_files(cache: Path) -> tuple[Path, dict[str, Path], Path]:
+    """The organism (trained once), its held-out sets as JSONL files and the config file, all
+    beside the organism in ``cache`` (rewritten on every call)."""
     model_dir = load_or_train_organism(cache, OrganismConfig())
     sets = organism_eval_sets(0)
     data = {
@@ -52,7 +54,7 @@ def run(cache: Path, output_dir: Path) -> int:
         "pairs": [{"harmful": a, "harmless": b} for a, b in zip(sets.harmful_train, sets.harmless_train)],
         "mc": [{"question": q.question, "choices": list(q.choices), "answer": q.answer} for q in sets.mc_test],
     }
-    scratch = cache / "organism-eval-sets"  # beside the organism; rewritten on every run
+    scratch = cache / "organism-eval-sets"
     scratch.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, items in data.items():
@@ -60,11 +62,21 @@ def run(cache: Path, output_dir: Path) -> int:
         files[name].write_text("\n".join(json.dumps(item) for item in items) + "\n")
     config = scratch / "organism.yaml"
     config.write_text(CONFIG)
-    return main([
-        "run", "--config", _relative(config), "--model", _relative(model_dir), "--output-dir", str(output_dir),
+    return model_dir, files, config
+
+
+def data_flags(model_dir: Path, files: dict[str, Path], config: Path) -> list[str]:
+    """The flags naming the organism, its config and its data files (relative paths)."""
+    return [
+        "--config", _relative(config), "--model", _relative(model_dir),
         "--pairs-file", _relative(files["pairs"]), "--harmful-file", _relative(files["harmful"]),
-        "--benign-file", _relative(files["benign"]), "--mmlu-file", _relative(files["mc"]), "--quiet", "--fresh",
-    ])
+        "--benign-file", _relative(files["benign"]), "--mmlu-file", _relative(files["mc"]),
+    ]
+
+
+def run(cache: Path, output_dir: Path) -> int:
+    return main(["run", *data_flags(*eval_files(cache)), "--output-dir", str(output_dir), "--quiet", "--fresh"])
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -45,6 +45,8 @@ from refusal_dir.orthogonalize import orthogonalized_copy, save_orthogonalized
 from refusal_dir.selection import LayerScore, score_layers, select_layer
 from refusal_dir.sites import hook_name
 from refusal_dir.steer import PromptInstructions, Steer
+from refusal_dir.store import StoredActivations, collect_to_store, read_store
+from refusal_dir.subspace import Subspace, build_subspace
 from refusal_dir.sweep import SweepOptions, SweepResult, sweep
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "PositionState",
     "PromptInstructions",
     "Steer",
+    "Subspace",
     "SweepOptions",
     "SweepResult",
     "LayerScore",
@@ -76,8 +79,12 @@ __all__ = [
     "addition",
     "architecture_of",
     "bridge_hooks",
+    "build_subspace",
     "clamp",
     "collect_activations",
+    "collect_to_store",
+    "read_store",
+    "StoredActivations",
     "compute_directions",
     "continuation_logprobs",
     "generate",

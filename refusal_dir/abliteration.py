@@ -235,25 +235,40 @@ def _point_units(directions: DirectionSet, n_layers: int, point: AblationPoint, 
 class WeightEdit:
     """The edit of one parameter: remove ``weight`` of its output along ``basis``.
 
-    ``basis`` is ``k x d_model`` with orthonormal rows (k=1: one direction), already rescaled by
-    the post-norm gain where the family has one. ``apply`` takes the parameter with ``d_model``
-    on axis -2 (a Linear's ``d_model x d_in`` weight, or stacked experts) or a ``d_model`` bias.
+    ``basis`` is ``k x d_model`` with orthonormal rows (k=1: one direction; a
+    :class:`~refusal_dir.subspace.Subspace`'s basis), already rescaled by the post-norm gain
+    where the family has one. ``apply`` takes the parameter with ``d_model`` on axis -2 (a
+    Linear's ``d_model x d_in`` weight, or stacked experts) or a ``d_model`` bias;
+    ``rows=True``, a matrix with ``d_model`` on its last axis (an embedding's rows).
+
+    The plain edit removes the rows one after another (the same as all at once, the rows being
+    orthonormal), each as ``W - w u (u^T W)``: this is the projection weight orthogonalization
+    (:mod:`refusal_dir.orthogonalize`) bakes, one formula for both.
     """
 
     basis: Tensor
     weight: float
     norm_preserving: bool
 
-    def apply(self, tensor: Tensor) -> Tensor:
+    def apply(self, tensor: Tensor, *, rows: bool = False) -> Tensor:
         values = tensor.float()
         basis = self.basis.to(values.device).float()
         if values.ndim == 1:
             if self.norm_preserving:
                 return tensor.clone()
-            return (values - self.weight * (basis.T @ (basis @ values))).to(tensor.dtype)
+            for u in basis:
+                values = values - self.weight * ((values @ u).unsqueeze(-1) * u)
+            return values.to(tensor.dtype)
+        if rows and self.norm_preserving:
+            raise ConfigError("norm-preserving ablation edits output matrices, not embedding rows")
+        if rows:
+            for u in basis:
+                values = values - self.weight * torch.outer(values @ u, u)
+            return values.to(tensor.dtype)
         if not self.norm_preserving:
-            along = basis @ values  # ... x k x d_in
-            return (values - self.weight * (basis.T @ along)).to(tensor.dtype)
+            for u in basis:
+                values = values - self.weight * (u.unsqueeze(-1) * (u @ values).unsqueeze(-2))
+            return values.to(tensor.dtype)
         if values.ndim != 2 or basis.shape[0] != 1:
             raise ConfigError(
                 "norm-preserving ablation edits one direction of a dense matrix: use "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from jaxtyping import Float
@@ -74,6 +74,34 @@ class Activations:
             n_prompts=len(index),
         )
 
+    def column(self, site: str, position: int, layer: int) -> Float[Tensor, "prompts d_model"]:
+        """Every prompt's activation at one (position index, layer column)."""
+        return self.site(site)[:, position, layer]
+
+    def layer_mean(self, site: str, position: int, layer: int) -> Float[Tensor, " d_model"]:
+        """The mean of :meth:`column`, accumulated in float64."""
+        return self.column(site, position, layer).to(torch.float64).mean(dim=0)
+
+
+class ActivationReader(Protocol):
+    """What directions and layer scores read: :class:`Activations` in memory, or
+    :class:`refusal_dir.store.StoredActivations` on disk (streamed, memory flat in the prompts)."""
+
+    @property
+    def positions(self) -> tuple[str, ...]: ...
+
+    @property
+    def layers(self) -> tuple[int, ...]: ...
+
+    @property
+    def n_prompts(self) -> int: ...
+
+    def column(self, site: str, position: int, layer: int) -> Tensor: ...
+
+    def layer_mean(self, site: str, position: int, layer: int) -> Tensor: ...
+
+    def select(self, indices: Sequence[int]) -> ActivationReader: ...
+
 
 def position_labels(rule: str, model: HookedModel) -> tuple[str, ...]:
     """The position labels a rule produces for this model's template."""
@@ -117,6 +145,82 @@ def _mean_mask(model: HookedModel, batch: TokenBatch) -> Tensor:
     return mask
 
 
+@dataclass(frozen=True)
+class CollectionPlan:
+    """A validated collection: the formatted texts, what is stored, and the batches.
+
+    Batch ``k`` holds ``texts[k * batch_size : (k + 1) * batch_size]``; left padding makes a
+    prompt's activations depend on its batch, so a resumed collection keeps the batch size.
+    """
+
+    texts: list[str]
+    sites: tuple[str, ...]
+    token: str
+    labels: tuple[str, ...]
+    layers: tuple[int, ...]
+    batch_size: int
+    backend: str
+
+    @property
+    def n_batches(self) -> int:
+        return -(-len(self.texts) // self.batch_size)
+
+    def rows(self, index: int) -> range:
+        """The prompt rows of batch ``index``."""
+        start = index * self.batch_size
+        return range(start, min(start + self.batch_size, len(self.texts)))
+
+
+def plan_collection(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    sites: Sequence[str] = RESIDUAL_SITES,
+    token: str | None = None,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    apply_chat_template: bool = True,
+    backend: str = "fast",
+) -> CollectionPlan:
+    """Validate a collection's inputs (one-line errors) and format its prompts."""
+    position = token or "last"
+    if isinstance(prompts, str):
+        raise DataError("prompts must be a list of strings, not one string")
+    if len(prompts) == 0:
+        raise DataError("the prompt set is empty: pass at least one prompt")
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise DataError("a prompt is empty or not a string: remove it")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    for site in sites:
+        check_site(site)
+    layer_list = list(range(model.n_layers)) if layers is None else [int(x) for x in layers]
+    for layer in layer_list:
+        check_layer(layer, model.n_layers)
+    labels = position_labels(position, model)
+    if backend not in _BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: choose fast or bridge")
+    texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
+    return CollectionPlan(
+        texts=texts, sites=tuple(sites), token=position, labels=labels, layers=tuple(layer_list),
+        batch_size=batch_size, backend=backend,
+    )
+
+
+def collect_batch(model: HookedModel, plan: CollectionPlan, index: int) -> dict[str, SiteActs]:
+    """Batch ``index`` of the plan through the model: ``{site: batch x positions x layers x d}``."""
+    rows = plan.rows(index)
+    batch = model.tokenize(plan.texts[rows.start : rows.stop])
+    if plan.token == "post_instruction":
+        _check_post_instruction(model, batch)
+    storage = _Storage(model, batch, plan.sites, plan.layers, plan.token, len(plan.labels))
+    try:
+        _BACKENDS[plan.backend](model, batch.to(model.device), storage, plan.sites, plan.layers)
+    except _StopForward:
+        pass
+    return storage.stored
+
+
 @renamed_keywords(position="token")
 def collect_activations(
     model: HookedModel,
@@ -136,46 +240,23 @@ def collect_activations(
 
     ``prompts`` are instructions, wrapped in the chat template unless
     ``apply_chat_template=False`` (then they must already be formatted, BOS included).
+    Everything is kept in memory; :func:`refusal_dir.store.collect_to_store` writes the same
+    activations to disk batch by batch instead.
     """
-    position = token or "last"
-    if isinstance(prompts, str):
-        raise DataError("prompts must be a list of strings, not one string")
-    if len(prompts) == 0:
-        raise DataError("the prompt set is empty: pass at least one prompt")
-    if any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise DataError("a prompt is empty or not a string: remove it")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    for site in sites:
-        check_site(site)
-    layer_list = list(range(model.n_layers)) if layers is None else [int(x) for x in layers]
-    for layer in layer_list:
-        check_layer(layer, model.n_layers)
-    labels = position_labels(position, model)
-    texts = model.format_prompts(prompts) if apply_chat_template else list(prompts)
-
+    plan = plan_collection(
+        model, prompts, sites=sites, token=token, layers=layers, batch_size=batch_size,
+        apply_chat_template=apply_chat_template, backend=backend,
+    )
     out = {
-        site: torch.zeros(len(texts), len(labels), len(layer_list), model.d_model)
-        for site in sites
+        site: torch.zeros(len(plan.texts), len(plan.labels), len(plan.layers), model.d_model)
+        for site in plan.sites
     }
-    if backend not in _BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}: choose fast or bridge")
-    forward = _BACKENDS[backend]
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc=description, disable=not progress, leave=False):
-        batch = model.tokenize(texts[start : start + batch_size])
-        if position == "post_instruction":
-            _check_post_instruction(model, batch)
-        storage = _Storage(model, batch, sites, layer_list, position, len(labels))
-        try:
-            forward(model, batch.to(model.device), storage, sites, layer_list)
-        except _StopForward:
-            pass
-        stored = storage.stored
-        for site in sites:
-            out[site][start : start + len(batch)] = stored[site]
+    for index in tqdm(range(plan.n_batches), desc=description, disable=not progress, leave=False):
+        rows = plan.rows(index)
+        for site, stored in collect_batch(model, plan, index).items():
+            out[site][rows.start : rows.stop] = stored
     return Activations(
-        acts=out, positions=labels, layers=tuple(layer_list), n_prompts=len(texts)
+        acts=out, positions=plan.labels, layers=plan.layers, n_prompts=len(plan.texts)
     )
 
 

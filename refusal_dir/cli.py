@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", required=True)
     run.add_argument("--fresh", action="store_true", help="delete earlier results in --output-dir")
     run.add_argument("--no-figures", action="store_true", help="skip the plotly HTML figures")
-    add_setting_flags(run, (*JUDGE, "extraction.selection_prompts"))
+    add_setting_flags(run, (*JUDGE, "extraction.selection_prompts", "extraction.activation_store"))
 
     tune = commands.add_parser(
         "tune", help="induce: search layer x alpha x method under a capability limit; "
@@ -167,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="check each limit on the paired drop (mean) or on its 95%% upper bound (bound)",
     )
 
-    export = commands.add_parser("export", help="bake directional ablation into a model copy")
+    export = commands.add_parser("export", help="bake an ablation into a new model directory (or a LoRA adapter)")
     _common(export)
-    export.add_argument("--directions-dir", required=True)
+    export.add_argument("--directions-dir", help="output of `refusal-dir extract`: full ablation of one layer's direction")
+    export.add_argument("--from-tune", help="output of `refusal-dir tune --objective remove`: its tuned ablation point")
     export.add_argument("--output-dir", required=True, help="new model directory (transformers format)")
-    export.add_argument("--layer", type=int, help="direction of this layer (default: the selected one)")
+    export.add_argument("--layer", type=int, help="with --directions-dir: direction of this layer (default: the selected one)")
+    export.add_argument("--lora", action="store_true", help="write a peft LoRA adapter of the edit instead of full weights")
 
     rejudge = commands.add_parser(
         "rejudge", help="judge a finished run's samples again and compare with the phrase judge"
@@ -218,11 +220,12 @@ def _load(config: Config) -> Any:
 def cmd_extract(args: argparse.Namespace) -> int:
     from refusal_dir import outdir, pipeline
     from refusal_dir.datasets import load_datasets
-    from refusal_dir.extraction import extract, extraction_prompts
+    from refusal_dir.extraction import check_activation_store, extract, extraction_prompts
     from refusal_dir.selection import format_score_table
 
     config = _config(args)
     output_dir = outdir.check_output_dir(args.output_dir)
+    check_activation_store(config, output_dir)
     datasets = load_datasets(config)
     model = _load(config)
     pipeline.check_prompt_lengths(model, extraction_prompts(datasets, config), max_new_tokens=0)
@@ -240,6 +243,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
         _out("candidate effects on held-out pairs (ablation KL on harmless, bypass, induce):")
         _out(effects_table(extraction.effects, selected=chosen))
         rule = (extraction.selection or {}).get("description", "effect")
+    elif extraction.cosines:
+        from refusal_dir.selection import cosines_table
+
+        picked = next(c for c in extraction.cosines if c.layer == s.layer and c.position == s.position)
+        _out("candidate cosines on held-out pairs (ablated harmful vs harmless, steered harmless vs harmful):")
+        _out(cosines_table(extraction.cosines, selected=picked))
+        rule = (extraction.selection or {}).get("description", "cosine")
     else:
         rule = "best held-out separation"
     _out(
@@ -414,38 +424,65 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir
+    from refusal_dir import export, outdir
+    from refusal_dir.extraction import load_selected
     from refusal_dir.model import resolve_model_source
-    from refusal_dir.orthogonalize import save_orthogonalized
+    from refusal_dir.tuned import read_tuned
 
     config = _config(args)
-    protect = [Path(args.directions_dir)]
+    if (args.directions_dir is None) == (args.from_tune is None):
+        raise ConfigError("give one of --directions-dir (full ablation of one direction) or --from-tune (a tuned point)")
+    protect = [Path(args.directions_dir or args.from_tune)]
     if args.model is not None and Path(args.model).expanduser().is_dir():
         protect.append(Path(resolve_model_source(args.model)))
     outdir.check_output_dir(args.output_dir, kind="model", fresh=True, protect=protect)
-    model, directions, selected, layer = _model_and_directions(args, config)
-    if Path(model.model_id).expanduser().is_dir():  # also when the directions named the model
-        protect.append(Path(model.model_id))
-    path = save_orthogonalized(
-        model, directions, args.output_dir, layer=layer,
-        token=selected.get("position"), protect=protect,
+    if args.from_tune is not None:
+        if args.layer is not None:
+            raise ConfigError("--layer picks a direction of --directions-dir; a tuned point brings its own: drop --layer")
+        tuned = read_tuned(args.from_tune)
+        bake, model_name, what = export.Bake.tuned(tuned), tuned.model, "the tuned ablation point"
+    else:
+        directions, selected = load_selected(Path(args.directions_dir))
+        layer = args.layer if args.layer is not None else selected.get("layer")
+        if layer is None:
+            raise ConfigError("this direction set has no selected layer: pass --layer")
+        bake = export.Bake.full_ablation(directions, int(layer), selected.get("position"))
+        model_name, what = directions.meta.model_id, f"directional ablation of the layer-{layer} direction"
+    if args.model is not None:
+        model_name = config.model.name
+    source = Path(resolve_model_source(model_name))
+    if source.is_dir():  # also when the directions named the model
+        protect.append(source)
+    path = export.export(
+        model_name, bake, args.output_dir, load_options=config.model.load_options(),
+        lora_adapter=args.lora, protect=protect, progress=not args.quiet,
     )
-    _out(f"wrote {path}: directional ablation of the layer-{layer} direction baked into the weights")
+    _out(f"wrote {path}: {what} {'as a LoRA adapter' if args.lora else 'baked into the weights'}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir, pipeline, tune
-    from refusal_dir.datasets import load_datasets
-    from refusal_dir.extraction import check_pairs_match
+    from refusal_dir import outdir, tune
 
     if args.objective == "remove":
         return cmd_tune_remove(args)
     limits = tune.Limits(args.max_mmlu_drop, args.max_kl, args.max_helpfulness_drop, check=args.limits_on)
     if args.n_layers < 1:
         raise ConfigError(f"--n-layers must be >= 1, got {args.n_layers}")
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
+    with outdir.claim_output_dir(output_dir) as output_dir:
+        return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
+
+
+def _tune_inputs(args: argparse.Namespace) -> tuple[Config, Any, Any, Any, Path, _StageReporter]:
+    """Everything checked before a tune claims its output directory: the saved extraction, the
+    data sets (the same refusal pairs), the model it fits, the prompts' lengths."""
+    from refusal_dir import outdir, pipeline
+    from refusal_dir.datasets import load_datasets
+    from refusal_dir.extraction import check_pairs_match
+
     config, directions_dir, extraction = _saved_extraction(args, _config(args))
-    output_dir = outdir.check_output_dir(args.output_dir)
+    output_dir = outdir.check_output_dir(args.output_dir, protect=[directions_dir])
     reporter = _StageReporter(args.quiet)
     datasets = load_datasets(config)
     check_pairs_match(extraction, datasets, directions_dir=directions_dir)
@@ -453,8 +490,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     pipeline.check_prompt_lengths(
         model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
     )
-    with outdir.claim_output_dir(output_dir) as output_dir:
-        return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
+    return config, datasets, model, extraction, output_dir, reporter
 
 
 def _tune(
@@ -508,32 +544,25 @@ def _tune(
 
 
 def cmd_tune_remove(args: argparse.Namespace) -> int:
-    from refusal_dir import outdir, pipeline
+    from refusal_dir import outdir
     from refusal_dir.abliteration import AblationOptions
-    from refusal_dir.datasets import load_datasets
-    from refusal_dir.extraction import check_pairs_match
-    from refusal_dir.tune_remove import RemoveLimits, SearchSpace
+    from refusal_dir.tune_remove import RemoveLimits, SearchSettings, SearchSpace
 
-    limits = RemoveLimits(args.max_refusal, args.max_mmlu_drop, args.max_helpfulness_drop)
     for flag, value in (("--trials", args.trials), ("--candidates-per-batch", args.candidates_per_batch)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    config, directions_dir, extraction = _saved_extraction(args, _config(args))
-    output_dir = outdir.check_output_dir(args.output_dir, protect=[directions_dir])
-    reporter = _StageReporter(args.quiet)
-    datasets = load_datasets(config)
-    check_pairs_match(extraction, datasets, directions_dir=directions_dir)
-    model = _checked_model(config, extraction, reporter)
-    pipeline.check_prompt_lengths(
-        model, pipeline.evaluation_prompts(datasets, config), max_new_tokens=config.generation.max_new_tokens
+    search = SearchSettings(
+        args.trials, args.seed, args.candidates_per_batch, SearchSpace(args.search_space),
+        RemoveLimits(args.max_refusal, args.max_mmlu_drop, args.max_helpfulness_drop),
     )
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
     options = AblationOptions(args.projected, args.norm_preserving, extraction.selected.position)
     with outdir.claim_output_dir(output_dir) as output_dir:
-        return _tune_remove(args, config, limits, SearchSpace(args.search_space), options, datasets, model, extraction, output_dir, reporter)
+        return _tune_remove(args, config, search, options, datasets, model, extraction, output_dir, reporter)
 
 
 def _tune_remove(
-    args: argparse.Namespace, config: Config, limits: Any, space: Any, options: Any, datasets: Any, model: Any,
+    args: argparse.Namespace, config: Config, search: Any, options: Any, datasets: Any, model: Any,
     extraction: Any, output_dir: Path, reporter: _StageReporter,
 ) -> int:
     from refusal_dir import tune
@@ -557,8 +586,7 @@ def _tune_remove(
     result = tune_remove(
         model, directions,
         validation=tune.EvalSplit(*(half[0] for half in halves)), heldout=tune.EvalSplit(*(half[1] for half in halves)),
-        trials=args.trials, seed=args.seed, candidates_per_batch=args.candidates_per_batch, space=space,
-        limits=limits, options=options, harmless_means=means,
+        search=search, options=options, harmless_means=means,
         settings=GenerationSettings(max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size),
         mmlu_scoring=config.evaluation.mmlu_scoring, mmlu_formatter=mc_formatter(config),
         bootstrap_resamples=config.evaluation.bootstrap_resamples, on_event=reporter,
@@ -569,7 +597,7 @@ def _tune_remove(
         extra={"model": config.model.name, "directions_dir": str(args.directions_dir)},
     )
     _out(table)
-    _out(f"wrote {output_dir}: the chosen point is in {output_dir / 'ablation.json'} (export: docs/abliteration.md)")
+    _out(f"wrote {output_dir}: export the chosen point with `refusal-dir export --from-tune {output_dir} --output-dir DIR`")
     return 0
 
 
@@ -660,7 +688,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         _quiet_libraries()
     try:
-        for name in ("output_dir", "directions_dir"):
+        for name in ("output_dir", "directions_dir", "from_tune"):
             if getattr(args, name, None) is not None and not getattr(args, name).strip():
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} is empty: name a directory (an empty path means the current one)")

@@ -40,6 +40,7 @@ STEERING_METHODS = ("addition", "ablation")
 ALL_STEERING_METHODS = ("addition", "ablation", "conditional", "prompt")
 PROMPT_PLACES = ("user", "system")
 DIRECTION_METHODS = ("mean_diff", "pca", "probe")
+SELECTION_RULES = ("effect", "separation", "cosine")
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, old_flag: str | None = None, **cli: Any) -> Any:
@@ -217,9 +218,10 @@ class ExtractionSettings:
     max_layer_fraction: float = setting(0.8, "layer selection ignores the last 20% of layers")
     selection: str = setting(
         "effect",
-        "layer selection rule: effect (Arditi-style: ablation KL, bypass, induce on held-out pairs) or separation",
+        "layer selection rule: effect (Arditi-style: ablation KL, bypass, induce on held-out pairs), separation, "
+        "or cosine (COSMIC-style: activation cosines after ablation and addition on held-out pairs; no logits)",
         flag="--selection",
-        choices=("effect", "separation"),
+        choices=SELECTION_RULES,
     )
     max_kl: float = setting(
         0.1,
@@ -227,18 +229,28 @@ class ExtractionSettings:
         "that steers fits within it",
     )
     selection_candidates: int | None = setting(
-        None, "effect selection tries every layer (null) or the best-separating N"
+        None, "effect and cosine selection try every layer (null) or the best-separating N"
     )
     selection_prompts: int = setting(
-        16, "held-out pairs of each kind per candidate layer in effect selection", flag="--selection-prompts", type=int
+        16, "held-out pairs of each kind per candidate layer in effect and cosine selection", flag="--selection-prompts",
+        type=int,
+    )
+    activation_store: str | None = setting(
+        None,
+        "directory the extraction activations are written to, batch by batch, and read back from: memory flat "
+        "in the number of prompts, and a killed extraction resumes from the stored batches (null: in memory; "
+        "docs/scaling.md). Speed and memory only: the directions equal the in-memory ones",
+        flag="--activation-store",
     )
 
     def __post_init__(self) -> None:
         _check_types("extraction", self)
-        if self.selection not in ("effect", "separation"):
-            _fail("extraction.selection", f"{self.selection!r} is not one of effect, separation")
+        if self.selection not in SELECTION_RULES:
+            _fail("extraction.selection", f"{self.selection!r} is not one of {', '.join(SELECTION_RULES)}")
         if self.selection_candidates is not None and self.selection_candidates < 1:
             _fail("extraction.selection_candidates", f"must be null or >= 1, got {self.selection_candidates}")
+        if self.activation_store is not None and not self.activation_store.strip():
+            _fail("extraction.activation_store", "is empty: name a directory, or null to keep activations in memory")
         if self.selection_prompts < 1:
             _fail("extraction.selection_prompts", f"must be >= 1, got {self.selection_prompts}")
         if not 0 < self.max_kl < float("inf"):
@@ -473,6 +485,11 @@ class Config:
 
 
 _SECTIONS = {f.name: f for f in fields(Config)}
+
+#: Settings that change speed and memory only, never results (batched == one at a time, and
+#: stored == in-memory activations, tested): a run may resume with another value, and resume
+#: keys leave them out.
+SPEED_ONLY_SETTINGS = ("generation.batch_size", "extraction.activation_store")
 
 # Old key -> new key (docs/glossary.md). The old names load for one release, with a warning.
 RENAMED_KEYS = {"extraction.position": "extraction.token", "steering.positions": "steering.apply_to"}

@@ -32,10 +32,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
-from refusal_dir.activations import Activations
+from refusal_dir.activations import ActivationReader
 from refusal_dir.errors import ConfigError, DataError, DirectionMismatchError, OutputDirError
+from refusal_dir.fingerprint import ReadElements as ReadElements
+from refusal_dir.fingerprint import same_weights as same_weights
+from refusal_dir.fingerprint import weights_fingerprint as weights_fingerprint
+from refusal_dir.fingerprint import weights_sample as weights_sample
 from refusal_dir.outdir import atomic_write_bytes
-from refusal_dir.placement import onloaded
 
 logger = logging.getLogger(__name__)
 
@@ -175,77 +178,6 @@ def _meta_from_json(raw: Any) -> DirectionMeta:
     return DirectionMeta(**raw)
 
 
-# ----------------------------------------------------------------------------------------------
-# Which model: a sample of its weights
-# ----------------------------------------------------------------------------------------------
-
-_SAMPLE_MATRICES = 16
-_SAMPLE_PER_MATRIX = 16
-#: Two sampled weights agree when they differ by at most two bfloat16 steps, so that float32,
-#: bfloat16 and float16 loads of one checkpoint match; the weights match when most samples agree.
-_SAMPLE_RTOL = 2.0**-7
-_SAMPLE_AGREEMENT = 0.75
-
-
-@torch.no_grad()
-def weights_sample(model: Any) -> tuple[float, ...]:
-    """256 weights spread over the model's matrices: which weights a direction set belongs to.
-
-    Evenly spaced elements of up to 16 evenly spaced weight matrices (the embedding first).
-    Rounding-tolerant comparison (:func:`same_weights`) makes the sample independent of the
-    dtype the model was loaded in. Empty for objects without ``hf`` weights.
-    """
-    hf = getattr(model, "hf", None)
-    if hf is None or not hasattr(hf, "parameters"):
-        return ()
-    matrices: list[Tensor] = []
-    seen: set[int] = set()
-    for parameter in hf.parameters():
-        if parameter.ndim == 2 and id(parameter) not in seen:
-            seen.add(id(parameter))
-            matrices.append(parameter)
-    if not matrices:
-        return ()
-    step = max(1, len(matrices) // _SAMPLE_MATRICES)
-    values: list[float] = []
-    for matrix in matrices[::step][:_SAMPLE_MATRICES]:
-        flat = _present(hf, matrix).detach().reshape(-1)
-        # Integer arithmetic: a float32 linspace rounds the last index of a 168M-element matrix
-        # (Gemma 3 270M's embedding) one past the end.
-        index = torch.arange(_SAMPLE_PER_MATRIX) * (flat.numel() - 1) // (_SAMPLE_PER_MATRIX - 1)
-        values += [float(v) for v in flat[index.to(flat.device)].float().cpu()]
-    return tuple(values)
-
-
-def _present(hf: Any, matrix: Tensor) -> Tensor:
-    """``matrix``, or its values read through accelerate when it was offloaded (then it sits on
-    the meta device between forward passes: :func:`refusal_dir.placement.onloaded`)."""
-    if not matrix.is_meta:
-        return matrix
-    for module in hf.modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            if parameter is matrix:
-                with onloaded(module):
-                    return module.get_parameter(name).detach().clone()
-    return matrix
-
-
-def same_weights(recorded: tuple[float, ...], current: tuple[float, ...]) -> bool:
-    """Whether two :func:`weights_sample` results come from the same weights (dtype-tolerant)."""
-    if len(recorded) != len(current) or not recorded:
-        return False
-    close = sum(
-        abs(a - b) <= _SAMPLE_RTOL * max(abs(a), abs(b)) + 1e-8 for a, b in zip(recorded, current)
-    )
-    return close >= _SAMPLE_AGREEMENT * len(recorded)
-
-
-def weights_fingerprint(model: Any) -> str:
-    """A short hash of :func:`weights_sample` (exact: used in resume keys, same dtype)."""
-    text = json.dumps([float(torch.tensor(x).to(torch.bfloat16)) for x in weights_sample(model)])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class DirectionSet:
     """Unit directions per (position, layer) with their raw norms and metadata.
@@ -353,12 +285,13 @@ class DirectionSet:
             )
 
     # -- compatibility ---------------------------------------------------------------------------
-    def check_fits(self, model: Any) -> None:
+    def check_fits(self, model: Any, *, read: ReadElements | None = None) -> None:
         """Raise DirectionMismatchError unless this set was made for this model.
 
         Checks the shape and, when the set recorded one, the sample of the weights it was
         extracted from (same-shape directions of another model, or of another fine-tune, are
-        refused; another dtype of the same checkpoint is accepted).
+        refused; another dtype of the same checkpoint is accepted). ``read``: as
+        :func:`weights_sample`'s.
         """
         problems = []
         if model.d_model != self.d_model:
@@ -366,7 +299,7 @@ class DirectionSet:
         if model.n_layers != self.n_layers:
             problems.append(f"{self.n_layers} layers vs the model's {model.n_layers}")
         if not problems and self.meta.weights_sample:
-            current = weights_sample(model)
+            current = weights_sample(model, read=read)
             if current and not same_weights(self.meta.weights_sample, current):
                 problems.append("same shape, but other weights")
         if problems:
@@ -499,8 +432,8 @@ def token_rule(labels: Sequence[str]) -> str:
 
 
 def compute_directions(
-    positive: Activations,
-    negative: Activations,
+    positive: ActivationReader,
+    negative: ActivationReader,
     *,
     site: str = "resid_pre",
     method: str = "mean_diff",
@@ -512,7 +445,12 @@ def compute_directions(
     """Directions for every (token label, layer) of one site from contrastive activations.
 
     ``position_rule``: the token rule the activations were collected with (recorded in the
-    set); by default read from their labels (``last``, ``mean``, ``post_instruction-k``)."""
+    set); by default read from their labels (``last``, ``mean``, ``post_instruction-k``).
+
+    The activations may be in memory (:class:`~refusal_dir.activations.Activations`) or on disk
+    (:class:`~refusal_dir.store.StoredActivations`): the mean difference then comes from float64
+    sums streamed over the stored batches (memory flat in the number of prompts); ``pca`` and
+    ``probe`` read one (position, layer) column of every prompt at a time."""
     check_method(method)
     if position_rule is None:
         position_rule = token_rule(positive.positions)
@@ -525,7 +463,6 @@ def compute_directions(
         )
     if positive.positions != negative.positions or positive.layers != negative.layers:
         raise DataError("positive and negative activations were collected differently")
-    pos_acts, neg_acts = positive.site(site), negative.site(site)
     n_positions, n_layers = len(positive.positions), model.n_layers
     if len(positive.layers) != n_layers:
         raise DataError("collect activations at every layer before computing directions")
@@ -533,12 +470,16 @@ def compute_directions(
     norms = torch.zeros(n_positions, n_layers)
     for p in range(n_positions):
         for layer in range(n_layers):
-            pos, neg = pos_acts[:, p, layer], neg_acts[:, p, layer]
-            raw = METHODS[method](pos, neg)
+            # mean_diff(pos, neg), from each side's own float64 mean (streamed when stored).
+            difference = positive.layer_mean(site, p, layer) - negative.layer_mean(site, p, layer)
+            if method == "mean_diff":
+                raw = difference
+            else:
+                raw = METHODS[method](positive.column(site, p, layer), negative.column(site, p, layer))
             length = raw.norm()
             unit = raw / length if length > 0 else torch.zeros_like(raw)
             units[p, layer] = unit.float()
-            norms[p, layer] = float(mean_diff(pos, neg) @ unit)
+            norms[p, layer] = float(difference @ unit)
     meta = DirectionMeta(
         model_id=model.model_id,
         model_revision=model.revision,

@@ -7,12 +7,18 @@ OUT/directions/<method>_<site>/          one DirectionSet per method and site (s
 OUT/directions/honesty_<method>_<site>/  the honesty direction (when evaluation.honesty)
 OUT/directions/scores.csv                per-layer separation scores of every set
 OUT/directions/layer_effects.csv         every candidate's effects (effect selection)
+OUT/directions/layer_cosines.csv         every candidate's cosines (cosine selection)
 OUT/directions/selected.json             the chosen set, token and layer, the rule that fired and
                                          the extraction key (written last)
 ```
 
 The rules that choose the layer are in :mod:`refusal_dir.selection`; this module runs them
 and writes, reads back and validates the files.
+
+The activations are kept in memory, or with ``extraction.activation_store`` (``--activation-store
+DIR``) written to ``DIR/<refusal|honesty>-<positive|negative>`` batch by batch and read from
+there (:mod:`refusal_dir.store`): the same directions, memory flat in the number of pairs for the
+mean difference, and a killed extraction resumes from the stored batches.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refusal_dir.activations import Activations, collect_activations
-from refusal_dir.config import Config
+from refusal_dir.activations import ActivationReader, collect_activations
+from refusal_dir.config import SPEED_ONLY_SETTINGS, Config
 from refusal_dir.datasets import Datasets, split_pairs
 from refusal_dir.directions import DirectionSet, compute_directions, weights_fingerprint
 from refusal_dir.errors import DataError, DirectionMismatchError, OutputDirError, short_message
@@ -36,13 +42,17 @@ from refusal_dir.model import HookedModel
 from refusal_dir.outdir import atomic_write_bytes, lock_output_dir, staging_dir, swap_in, write_json
 from refusal_dir.prompts import PairSet
 from refusal_dir.selection import (
+    LayerCosine,
     LayerEffect,
     LayerScore,
+    choose_by_cosine,
     choose_layer,
+    layer_cosines,
     layer_effects,
     score_layers,
     select_layer,
 )
+from refusal_dir.store import check_store_dir, collect_to_store
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,14 @@ class Extraction:
     honesty_selected: LayerScore | None = None
     effects: tuple[LayerEffect, ...] = ()
     selection: dict[str, Any] | None = None
-    """Which rule chose the layer (:meth:`LayerSelection.as_record`); None: by separation."""
+    """Which rule chose the layer (:meth:`LayerSelection.as_record` or
+    :meth:`CosineSelection.as_record`); None: by separation."""
+    cosines: tuple[LayerCosine, ...] = ()
+
+    @property
+    def rule(self) -> str:
+        """``effect``, ``cosine`` or ``separation``: the rule that chose the layer."""
+        return "effect" if self.effects else "cosine" if self.cosines else "separation"
 
     @property
     def steering_set(self) -> DirectionSet:
@@ -64,21 +81,27 @@ class Extraction:
 
 def _collect_split(
     model: HookedModel, pairs: PairSet, config: Config, *, progress: bool, label: str
-) -> tuple[Activations, Activations, Activations, Activations, list[str]]:
-    """Train and held-out activations of both sides, and each held-out pair's group."""
+) -> tuple[ActivationReader, ActivationReader, ActivationReader, ActivationReader, list[str]]:
+    """Train and held-out activations of both sides, and each held-out pair's group.
+
+    With ``extraction.activation_store`` they are written to ``<store>/<label>-<side>`` and
+    read from there (:mod:`refusal_dir.store`), else kept in memory."""
     train, heldout = split_pairs(pairs, config)
     texts_pos = train.positives + heldout.positives
     texts_neg = train.negatives + heldout.negatives
-    def collect(texts: list[str], side: str) -> Activations:
-        return collect_activations(
-            model,
-            texts,
-            sites=config.extraction.sites,
-            token=config.extraction.token,
-            batch_size=config.extraction.batch_size,
-            progress=progress,
-            description=f"{label}: {side}",
-        )
+    store = config.extraction.activation_store
+
+    def collect(texts: list[str], side: str) -> ActivationReader:
+        options: dict[str, Any] = {
+            "sites": config.extraction.sites,
+            "token": config.extraction.token,
+            "batch_size": config.extraction.batch_size,
+            "progress": progress,
+            "description": f"{label}: {side}",
+        }
+        if store is None:
+            return collect_activations(model, texts, **options)
+        return collect_to_store(model, texts, store=store, name=f"{label}-{side}", **options)
 
     positive, negative = collect(texts_pos, "positive"), collect(texts_neg, "negative")
     n_train = len(train)
@@ -126,16 +149,23 @@ def _extract_family(
 def extraction_key(config: Config, model: HookedModel, datasets: Datasets) -> str:
     """What an extraction depends on: its settings, the model's weights and the pairs."""
     settings = config.key_dict()
+    speed_only = {key.partition(".")[2] for key in SPEED_ONLY_SETTINGS if key.startswith("extraction.")}
     record = {
         "model": settings["model"],
         "data": {k: settings["data"][k] for k in ("refusal_pairs", "honesty_pairs", "heldout_fraction", "seed")},
-        "extraction": settings["extraction"],
+        "extraction": {k: v for k, v in settings["extraction"].items() if k not in speed_only},
         "honesty": config.evaluation.honesty,
         "weights": weights_fingerprint(model),
         "pairs": datasets.refusal_pairs.content_hash(),
         "honesty_pairs": datasets.honesty_pairs.content_hash() if datasets.honesty_pairs else None,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_activation_store(config: Config, output_dir: Path) -> None:
+    """Validate ``extraction.activation_store`` (when set) before anything is loaded."""
+    if config.extraction.activation_store is not None:
+        check_store_dir(config.extraction.activation_store, output_dir=output_dir)
 
 
 def extract(
@@ -167,25 +197,29 @@ def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress
         scores[key], n_layers=model.n_layers, max_layer_fraction=config.extraction.max_layer_fraction
     )
     effects: list[LayerEffect] = []
+    cosines: tuple[LayerCosine, ...] = ()
     selection: dict[str, Any] | None = None
+    chosen: LayerEffect | LayerCosine | None = None
+    _, heldout = split_pairs(datasets.refusal_pairs, config)
+    # What both rules that steer to choose are given: the held-out pairs, never evaluation sets.
+    candidates: dict[str, Any] = dict(
+        harmful=heldout.positives,
+        harmless=heldout.negatives,
+        max_layer_fraction=config.extraction.max_layer_fraction,
+        batch_size=config.extraction.batch_size,
+        max_candidates=config.extraction.selection_candidates,
+        max_prompts=config.extraction.selection_prompts,
+        progress=progress,
+    )
     if config.extraction.selection == "effect":
-        _, heldout = split_pairs(datasets.refusal_pairs, config)
-        effects = layer_effects(
-            model,
-            sets[key],
-            scores[key],
-            harmful=heldout.positives,
-            harmless=heldout.negatives,
-            max_layer_fraction=config.extraction.max_layer_fraction,
-            site=config.extraction.site,
-            batch_size=config.extraction.batch_size,
-            max_candidates=config.extraction.selection_candidates,
-            max_prompts=config.extraction.selection_prompts,
-            progress=progress,
-        )
+        effects = layer_effects(model, sets[key], scores[key], site=config.extraction.site, **candidates)
         choice = choose_layer(effects, max_kl=config.extraction.max_kl)
-        selection = choice.as_record()
-        chosen = choice.chosen
+        selection, chosen = choice.as_record(), choice.chosen
+    elif config.extraction.selection == "cosine":
+        scan = layer_cosines(model, sets[key], scores[key], **candidates)
+        cosine_choice = choose_by_cosine(scan)
+        selection, chosen, cosines = cosine_choice.as_record(), cosine_choice.chosen, scan.cosines
+    if chosen is not None:
         selected = next(
             s for s in scores[key] if s.layer == chosen.layer and s.position == chosen.position
         )
@@ -202,12 +236,13 @@ def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress
             max_layer_fraction=config.extraction.max_layer_fraction,
         )
     return Extraction(
-        sets, scores, key, selected, honesty_key, honesty_selected, tuple(effects), selection
+        sets, scores, key, selected, honesty_key, honesty_selected, tuple(effects), selection, cosines
     )
 
 
 def save_extraction(extraction: Extraction, directory: Path, *, key: str | None = None) -> None:
-    """Write every set, ``scores.csv``, ``layer_effects.csv`` and, last, ``selected.json``.
+    """Write every set, ``scores.csv``, ``layer_effects.csv`` or ``layer_cosines.csv`` and,
+    last, ``selected.json``.
 
     ``key`` (:func:`extraction_key`) is recorded in ``selected.json`` for ``run`` to check.
     """
@@ -220,17 +255,19 @@ def save_extraction(extraction: Extraction, directory: Path, *, key: str | None 
         for score in rows:
             writer.writerow({"set": name, **score.as_row()})
     atomic_write_bytes(directory / "scores.csv", buffer.getvalue().encode())
-    if extraction.effects:
+    for name, candidates in (("layer_effects.csv", extraction.effects), ("layer_cosines.csv", extraction.cosines)):
+        if not candidates:
+            continue
         buffer = io.StringIO()
-        effect_rows = [effect.as_row() for effect in extraction.effects]
-        writer = csv.DictWriter(buffer, fieldnames=list(effect_rows[0]))
+        candidate_rows = [candidate.as_row() for candidate in candidates]
+        writer = csv.DictWriter(buffer, fieldnames=list(candidate_rows[0]))
         writer.writeheader()
-        writer.writerows(effect_rows)
-        atomic_write_bytes(directory / "layer_effects.csv", buffer.getvalue().encode())
+        writer.writerows(candidate_rows)
+        atomic_write_bytes(directory / name, buffer.getvalue().encode())
     selected: dict[str, Any] = {
         "set": extraction.selected_key,
         **extraction.selected.as_row(),
-        "rule": "effect" if extraction.effects else "separation",
+        "rule": extraction.rule,
     }
     if extraction.selection is not None:
         selected["selection"] = extraction.selection
@@ -288,6 +325,16 @@ def _effect(row: dict[str, str]) -> LayerEffect:
         ablation_kl=float(row["ablation_kl"]),
         bypass=float(row["bypass"]),
         induce=float(row["induce"]),
+    )
+
+
+def _cosine(row: dict[str, str]) -> LayerCosine:
+    return LayerCosine(
+        position=row["position"],
+        layer=int(row["layer"]),
+        separation_accuracy=float(row["separation_accuracy"]),
+        comply_cosine=float(row["comply_cosine"]),
+        refuse_cosine=float(row["refuse_cosine"]),
     )
 
 
@@ -369,6 +416,11 @@ def load_extraction(directory: Path, *, model: HookedModel | None = None) -> Ext
     if effects_path.exists() or selected.get("rule") == "effect":
         effect_rows = _read_csv(effects_path, ["position", "layer", "separation_accuracy", "ablation_kl", "bypass", "induce"])
         effects = _parse_rows(effects_path, effect_rows, _effect)
+    cosines: list[LayerCosine] = []
+    cosines_path = directory / "layer_cosines.csv"
+    if cosines_path.exists() or selected.get("rule") == "cosine":
+        cosine_rows = _read_csv(cosines_path, ["position", "layer", "separation_accuracy", "comply_cosine", "refuse_cosine"])
+        cosines = _parse_rows(cosines_path, cosine_rows, _cosine)
     where = str(directory / "selected.json")
     return Extraction(
         sets=sets,
@@ -379,6 +431,7 @@ def load_extraction(directory: Path, *, model: HookedModel | None = None) -> Ext
         honesty_selected=pick(honesty, where) if honesty else None,
         effects=tuple(effects),
         selection=selected.get("selection") if isinstance(selected.get("selection"), dict) else None,
+        cosines=tuple(cosines),
     )
 
 

@@ -30,6 +30,9 @@ direction rescaled by that norm's gain, so the norm's output has no component al
 direction. On models without post-norms (Llama, Mistral, Qwen, Phi-3) the two modes are the
 same. Which modules these are, family by family, is declared in :mod:`refusal_dir.architectures`.
 ``clamp(...)`` sets the component to a fixed value instead of zero (its opposite use).
+Given a :class:`~refusal_dir.subspace.Subspace` instead of a DirectionSet, ``ablation`` removes
+the component along every row of the layer's ``k x d_model`` basis, in both modes; ``k=1`` is
+the single-direction ablation bit for bit.
 
 The words (docs/glossary.md): ``layer`` is whose direction, ``token`` which direction-set label
 (the prompt token it was read at), ``at_layers`` where the intervention acts, ``apply_to`` which
@@ -58,6 +61,7 @@ from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DirectionMismatchError
 from refusal_dir.model import HookedModel
 from refusal_dir.sites import check_layer, check_site, hook_name
+from refusal_dir.subspace import Subspace, orthonormal_rows
 
 PositionRule = Literal["all", "prompt", "generated"]
 POSITION_RULES: tuple[str, ...] = ("all", "prompt", "generated")
@@ -172,6 +176,10 @@ class Ablation:
     alpha: float | Tensor = 1.0
     mode: str = "stream"
     apply_to: str = "all"
+    basis: Float[Tensor, "k d_model"] | None = None
+    """A subspace whose every direction is removed (k >= 2 orthonormal rows, the first equal to
+    ``unit``; :func:`ablation` with a :class:`~refusal_dir.subspace.Subspace`). None: ``unit``
+    alone."""
 
 
 Intervention = Addition | Ablation
@@ -237,7 +245,7 @@ def addition(
 
 
 def ablation(
-    directions: DirectionSet | Tensor,
+    directions: DirectionSet | Subspace | Tensor,
     *,
     layer: int | None = None,
     token: str | int | None = None,
@@ -249,7 +257,8 @@ def ablation(
 ) -> Ablation:
     """Directional ablation of one direction at every layer (or at ``at_layers``).
 
-    With a DirectionSet, ``layer`` names whose direction is ablated (and ``token`` its label).
+    With a DirectionSet, ``layer`` names whose direction is ablated (and ``token`` its label);
+    with a :class:`~refusal_dir.subspace.Subspace`, whose ``k``-dimensional basis.
     ``alpha`` (one value or one per row) scales the ablation; 1 removes the component.
     """
     return clamp(directions, value=0.0, layer=layer, token=token, at_layers=at_layers, mode=mode,
@@ -257,7 +266,7 @@ def ablation(
 
 
 def clamp(
-    directions: DirectionSet | Tensor,
+    directions: DirectionSet | Subspace | Tensor,
     *,
     value: Alpha,
     layer: int | None = None,
@@ -284,9 +293,15 @@ def clamp(
     alpha = 1.0 if given["alpha"] is None else given["alpha"]
     if mode not in ("stream", "weights"):
         raise ConfigError(f"unknown ablation mode {mode!r}: choose stream or weights")
-    if isinstance(directions, DirectionSet) and layer is None:
-        raise ConfigError(f"{_function} with a DirectionSet needs layer= (whose direction)")
-    if isinstance(directions, Tensor) and directions.ndim == 2:
+    if isinstance(directions, (DirectionSet, Subspace)) and layer is None:
+        raise ConfigError(f"{_function} with a {type(directions).__name__} needs layer= (whose direction)")
+    basis = None
+    if isinstance(directions, Subspace):
+        rows = directions.basis(layer, token).float()  # type: ignore[arg-type]
+        unit_vector, basis = rows[0], (rows if len(rows) > 1 else None)
+        if basis is not None and not (isinstance(value, (int, float)) and float(value) == 0.0):
+            raise ConfigError(f"{_function} of a subspace sets no value: ablate it (value 0), or clamp one direction")
+    elif isinstance(directions, Tensor) and directions.ndim == 2:
         # One direction per row: a batch compares several directions in one pass.
         if mode != "stream":
             raise ConfigError("one direction per row needs mode='stream'")
@@ -304,6 +319,7 @@ def clamp(
         alpha=_as_alpha(alpha),
         mode=mode,
         apply_to=_check_positions(apply_to),
+        basis=basis,
     )
 
 
@@ -485,6 +501,22 @@ def _edit_for(intervention: Intervention, unit_or_vector: Tensor, state: Positio
     return project
 
 
+def _ablation_edit(intervention: Ablation, unit: Tensor, basis: Tensor | None, state: PositionState) -> Edit:
+    """The edit of ``unit``, or of every row of ``basis`` in turn. The rows are orthonormal, so
+    moving each row's component in turn moves the subspace's (one row's edit leaves the others'
+    components alone); one row is exactly the single-direction edit."""
+    if basis is None:
+        return _edit_for(intervention, unit, state)
+    edits = [_edit_for(intervention, row, state) for row in basis]
+
+    def project(act: Tensor) -> Tensor:
+        for edit in edits:
+            act = edit(act)
+        return act
+
+    return project
+
+
 def _writes_of(intervention: Ablation) -> Ablation:
     """The same ablation with value 0: applied to what blocks write into the stream."""
     return replace(intervention, value=0.0)
@@ -521,14 +553,15 @@ def _place(model: HookedModel, intervention: Intervention, scope: _Scope, state:
             # is then moved towards zero along the direction, so every later resid_pre, resid_mid
             # and resid_post holds (1 - s) * original + s * value (no compounding across layers).
             if layer == layers[0]:
-                scope.on_input(block, _edit_for(intervention, intervention.unit, state))
-            write_edit = _edit_for(_writes_of(intervention), intervention.unit, state)
+                scope.on_input(block, _ablation_edit(intervention, intervention.unit, intervention.basis, state))
+            write_edit = _ablation_edit(_writes_of(intervention), intervention.unit, intervention.basis, state)
             for kind in WRITE_KINDS:
                 scope.on_output(architecture.stream_write(block, kind), write_edit)
         else:
             for kind in WRITE_KINDS:
                 unit = weights_mode_unit(architecture, block, kind, intervention.unit)
-                scope.on_output(architecture.block_output(block, kind), _edit_for(intervention, unit, state))
+                basis = None if intervention.basis is None else weights_mode_basis(architecture, block, kind, intervention.basis)
+                scope.on_output(architecture.block_output(block, kind), _ablation_edit(intervention, unit, basis, state))
 
 
 def _place_embedding_edit(model: HookedModel, intervention: Intervention, scope: _Scope, state: PositionState) -> None:
@@ -545,7 +578,7 @@ def _place_embedding_edit(model: HookedModel, intervention: Intervention, scope:
         and intervention.mode == "weights"
         and (intervention.at_layers is None or 0 in intervention.at_layers)
     ):
-        scope.on_input(model.layers[0], _edit_for(intervention, intervention.unit, state))
+        scope.on_input(model.layers[0], _ablation_edit(intervention, intervention.unit, intervention.basis, state))
 
 
 def weights_mode_unit(
@@ -563,6 +596,17 @@ def weights_mode_unit(
         return unit
     scaled = architecture.norm_gain(norm).to(unit.device) * unit.float()
     return scaled / scaled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def weights_mode_basis(
+    architecture: Architecture, block: nn.Module, kind: WriteKind, basis: Tensor
+) -> Tensor:
+    """A subspace's ``k x d_model`` basis to remove before a post-norm: every row rescaled by the
+    gain (:func:`weights_mode_unit`), then orthonormalized in order (rescaling breaks
+    orthogonality; the span is what the norm's output must not reach). Row 0 stays
+    :func:`weights_mode_unit` of the first direction, bit for bit."""
+    rows = torch.stack([weights_mode_unit(architecture, block, kind, row) for row in basis])
+    return orthonormal_rows(rows)
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> Tensor:
@@ -651,8 +695,8 @@ def bridge_hooks(
             continue
         if intervention.mode != "stream":
             raise ConfigError("bridge hooks support mode='stream' ablation only")
-        stream_edit = as_hook(_edit_for(intervention, intervention.unit, state))
-        write_edit = as_hook(_edit_for(_writes_of(intervention), intervention.unit, state))
+        stream_edit = as_hook(_ablation_edit(intervention, intervention.unit, intervention.basis, state))
+        write_edit = as_hook(_ablation_edit(_writes_of(intervention), intervention.unit, intervention.basis, state))
         layers = list(range(model.n_layers)) if intervention.at_layers is None else list(intervention.at_layers)
         for layer in layers:
             if layer == layers[0]:

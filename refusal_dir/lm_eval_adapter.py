@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from refusal_dir.errors import ConfigError, DataError
-from refusal_dir.evaluation.metrics import _answer_logits, _forced_batch
+from refusal_dir.evaluation.metrics.forcing import answer_logits, forced_batch
 from refusal_dir.generation import GenerationSettings, _batches, generate
 from refusal_dir.interventions import Intervention, check_rows, repeat_rows
 from refusal_dir.model import HookedModel
@@ -159,7 +159,7 @@ class _SteeredLMMethods:
         for rows in _batches(len(ordered), self.batch_size):
             batch_pairs = ordered[rows]
             longest = max(len(continuation) for _, continuation in batch_pairs)
-            batch, width = _forced_batch(
+            batch, width = forced_batch(
                 self.model,
                 [context for context, _ in batch_pairs],
                 [continuation for _, continuation in batch_pairs],
@@ -174,7 +174,7 @@ class _SteeredLMMethods:
                 greedy = logits.argmax(dim=-1) == targets
                 return torch.stack([picked - torch.logsumexp(logits, dim=-1), greedy.float()], dim=-1)
 
-            values = _answer_logits(
+            values = answer_logits(
                 self.model, batch, interventions, rows=rows, prompt_width=width,
                 n_tokens=longest, reduce=logprob_and_greedy,
             ).double()

@@ -9,6 +9,13 @@ the direction rescaled by that norm's gain, which makes the post-norm's output o
 direction. Which weights these are is declared per family in :mod:`refusal_dir.architectures`.
 Tied input/output embeddings are untied first, so the unembedding keeps its original weights.
 The user's model is never modified.
+
+Given a :class:`~refusal_dir.subspace.Subspace`, every row of the layer's basis is projected
+out (on Gemma, of the basis rescaled by each post-norm's gain and orthonormalized:
+:func:`~refusal_dir.interventions.weights_mode_basis`), as ``ablation(subspace, ...,
+mode="weights")`` does at run time. The projection is
+:class:`refusal_dir.abliteration.WeightEdit`'s plain edit at full weight; a ``k=1`` Subspace
+gives the single-direction weights bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from refusal_dir import outdir
+from refusal_dir.abliteration import WeightEdit
 from refusal_dir.architectures import WRITE_KINDS, Writer
 from refusal_dir.deprecation import renamed_keywords
 from refusal_dir.directions import DirectionSet
@@ -31,53 +39,39 @@ from refusal_dir.errors import (
     DirectionMismatchError,
     UnsupportedArchitectureError,
 )
-from refusal_dir.interventions import weights_mode_unit
+from refusal_dir.interventions import weights_mode_basis
 from refusal_dir.model import HookedModel
 from refusal_dir.placement import materialized_copy
+from refusal_dir.subspace import Subspace
 
 
-def _project_rows(matrix: Tensor, unit: Tensor) -> Tensor:
-    """Remove ``unit`` from every row of ``matrix`` (rows live in d_model space)."""
-    unit = unit.to(matrix.dtype)
-    return matrix - torch.outer(matrix @ unit, unit)
-
-
-def _project_writer(writer: Writer, unit: Tensor) -> None:
-    """Edit a writer in place so that its output has no ``unit`` component.
+def _project_writer(writer: Writer, basis: Tensor) -> None:
+    """Edit a writer in place so that its output has no component along ``basis``'s rows.
 
     The ``d_model`` output axis is second to last (a Linear's ``d_model x d_in`` weight, or
     ``n_experts x d_model x d_expert`` stacked experts: every expert is edited).
     """
     weight = writer.weight
-    if weight.shape[-2] != unit.shape[0]:
+    if weight.shape[-2] != basis.shape[-1]:
         raise UnsupportedArchitectureError(
             f"the writer {writer.path} has shape {tuple(weight.shape)}, whose output axis is not "
-            f"d_model {unit.shape[0]}: its entry in refusal_dir.architectures is wrong"
+            f"d_model {basis.shape[-1]}: its entry in refusal_dir.architectures is wrong"
         )
+    edit = WeightEdit(basis, 1.0, norm_preserving=False)
     with torch.no_grad():
-        u = unit.to(weight.device).float()
-        values = weight.data.float()
-        along = u @ values  # ... x d_in: each expert's (or the Linear's) row read along u
-        weight.data = (values - u.unsqueeze(-1) * along.unsqueeze(-2)).to(weight.dtype)
+        weight.data = edit.apply(weight.data)
         if writer.bias is not None:
-            bias = writer.bias.data.float()
-            writer.bias.data = (bias - (bias @ u).unsqueeze(-1) * u).to(writer.bias.dtype)
+            writer.bias.data = edit.apply(writer.bias.data)
 
 
-@renamed_keywords(direction_layer="layer", position="token")
-def orthogonalized_copy(
-    model: HookedModel,
-    directions: DirectionSet | Tensor,
-    *,
-    layer: int | None = None,
-    token: str | int | None = None,
-) -> Any:
-    """A new ``transformers`` model with the direction of ``layer`` (label ``token``) projected
-    out of its weights (``direction_layer=``/``position=``: deprecated names)."""
-    if isinstance(directions, DirectionSet):
+def _basis(model: HookedModel, directions: DirectionSet | Subspace | Tensor, layer: int | None, token: str | int | None) -> Tensor:
+    """The ``k x d_model`` basis to project out (k=1: one unit direction)."""
+    if isinstance(directions, (DirectionSet, Subspace)):
         if layer is None:
-            raise ConfigError("orthogonalizing with a DirectionSet needs layer= (whose direction)")
+            raise ConfigError(f"orthogonalizing with a {type(directions).__name__} needs layer= (whose direction)")
         directions.check_fits(model)
+        if isinstance(directions, Subspace):
+            return directions.basis(layer, token)
         unit = directions.unit(layer, token)
     else:
         unit = torch.as_tensor(directions, dtype=torch.float32)
@@ -87,6 +81,21 @@ def orthogonalized_copy(
             f"the direction has shape {tuple(unit.shape)} but the model has d_model "
             f"{model.d_model}: extract directions for this model"
         )
+    return unit.unsqueeze(0)
+
+
+@renamed_keywords(direction_layer="layer", position="token")
+def orthogonalized_copy(
+    model: HookedModel,
+    directions: DirectionSet | Subspace | Tensor,
+    *,
+    layer: int | None = None,
+    token: str | int | None = None,
+) -> Any:
+    """A new ``transformers`` model with the direction (or the subspace) of ``layer`` (label
+    ``token``) projected out of its weights (``direction_layer=``/``position=``: deprecated
+    names)."""
+    basis = _basis(model, directions, layer, token).float()
     edited = materialized_copy(model.hf)  # one device, full precision (offloaded or quantized loads too)
     edited.requires_grad_(False)
     architecture = model.architecture
@@ -98,22 +107,19 @@ def orthogonalized_copy(
     text_config = edited.config.get_text_config()
     text_config.tie_word_embeddings = False
     with torch.no_grad():
-        weight = embedding.weight.data.float()
-        embedding.weight.data = _project_rows(weight, unit.to(weight.device)).to(
-            embedding.weight.dtype
-        )
+        embedding.weight.data = WeightEdit(basis, 1.0, norm_preserving=False).apply(embedding.weight.data, rows=True)
     for block in architecture.layers(edited):
         for kind in WRITE_KINDS:
-            direction = weights_mode_unit(architecture, block, kind, unit)
+            rows = weights_mode_basis(architecture, block, kind, basis)
             for writer in architecture.writers(block, kind):
-                _project_writer(writer, direction)
+                _project_writer(writer, rows)
     return edited
 
 
 @renamed_keywords(direction_layer="layer", position="token")
 def save_orthogonalized(
     model: HookedModel,
-    directions: DirectionSet | Tensor,
+    directions: DirectionSet | Subspace | Tensor,
     output_dir: str | Path,
     *,
     layer: int | None = None,
@@ -142,7 +148,9 @@ def save_orthogonalized(
             "edit": "directional ablation baked into weights (refusal_dir.orthogonalize)",
             "direction_layer": layer,
         }
-        if isinstance(directions, DirectionSet):
+        if isinstance(directions, Subspace):
+            note["subspace_k"] = directions.k
+        if isinstance(directions, (DirectionSet, Subspace)):
             note["direction_meta"] = {
                 "method": directions.meta.method,
                 "site": directions.meta.site,

@@ -54,7 +54,9 @@ RESULT_NAMES = frozenset(
 #: The note an exported model directory of an earlier version carries.
 LEGACY_EXPORT_NOTE = "refusal_dir_edit.json"
 
-KINDS = ("results", "model")
+KINDS = ("results", "model", "activations")
+#: How an error names each kind of directory.
+_KIND_NAMES = {"results": "run results", "model": "an exported model", "activations": "an activation store"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
 
 
 def owner_kind(directory: Path) -> str | None:
-    """``"results"`` or ``"model"`` for a directory refusal-dir wrote, else None."""
+    """``"results"``, ``"model"`` or ``"activations"`` for a directory refusal-dir wrote, else None."""
     marker = read_marker(directory)
     if marker is not None:
         kind = marker.get("kind")
@@ -254,8 +256,7 @@ def check_output_dir(
             f"marker): nothing was changed there; choose a new or empty {flag}"
         )
     if owner != kind:
-        what = "an exported model" if owner == "model" else "run results"
-        raise OutputDirError(f"{flag} {path} holds {what}, not {'a model' if kind == 'model' else 'results'}: choose another {flag}")
+        raise OutputDirError(f"{flag} {path} holds {_KIND_NAMES[owner]}, not {_KIND_NAMES[kind]}: choose another {flag}")
     if fresh and read_marker(path) is None:
         raise OutputDirError(
             f"{flag} {path} has no {MARKER_NAME} marker (an earlier version's output): --fresh "
@@ -300,8 +301,9 @@ _HELD: dict[Path, list[Any]] = {}  # resolved directory -> [open lock file, dept
 
 
 @contextlib.contextmanager
-def lock_output_dir(directory: Path | str) -> Iterator[Path]:
-    """Hold the directory's exclusive lock (re-entrant within this process)."""
+def lock_output_dir(directory: Path | str, *, flag: str = "--output-dir") -> Iterator[Path]:
+    """Hold the directory's exclusive lock (re-entrant within this process); ``flag`` names the
+    option that chose the directory in the refusal."""
     directory = Path(directory)
     key = _resolve(directory)
     if key in _HELD:
@@ -322,7 +324,7 @@ def lock_output_dir(directory: Path | str) -> Iterator[Path]:
             except BlockingIOError as error:
                 raise OutputDirError(
                     f"another refusal-dir run holds {directory}: wait for it to finish or choose "
-                    "another --output-dir"
+                    f"another {flag}"
                 ) from error
         _HELD[key] = [handle, 1]
         try:
@@ -397,7 +399,7 @@ def claim_output_dir(
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise write_error(directory, error) from error
-    with lock_output_dir(directory):
+    with lock_output_dir(directory, flag=flag):
         # Checked again under the lock: another run may have written here since.
         check_output_dir(directory, kind=kind, fresh=fresh, protect=protect, flag=flag)
         try:

@@ -1,7 +1,8 @@
 """The staged pipeline: extract -> select layer -> sweep -> report.
 
-This module holds the output-directory guard (a different config is refused), the checks run
-before the expensive stages, the resumable sweep and :func:`run`. The prompt sets are read by
+This module holds the resumable sweep and :func:`run`; the output-directory guard (a different
+config is refused) is :mod:`refusal_dir.run_dir`, the checks run before the expensive stages
+:mod:`refusal_dir.run_checks` (both re-exported here). The prompt sets are read by
 :mod:`refusal_dir.datasets`, stage 1 (directions and the selected layer, ``OUT/directions``)
 is :mod:`refusal_dir.extraction`, the layer-selection rules are :mod:`refusal_dir.selection`,
 ``report.md`` is written by :mod:`refusal_dir.report`.
@@ -32,25 +33,27 @@ pairs. Output-directory safety (marker, lock, atomic writes, what ``--fresh`` de
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from refusal_dir import prompts as prompt_sets
 from refusal_dir.conditional import Condition, fit_condition
-from refusal_dir.config import Config, upgrade_stored_config
+from refusal_dir.config import SPEED_ONLY_SETTINGS, Config
 from refusal_dir.datasets import Datasets, load_datasets, mc_formatter, split_pairs
 from refusal_dir.directions import DirectionSet, weights_fingerprint
-from refusal_dir.errors import ConfigError, DataError, OutputDirError, short_message
-from refusal_dir.extraction import Extraction, extract, extraction_prompts, load_saved_extraction
+from refusal_dir.errors import ConfigError, OutputDirError, short_message
+from refusal_dir.extraction import (
+    Extraction,
+    check_activation_store,
+    extract,
+    extraction_prompts,
+    load_saved_extraction,
+)
 from refusal_dir.generation import (
     GenerationSettings,
 )
@@ -58,12 +61,20 @@ from refusal_dir.model import HookedModel, load_model
 from refusal_dir.outdir import (
     atomic_write_bytes,
     check_output_dir,
-    claim_output_dir,
     lock_output_dir,
     write_error,
     write_json,
 )
 from refusal_dir.report import write_report
+from refusal_dir.run_checks import check_prompt_lengths as check_prompt_lengths
+from refusal_dir.run_checks import check_steering_layer as check_steering_layer
+from refusal_dir.run_checks import context_length as context_length
+from refusal_dir.run_checks import evaluation_prompts as evaluation_prompts
+from refusal_dir.run_dir import check_resumable as check_resumable
+from refusal_dir.run_dir import config_changes as config_changes
+from refusal_dir.run_dir import open_output_dir as open_output_dir
+from refusal_dir.run_dir import prepare_output_dir as prepare_output_dir
+from refusal_dir.run_dir import record_config as record_config
 from refusal_dir.steer import PROMPT_ALPHAS, PromptInstructions, Steer
 from refusal_dir.sweep import GROUPS, RESULT_FIELDS, SweepOptions, with_unsteered
 from refusal_dir.sweep import sweep as run_sweep
@@ -75,187 +86,6 @@ parts written by an older refusal_dir are recomputed rather than mixed in (2: an
 intervals of paired rate differences, topic-resampled look-alike rows, ce_harmless, the prompt
 method)."""
 
-
-# ----------------------------------------------------------------------------------------------
-# Output directory
-# ----------------------------------------------------------------------------------------------
-
-
-# Settings that change speed and memory only, never results (batched == one at a time, tested):
-# a run that crashed out of memory may resume with fewer rows per call.
-SPEED_ONLY_SETTINGS = ("generation.batch_size",)
-
-
-def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``section.field`` names whose values differ, ignoring :data:`SPEED_ONLY_SETTINGS`."""
-    changed = []
-    for section in sorted(set(previous) | set(current)):
-        old, new = previous.get(section) or {}, current.get(section) or {}
-        if not isinstance(old, dict) or not isinstance(new, dict):
-            if old != new:
-                changed.append(section)
-            continue
-        for name in sorted(set(old) | set(new)):
-            key = f"{section}.{name}"
-            if key not in SPEED_ONLY_SETTINGS and old.get(name) != new.get(name):
-                changed.append(key)
-    return changed
-
-
-def check_resumable(output_dir: Path, config: Config) -> None:
-    """Refuse (read-only, before anything is loaded) a directory holding another config's results."""
-    resolved = Path(output_dir) / "config.resolved.yaml"
-    if not resolved.is_file():
-        return
-    try:
-        previous = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise OutputDirError(
-            f"{resolved} is corrupt ({short_message(error)}): pass --fresh to start over there, or "
-            "choose a new --output-dir"
-        ) from error
-    if not isinstance(previous, dict):
-        raise OutputDirError(
-            f"{resolved} is corrupt (not a mapping of sections): pass --fresh to start over "
-            "there, or choose a new --output-dir"
-        )
-    changed = config_changes(upgrade_stored_config(previous), config.to_dict())
-    if changed:
-        raise OutputDirError(
-            f"{output_dir} holds results from a different config ({', '.join(changed)} "
-            "changed): pass --fresh to start over there, or choose a new --output-dir"
-        )
-
-
-def record_config(output_dir: Path, config: Config) -> None:
-    atomic_write_bytes(Path(output_dir) / "config.resolved.yaml", config.to_yaml().encode())
-
-
-@contextlib.contextmanager
-def open_output_dir(
-    output_dir: Path,
-    config: Config,
-    *,
-    fresh: bool = False,
-    overwrite_config: bool = False,
-    protect: Iterable[Path | str] = (),
-) -> Iterator[Path]:
-    """Claim the output directory for a run and hold its lock until the block ends.
-
-    Validates it (:func:`refusal_dir.outdir.check_output_dir`), refuses one that holds
-    results of another config, then with ``fresh`` empties it (a refusal-dir directory only).
-    Call it after every other input was validated. ``overwrite_config`` (extraction) skips
-    the config comparison and leaves recording the config to the caller.
-    """
-    with claim_output_dir(output_dir, fresh=fresh, protect=protect) as directory:
-        if not overwrite_config:
-            if not fresh:
-                check_resumable(directory, config)
-            if not (directory / "config.resolved.yaml").exists():
-                record_config(directory, config)
-        yield directory
-
-
-def prepare_output_dir(
-    output_dir: Path,
-    config: Config,
-    *,
-    fresh: bool = False,
-    overwrite_config: bool = False,
-    protect: Iterable[Path | str] = (),
-) -> Path:
-    """:func:`open_output_dir` without holding the lock afterwards (each stage takes it again)."""
-    with open_output_dir(
-        output_dir, config, fresh=fresh, overwrite_config=overwrite_config, protect=protect
-    ) as directory:
-        return directory
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks before the expensive stages
-# ----------------------------------------------------------------------------------------------
-
-
-def check_steering_layer(config: Config, model: HookedModel) -> None:
-    """Steering settings that depend on the model: the layer, and (``prompt`` method with
-    ``steering.prompt_as: system``) a chat template with a system role."""
-    layer = config.steering.layer
-    if layer is not None and not 0 <= layer < model.n_layers:
-        raise ConfigError(
-            f"steering.layer {layer} is out of range: the model has layers 0..{model.n_layers - 1}"
-        )
-    if "prompt" in config.steering.methods and config.steering.prompt_as == "system":
-        model.format_prompts(["Hi"], system=config.steering.prompt_induce)
-
-
-def context_length(model: HookedModel) -> int | None:
-    """Tokens the model can attend to (its position embeddings and tokenizer limit), if known."""
-    limits = []
-    text_config = model.hf.config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(text_config, name, None)
-        if isinstance(value, int) and value > 0:
-            limits.append(value)
-            break
-    tokenizer_limit = getattr(model.tokenizer, "model_max_length", None)
-    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 10**9:
-        limits.append(tokenizer_limit)
-    return min(limits) if limits else None
-
-
-def check_prompt_lengths(
-    model: HookedModel, prompt_sets: Mapping[str, Sequence[str]], *, max_new_tokens: int
-) -> None:
-    """Refuse prompts whose chat-formatted tokens plus ``max_new_tokens`` exceed the context.
-
-    Nothing is truncated: a longer prompt would be run past the positions the model was
-    trained on and give garbage without an error.
-    """
-    limit = context_length(model)
-    if limit is None:
-        return
-    for name, prompts in prompt_sets.items():
-        if not prompts:
-            continue
-        texts = model.format_prompts(list(prompts))
-        encoded = model.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        for index, ids in enumerate(encoded):
-            if len(ids) + max_new_tokens > limit:
-                raise DataError(
-                    f"{name} item {index + 1} is {len(ids)} tokens long with the chat template; "
-                    f"with {max_new_tokens} new tokens that exceeds the model's context of "
-                    f"{limit} tokens: {_length_fix(name)}"
-                )
-
-
-def _length_fix(name: str) -> str:
-    """How to get past a prompt too long for the context: a shipped set can be switched off."""
-    if name.startswith("data.harmless_answers"):
-        return "pass --no-cross-entropy (evaluation.cross_entropy: false), or give shorter answers"
-    return "shorten or remove it"
-
-
-def evaluation_prompts(datasets: Datasets, config: Config) -> dict[str, list[str]]:
-    """Every evaluation prompt by set name, as the model sees it (questions formatted)."""
-    formatter = mc_formatter(config)
-    prompts = {
-        f"data.harmful_eval ({config.data.harmful_eval})": datasets.harmful_eval,
-        f"data.benign_eval ({config.data.benign_eval})": datasets.benign_eval,
-        f"data.mmlu ({config.data.mmlu})": [formatter(q) for q in datasets.mmlu],
-    }
-    if config.evaluation.honesty:
-        prompts["true/false claims"] = [prompt_sets.format_claim_prompt(c) for c in datasets.claims]
-    if "prompt" in config.steering.methods:
-        for name in ("prompt_induce", "prompt_remove"):
-            instruction = getattr(config.steering, name)
-            for set_name, texts in list(prompts.items())[:3]:
-                prompts[f"{set_name} after steering.{name}"] = [f"{instruction}\n\n{t}" for t in texts]
-    if datasets.harmless_answers is not None:
-        # The answer is read after the instruction: both must fit (checked as one prompt).
-        prompts[f"data.harmless_answers ({config.data.harmless_answers})"] = [
-            f"{a.instruction}\n{a.answer}" for a in datasets.harmless_answers
-        ]
-    return prompts
 
 # ----------------------------------------------------------------------------------------------
 # Stage 2: the sweep
@@ -562,6 +392,7 @@ def run(
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir, fresh=fresh)
+    check_activation_store(config, output_dir)
     if not fresh:
         check_resumable(output_dir, config)
     datasets = load_datasets(config)

@@ -15,7 +15,7 @@ from typing import Any
 
 from refusal_dir.extraction import Extraction
 from refusal_dir.outdir import atomic_write_bytes, display_path
-from refusal_dir.selection import effects_table
+from refusal_dir.selection import cosines_table, effects_table
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,20 @@ def write_report(rows: list[dict[str, Any]], output_dir: Path, *, extraction: Ex
                 "",
                 "```",
                 effects_table(extraction.effects, selected=chosen),
+                "```",
+                "",
+            ]
+        elif extraction.cosines:
+            picked = next(
+                (c for c in extraction.cosines if (c.layer, c.position) == (s.layer, s.position)), None
+            )
+            rule = (extraction.selection or {}).get("description", "cosine")
+            lines += [
+                f"Layer selection rule that fired: {rule}. Every candidate, measured on the "
+                "held-out extraction pairs (`*`: selected; also in `directions/layer_cosines.csv`):",
+                "",
+                "```",
+                cosines_table(extraction.cosines, selected=picked),
                 "```",
                 "",
             ]

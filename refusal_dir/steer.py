@@ -15,7 +15,8 @@ Methods (the words are those of docs/glossary.md):
 * ``addition``: ``alpha`` x the direction of ``layer`` (read at ``token``), added at ``at_layers``
   (default: ``layer``) to the ``apply_to`` positions;
 * ``ablation``: directional ablation of that direction at every layer (or ``at_layers``);
-  ``alpha`` 1 removes the component, 0 is the unsteered model;
+  ``alpha`` 1 removes the component, 0 is the unsteered model; given a
+  :class:`~refusal_dir.subspace.Subspace`, of that layer's ``k``-dimensional subspace;
 * ``conditional``: the addition, only on rows whose prompt trips ``condition`` (fit with
   :func:`refusal_dir.conditional.fit_condition`); :meth:`Steer.at` needs the model and the
   rows' prompts to gate;
@@ -36,6 +37,7 @@ from refusal_dir.conditional import Condition, conditional_addition
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError
 from refusal_dir.interventions import Alpha, Intervention, ablation, addition
+from refusal_dir.subspace import Subspace
 
 if TYPE_CHECKING:
     from refusal_dir.model import HookedModel
@@ -87,7 +89,7 @@ class Steer:
     """One steering spec (module docstring). Frozen: derive variants with ``dataclasses.replace``."""
 
     method: str
-    directions: DirectionSet | Tensor | None = None
+    directions: DirectionSet | Subspace | Tensor | None = None
     #: Whose direction: the layer it was read at.
     layer: int | None = None
     #: Which direction-set label (the prompt token it was read at); None: the set's last.
@@ -113,8 +115,10 @@ class Steer:
             return
         if self.directions is None:
             raise ConfigError(f"{self.method} needs directions (a DirectionSet or a tensor)")
-        if isinstance(self.directions, DirectionSet) and self.layer is None and not self.at_layers:
-            raise ConfigError(f"{self.method} with a DirectionSet needs layer= (whose direction)")
+        if isinstance(self.directions, (DirectionSet, Subspace)) and self.layer is None and not self.at_layers:
+            raise ConfigError(f"{self.method} with a {type(self.directions).__name__} needs layer= (whose direction)")
+        if isinstance(self.directions, Subspace) and self.method != "ablation":
+            raise ConfigError(f"{self.method} adds one direction: steer it with a DirectionSet (a Subspace ablates)")
         if self.method == "conditional" and self.condition is None:
             raise ConfigError("conditional steering needs condition= (refusal_dir.conditional.fit_condition)")
 

@@ -107,6 +107,32 @@ class RemoveLimits:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
 
 
+@dataclass(frozen=True)
+class SearchSettings:
+    """How long and where to search, and what to reach (the CLI's ``--trials``, ``--seed``,
+    ``--candidates-per-batch``, ``--search-space`` and the limits)."""
+
+    trials: int = 48
+    seed: int = 0
+    candidates_per_batch: int = 8
+    space: SearchSpace = SearchSpace()
+    limits: RemoveLimits = RemoveLimits()
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.candidates_per_batch < 1:
+            raise ConfigError(
+                f"trials and candidates per batch must be >= 1, got {self.trials} and {self.candidates_per_batch}"
+            )
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "trials": self.trials, "seed": self.seed, "candidates_per_batch": self.candidates_per_batch,
+            "search_space": self.space.name,
+            "limits": {"max_refusal": self.limits.max_refusal, "max_mmlu_drop": self.limits.max_mmlu_drop,
+                       "max_helpfulness_drop": self.limits.max_helpfulness_drop},
+        }
+
+
 # ----------------------------------------------------------------------------------------------
 # Measuring many points at once
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +158,7 @@ class PointEvaluator:
         model: HookedModel,
         directions: DirectionSet,
         *,
-        options: AblationOptions = AblationOptions(),
+        options: AblationOptions | None = None,
         harmless_means: torch.Tensor | None = None,
         settings: GenerationSettings | None = None,
         judge: judges.Judge | str = "substring",
@@ -143,7 +169,7 @@ class PointEvaluator:
         unknown = set(measure) - set(CONSTRAINED)
         if unknown:
             raise ConfigError(f"unknown measured metric(s) {sorted(unknown)}: choose from {', '.join(CONSTRAINED)}")
-        self.model, self.directions, self.options = model, directions, options
+        self.model, self.directions, self.options = model, directions, options or AblationOptions()
         self.harmless_means = harmless_means
         self.settings = settings or GenerationSettings(max_new_tokens=32)
         self.judge = judges.resolve_judge(judge)
@@ -293,32 +319,27 @@ def _sampler(seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
     )
 
 
-def search(
+def search_trials(
     evaluator: PointEvaluator,
     n_layers: int,
     *,
     validation: EvalSplit,
-    trials: int,
-    seed: int = 0,
-    candidates_per_batch: int = 8,
-    space: SearchSpace = SearchSpace(),
-    limits: RemoveLimits = RemoveLimits(),
+    search: SearchSettings,
     on_event: Callable[[str], None] | None = None,
 ) -> tuple[Trial, list[Trial], Measured]:
     """The baseline (zero point) and every trial on ``validation``; also the baseline's items."""
     import optuna
 
-    if trials < 1 or candidates_per_batch < 1:
-        raise ConfigError(f"trials and candidates per batch must be >= 1, got {trials} and {candidates_per_batch}")
     notify = on_event or (lambda event: None)
+    limits = search.limits
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(seed, trials))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(search.seed, search.trials))
     base_items = evaluator.per_item([AblationPoint.zero()], validation)[0]
     baseline = _trial(-1, AblationPoint.zero(), base_items, None, limits)
     done: list[Trial] = []
-    while len(done) < trials:
-        asked = [study.ask() for _ in range(min(candidates_per_batch, trials - len(done)))]
-        points = [space.suggest(trial, n_layers) for trial in asked]
+    while len(done) < search.trials:
+        asked = [study.ask() for _ in range(min(search.candidates_per_batch, search.trials - len(done)))]
+        points = [search.space.suggest(trial, n_layers) for trial in asked]
         for trial, point, measured in zip(asked, points, evaluator.per_item(points, validation), strict=True):
             result = _trial(trial.number, point, measured, base_items, limits)
             for metric, limit in (("mmlu", limits.max_mmlu_drop), ("helpfulness", limits.max_helpfulness_drop)):
@@ -327,7 +348,7 @@ def search(
             study.tell(trial, [result.refusal, result.kl])
             done.append(result)
         best = min(done, key=lambda t: (not t.feasible, t.refusal, t.kl))
-        notify(f"trials {len(done)}/{trials}: best refusal {best.refusal:.2f} at KL {best.kl:.4f}")
+        notify(f"trials {len(done)}/{search.trials}: best refusal {best.refusal:.2f} at KL {best.kl:.4f}")
     return baseline, done, base_items
 
 
@@ -337,12 +358,8 @@ def tune_remove(
     *,
     validation: EvalSplit,
     heldout: EvalSplit,
-    trials: int = 48,
-    seed: int = 0,
-    candidates_per_batch: int = 8,
-    space: SearchSpace = SearchSpace(),
-    limits: RemoveLimits = RemoveLimits(),
-    options: AblationOptions = AblationOptions(),
+    search: SearchSettings | None = None,
+    options: AblationOptions | None = None,
     harmless_means: torch.Tensor | None = None,
     settings: GenerationSettings | None = None,
     judge: judges.Judge | str = "substring",
@@ -352,6 +369,9 @@ def tune_remove(
     on_event: Callable[[str], None] | None = None,
 ) -> RemoveResult:
     """Search on ``validation``, choose (module docstring), report on ``heldout``."""
+    search = search or SearchSettings()
+    options = options or AblationOptions()
+    limits = search.limits
     measure = tuple(
         metric for metric, limit in (("mmlu", limits.max_mmlu_drop), ("helpfulness", limits.max_helpfulness_drop))
         if limit < 1.0
@@ -362,10 +382,7 @@ def tune_remove(
         model, directions, options=options, harmless_means=harmless_means, settings=settings, judge=judge,
         measure=measure, mmlu_scoring=mmlu_scoring, mmlu_formatter=mmlu_formatter,
     )
-    baseline, done, _ = search(
-        evaluator, model.n_layers, validation=validation, trials=trials, seed=seed,
-        candidates_per_batch=candidates_per_batch, space=space, limits=limits, on_event=on_event,
-    )
+    baseline, done, _ = search_trials(evaluator, model.n_layers, validation=validation, search=search, on_event=on_event)
     chosen = choose(done, baseline, limits)
     notify = on_event or (lambda event: None)
     notify("held-out check")
@@ -374,12 +391,8 @@ def tune_remove(
     report = heldout_comparison(
         {"baseline": base_held.values, "chosen": chosen_held.values}, bootstrap_resamples=bootstrap_resamples
     )
-    return RemoveResult(
-        baseline, done, pareto_front(done), chosen, report,
-        settings={
-            "trials": trials, "seed": seed, "candidates_per_batch": candidates_per_batch, "search_space": space.name,
-            "limits": {"max_refusal": limits.max_refusal, "max_mmlu_drop": limits.max_mmlu_drop,
-                       "max_helpfulness_drop": limits.max_helpfulness_drop},
-            "options": {"projected": options.projected, "norm_preserving": options.norm_preserving, "token": options.token},
-        },
-    )
+    record = {
+        **search.as_record(),
+        "options": {"projected": options.projected, "norm_preserving": options.norm_preserving, "token": options.token},
+    }
+    return RemoveResult(baseline, done, pareto_front(done), chosen, report, settings=record)

@@ -1,4 +1,4 @@
-"""A tuned ablation point on disk: what ``tune --objective remove`` writes and the export reads.
+"""A tuned ablation point on disk: what ``tune --objective remove`` writes, ``export --from-tune`` reads.
 
 A tune output directory holds, besides its reports:
 

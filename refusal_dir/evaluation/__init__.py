@@ -1,7 +1,8 @@
 """Evaluation: judges, metrics under interventions, and confidence intervals.
 
-* :mod:`~refusal_dir.evaluation.judges`: refusal judges (substring; pluggable classifiers) and
-  the degeneration check;
+* :mod:`~refusal_dir.evaluation.judges`: refusal judges (substring; pluggable classifiers);
+* :mod:`~refusal_dir.evaluation.degenerate`: is a completion usable text at all;
+  :mod:`~refusal_dir.evaluation.thinking`: a reasoning model's thinking, dropped before judging;
 * :mod:`~refusal_dir.evaluation.model_judge`: model judges (``classifier:<x>``,
   ``generative:<x>``); :mod:`~refusal_dir.evaluation.agreement`: how two judges agree;
 * :mod:`~refusal_dir.evaluation.metrics`: refusal rate and score, answered rate (formerly

@@ -33,7 +33,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusal_dir.errors import ConfigError, ModelLoadError
-from refusal_dir.evaluation.judges import Judge, check_pairs, parse_judge_spec, strip_thinking
+from refusal_dir.evaluation.judges import Judge, check_pairs, parse_judge_spec
+from refusal_dir.evaluation.thinking import strip_thinking
 
 logger = logging.getLogger(__name__)
 

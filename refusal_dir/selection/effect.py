@@ -35,16 +35,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
-
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DataError
 from refusal_dir.evaluation.metrics import kl_divergence, refusal_score
 from refusal_dir.generation import next_token_logits
 from refusal_dir.interventions import Intervention
 from refusal_dir.model import HookedModel
+from refusal_dir.selection import candidates as each
 from refusal_dir.selection.separation import LayerScore
-from refusal_dir.steer import Steer
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +64,6 @@ class LayerEffect:
         return {**asdict(self), "steering_score": self.steering_score}
 
 
-def _one_hot_rows(n_candidates: int, n_prompts: int, index: int) -> list[float]:
-    return [1.0 if block == index else 0.0 for block in range(n_candidates) for _ in range(n_prompts)]
-
-
 def layer_effects(
     model: HookedModel,
     directions: DirectionSet,
@@ -88,40 +82,20 @@ def layer_effects(
     """Ablation KL, bypass and induce scores of every eligible candidate, batched."""
     if not harmful or not harmless:
         raise DataError("layer selection needs harmful and harmless validation prompts")
-    limit = max(1, math.floor(max_layer_fraction * model.n_layers))
-    # A zero direction (e.g. resid_pre[0] at a template token every prompt shares) cannot steer.
-    candidates = [
-        s for s in scores if s.layer < limit and abs(directions.norm(s.layer, s.position)) > 1e-6
-    ]
-    if not candidates:
-        raise ConfigError(
-            "no candidate layers with a non-zero direction: raise extraction.max_layer_fraction"
-        )
-    if max_candidates is not None:
-        ranked = sorted(candidates, key=lambda s: (s.separation_accuracy, s.auroc), reverse=True)
-        kept = ranked[:max_candidates]
-        candidates = [s for s in candidates if s in kept]
+    candidates = each.eligible(
+        model, directions, scores, max_layer_fraction=max_layer_fraction, max_candidates=max_candidates
+    )
     harmful, harmless = list(harmful)[:max_prompts], list(harmless)[:max_prompts]
     n = len(candidates)
 
     def rows(items: Sequence[str]) -> list[str]:
-        return [item for _ in candidates for item in items]
-
-    # Candidate i acts on its own block of rows only: its direction on those rows (one ablation
-    # with a direction per row), and a one-hot per-row coefficient for its addition.
-    units = torch.stack([directions.unit(c.layer, c.position) for c in candidates])
+        return each.repeated(items, n)
 
     def ablate(items: Sequence[str]) -> list[Intervention]:
-        return Steer("ablation", units.repeat_interleave(len(items), dim=0)).at(1.0)
+        return each.ablations(directions, candidates, len(items))
 
     def add(items: Sequence[str]) -> list[Intervention]:
-        return [
-            intervention
-            for i, c in enumerate(candidates)
-            for intervention in Steer("addition", directions, layer=c.layer, token=c.position, site=site).at(
-                [alpha * x for x in _one_hot_rows(n, len(items), i)]
-            )
-        ]
+        return each.additions(directions, candidates, len(items), alpha=alpha, site=site)
 
     base_harmful = refusal_score(model, harmful, batch_size=batch_size)
     base_harmless_logits = next_token_logits(model, harmless, batch_size=batch_size)

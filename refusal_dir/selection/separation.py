@@ -27,7 +27,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from refusal_dir.activations import Activations
+from refusal_dir.activations import ActivationReader
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DataError
 
@@ -88,11 +88,11 @@ def separation_accuracy(
 
 def score_layers(
     directions: DirectionSet,
-    heldout_positive: Activations,
-    heldout_negative: Activations,
+    heldout_positive: ActivationReader,
+    heldout_negative: ActivationReader,
     *,
-    train_positive: Activations | None = None,
-    train_negative: Activations | None = None,
+    train_positive: ActivationReader | None = None,
+    train_negative: ActivationReader | None = None,
     groups: Sequence[str] | None = None,
 ) -> list[LayerScore]:
     """Score every (position, layer) of ``directions`` on held-out matched pairs.
@@ -113,14 +113,14 @@ def score_layers(
             f"{len(groups)} group names for {heldout_positive.n_prompts} held-out pairs: "
             "give one per pair"
         )
-    pos_acts = heldout_positive.site(site).double()
-    neg_acts = heldout_negative.site(site).double()
     with_probe = train_positive is not None and train_negative is not None
     scores = []
     for p, label in enumerate(directions.meta.positions):
         for layer in range(directions.n_layers):
             unit = directions.directions[p, layer].double()
-            proj_pos, proj_neg = pos_acts[:, p, layer] @ unit, neg_acts[:, p, layer] @ unit
+            held_pos = heldout_positive.column(site, p, layer).double()
+            held_neg = heldout_negative.column(site, p, layer).double()
+            proj_pos, proj_neg = held_pos @ unit, held_neg @ unit
             separation = separation_accuracy(proj_pos, proj_neg, groups)
             projections = torch.cat([proj_pos, proj_neg]).numpy()
             labels = [1] * len(proj_pos) + [0] * len(proj_neg)
@@ -128,10 +128,10 @@ def score_layers(
             if with_probe:
                 assert train_positive is not None and train_negative is not None
                 probe = _probe_accuracy(
-                    train_positive.site(site)[:, p, layer],
-                    train_negative.site(site)[:, p, layer],
-                    pos_acts[:, p, layer],
-                    neg_acts[:, p, layer],
+                    train_positive.column(site, p, layer),
+                    train_negative.column(site, p, layer),
+                    held_pos,
+                    held_neg,
                 )
             scores.append(
                 LayerScore(

@@ -53,8 +53,12 @@ def test_ablation_removes_and_addition_induces_refusal(instruct_model, tmp_path:
     print(f"\nselected layer {layer} by rule {extraction.selection['rule']}")
 
     harmful = prompt_sets.harmful_eval()[:N_PROMPTS]
-    records = prompt_sets._read_shipped("benign_eval.jsonl")
-    benign = [r.text("instruction") for r in records if r.fields.get("category") != "lookalike"][:N_PROMPTS]
+    categories = prompt_sets.benign_eval_categories()
+    benign = [
+        text
+        for text, category in zip(prompt_sets.benign_eval(), categories, strict=True)
+        if category != prompt_sets.LOOKALIKE_CATEGORY
+    ][:N_PROMPTS]
     generator = torch.Generator().manual_seed(0)
     random_vector = torch.randn(instruct_model.d_model, generator=generator)
     random_vector = random_vector / random_vector.norm() * directions.norm(layer)

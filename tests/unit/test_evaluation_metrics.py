@@ -730,6 +730,23 @@ def test_judge_completions_splits_refused_degenerate_answered() -> None:
     assert (refused, degenerate, answered) == ([False], [True], [False])
 
 
+
+def test_a_judge_with_the_wrong_number_of_verdicts_is_refused(eval_model) -> None:
+    """refusal_rate() and judge_completions() share one verdict check (judge_refusals)."""
+    from refusal_dir.evaluation.judges import judge_completions, judge_refusals
+
+    def one_too_many(prompts, completions):
+        return [True] * (len(completions) + 1)
+
+    assert judge_refusals(lambda p, c: [1, 0], ["a", "b"], ["x", "Sure."]) == [True, False]
+    for call in (
+        lambda: judge_refusals(one_too_many, ["a"], ["x"]),
+        lambda: judge_completions(["a"], ["x"], judge=one_too_many),
+        lambda: refusal_rate(eval_model, ["a"], judge=one_too_many, progress=False),
+    ):
+        with pytest.raises(ConfigError, match="2 verdicts for 1 completions"):
+            call()
+
 def test_mean_interval_is_wilson_for_rates_and_bootstrap_for_means() -> None:
     ones = [1.0] * 12
     assert mean_interval(ones, binary=True) == wilson_interval(12, 12)

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from refusal_dir import outdir
+from refusal_dir import outdir, shards
 from refusal_dir.cli import main
 from refusal_dir.config import config_from_dict
 from refusal_dir.directions import DirectionSet
@@ -533,7 +533,8 @@ def test_export_disk_full_simulated(capsys, base: Base, tmp_path: Path, monkeypa
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)  # the in-memory export
+    monkeypatch.setattr(shards, "write_file", full)  # the streamed one
     code, err = cli(capsys, "export", "--directions-dir", base.out, "--output-dir", tmp_path / "model", "--quiet")
     assert_one_line(code, err, "the disk is full")
     assert list(tmp_path.iterdir()) == []

@@ -197,7 +197,7 @@ def test_ranked_layers_puts_the_selected_layer_first_then_by_effect_or_separatio
     from refusal_dir.selection import LayerScore, ranked_layers
 
     scores = [LayerScore("last", layer, sep, 0.5, 0.0, None) for layer, sep in ((1, 0.6), (3, 0.7), (5, 0.9))]
-    by_separation = SimpleNamespace(effects=(), scores={"set": scores}, selected_key="set", selected=scores[1])
+    by_separation = SimpleNamespace(effects=(), cosines=(), scores={"set": scores}, selected_key="set", selected=scores[1])
     assert ranked_layers(by_separation, 3) == [3, 5, 1]
     assert ranked_layers(by_separation, 2) == [3, 5]
     effects = (_effect(5, 0.1, 1.0, 1.0), _effect(1, 0.1, 2.5, 2.5), _effect(3, 0.1, 0.5, 0.5))

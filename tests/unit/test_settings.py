@@ -122,10 +122,10 @@ def test_each_command_keeps_its_setting_flags() -> None:
     model = {"--model", "--device", "--dtype", "--device-map", "--max-memory", "--offload-folder", "--quantization"}
     sweep = {"--alphas", "--methods", "--layer", "--max-new-tokens", "--batch-size", "--no-honesty", "--no-cross-entropy"}
     expected = {
-        "extract": model | data | {"--token", "--directions-methods", "--extract-batch-size", "--no-honesty", "--selection", "--selection-prompts"},
+        "extract": model | data | {"--token", "--directions-methods", "--extract-batch-size", "--no-honesty", "--selection", "--selection-prompts", "--activation-store"},
         "steer": model | {"--apply-to"},
         "evaluate": model | data | sweep | {"--judge"},
-        "run": model | data | sweep | {"--judge", "--selection-prompts"},
+        "run": model | data | sweep | {"--judge", "--selection-prompts", "--activation-store"},
         "tune": model | data | sweep,
         "export": model,
         "rejudge": {"--judge"},

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from refusal_dir.abliteration import AblationOptions, AblationPoint, Kernel
+from refusal_dir.abliteration import AblationPoint, Kernel
 from refusal_dir.activations import collect_activations
 from refusal_dir.directions import compute_directions
 from refusal_dir.errors import ConfigError
@@ -15,11 +14,12 @@ from refusal_dir.tune import EvalSplit, split_half
 from refusal_dir.tune_remove import (
     PointEvaluator,
     RemoveLimits,
+    SearchSettings,
     SearchSpace,
     Trial,
     choose,
     pareto_front,
-    search,
+    search_trials,
     tune_remove,
 )
 
@@ -67,9 +67,9 @@ def test_same_seed_same_trials_and_another_seed_differs(setup) -> None:
     model, _, _, validation = setup
 
     def run(seed: int, batch: int) -> list[Trial]:
-        return search(
-            _evaluator(setup, measure=()), model.n_layers, validation=validation, trials=6, seed=seed,
-            candidates_per_batch=batch, space=SearchSpace("wide"),
+        return search_trials(
+            _evaluator(setup, measure=()), model.n_layers, validation=validation,
+            search=SearchSettings(trials=6, seed=seed, candidates_per_batch=batch, space=SearchSpace("wide")),
         )[1]
 
     first, again, other = run(3, 3), run(3, 3), run(4, 3)
@@ -102,9 +102,9 @@ def test_choice_and_front() -> None:
 
 def test_constraint_makes_a_damaging_point_infeasible(setup) -> None:
     model, directions, means, validation = setup
-    result = search(
-        _evaluator(setup, measure=("mmlu",)), model.n_layers, validation=validation, trials=4, seed=0,
-        candidates_per_batch=4, space=SearchSpace("wide"), limits=RemoveLimits(max_mmlu_drop=0.0),
+    result = search_trials(
+        _evaluator(setup, measure=("mmlu",)), model.n_layers, validation=validation,
+        search=SearchSettings(trials=4, candidates_per_batch=4, space=SearchSpace("wide"), limits=RemoveLimits(max_mmlu_drop=0.0)),
     )
     baseline, trials, base_items = result
     for trial in trials:
@@ -120,8 +120,8 @@ def test_heldout_report_measures_the_chosen_point_on_heldout_items_only(setup, r
     at_choice: list[int] = []
     result = tune_remove(
         model, directions, validation=EvalSplit(harmful_val, benign_val, mmlu_val),
-        heldout=EvalSplit(harmful_test, benign_test, mmlu_test), trials=3, candidates_per_batch=3,
-        space=SearchSpace("wide"), limits=RemoveLimits(max_mmlu_drop=1.0, max_helpfulness_drop=1.0),
+        heldout=EvalSplit(harmful_test, benign_test, mmlu_test),
+        search=SearchSettings(3, 0, 3, SearchSpace("wide"), RemoveLimits(max_mmlu_drop=1.0, max_helpfulness_drop=1.0)),
         harmless_means=means, settings=SETTINGS, bootstrap_resamples=100,
         on_event=lambda event: at_choice.append(len(seen)) if event == "held-out check" else None,
     )
