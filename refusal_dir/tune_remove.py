@@ -43,6 +43,7 @@ from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DataError
 from refusal_dir.evaluation import judges, metrics
 from refusal_dir.generation import GenerationSettings, generate, next_token_logits
+from refusal_dir.interventions import repeat_rows
 from refusal_dir.prompts import MCQuestion, format_mc_prompt
 from refusal_dir.tune import EvalSplit, heldout_comparison
 
@@ -105,6 +106,10 @@ class RemoveLimits:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+
+    def drop_limits(self) -> dict[str, float]:
+        """The constrained metric -> how far it may drop from the unedited model."""
+        return {"mmlu": self.max_mmlu_drop, "helpfulness": self.max_helpfulness_drop}
 
 
 @dataclass(frozen=True)
@@ -178,8 +183,9 @@ class PointEvaluator:
         self._reference: dict[tuple[str, ...], torch.Tensor] = {}
 
     def _intervention(self, points: Sequence[AblationPoint], n_items: int) -> list[Any]:
-        rows = [point for point in points for _ in range(n_items)]
-        return [kernel_ablation(self.directions, rows, options=self.options, harmless_means=self.harmless_means)]
+        """One kernel per point, each repeated over its ``n_items`` consecutive rows."""
+        per_point = kernel_ablation(self.directions, points, options=self.options, harmless_means=self.harmless_means)
+        return repeat_rows([per_point], [n_items] * len(points))
 
     def _reference_logits(self, benign: Sequence[str]) -> torch.Tensor:
         key = tuple(benign)
@@ -274,13 +280,17 @@ class RemoveResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _trial(number: int, point: AblationPoint, measured: Measured, baseline: Measured | None, limits: RemoveLimits) -> Trial:
+def _excess(measured: Measured, baseline: Measured, limits: RemoveLimits) -> dict[str, float]:
+    """Per measured constrained metric: its drop from the baseline minus its limit (> 0: beyond)."""
+    return {
+        metric: baseline.mean(metric) - measured.mean(metric) - limit
+        for metric, limit in limits.drop_limits().items() if metric in measured.values
+    }
+
+
+def _trial(number: int, point: AblationPoint, measured: Measured, excess: dict[str, float]) -> Trial:
     means = {metric: measured.mean(metric) for metric in measured.values}
-    feasible = True
-    if baseline is not None:
-        for metric, limit in (("mmlu", limits.max_mmlu_drop), ("helpfulness", limits.max_helpfulness_drop)):
-            if metric in means and baseline.mean(metric) - means[metric] > limit + 1e-12:
-                feasible = False
+    feasible = all(value <= 1e-12 for value in excess.values())
     return Trial(number, point, means["refusal"], means["kl"], means.get("helpfulness"), means.get("mmlu"), feasible)
 
 
@@ -335,16 +345,16 @@ def search_trials(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(search.seed, search.trials))
     base_items = evaluator.per_item([AblationPoint.zero()], validation)[0]
-    baseline = _trial(-1, AblationPoint.zero(), base_items, None, limits)
+    baseline = _trial(-1, AblationPoint.zero(), base_items, {})
     done: list[Trial] = []
     while len(done) < search.trials:
         asked = [study.ask() for _ in range(min(search.candidates_per_batch, search.trials - len(done)))]
         points = [search.space.suggest(trial, n_layers) for trial in asked]
         for trial, point, measured in zip(asked, points, evaluator.per_item(points, validation), strict=True):
-            result = _trial(trial.number, point, measured, base_items, limits)
-            for metric, limit in (("mmlu", limits.max_mmlu_drop), ("helpfulness", limits.max_helpfulness_drop)):
-                if metric in measured.values:
-                    trial.set_constraint(f"{metric}_drop", base_items.mean(metric) - measured.mean(metric) - limit)
+            excess = _excess(measured, base_items, limits)
+            for metric, value in excess.items():
+                trial.set_constraint(f"{metric}_drop", value)
+            result = _trial(trial.number, point, measured, excess)
             study.tell(trial, [result.refusal, result.kl])
             done.append(result)
         best = min(done, key=lambda t: (not t.feasible, t.refusal, t.kl))
@@ -373,8 +383,7 @@ def tune_remove(
     options = options or AblationOptions()
     limits = search.limits
     measure = tuple(
-        metric for metric, limit in (("mmlu", limits.max_mmlu_drop), ("helpfulness", limits.max_helpfulness_drop))
-        if limit < 1.0
+        metric for metric, limit in limits.drop_limits().items() if limit < 1.0
     )
     if "mmlu" in measure and not (validation.mmlu and heldout.mmlu):
         raise DataError("an MMLU limit needs MMLU-style questions in both halves: use a larger MMLU set")
