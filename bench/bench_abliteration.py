@@ -198,6 +198,7 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
         search=tune_remove.SearchSettings(
             args.trials, args.seed, args.candidates_per_batch, tune_remove.SearchSpace(args.search_space),
             tune_remove.RemoveLimits(args.max_refusal, 1.0, 1.0),
+            anchor_layer=None if args.no_anchor else int(ctx.selected["layer"]),
         ),
         options=options, harmless_means=means, settings=ctx.settings,
         on_event=lambda event: events.append(
@@ -438,7 +439,7 @@ def _main(args: argparse.Namespace) -> int:
             "heldout_prompts": {"harmful": len(ctx.heldout_harmful), "benign": len(ctx.heldout_benign)},
             "extraction_pairs": len(ctx.train_harmful), "new_tokens": args.new_tokens, "batch_size": args.batch_size,
             "seed": args.seed, "max_refusal": args.max_refusal, "candidates_per_batch": args.candidates_per_batch,
-            "search_space": args.search_space,
+            "search_space": args.search_space, "anchor": not args.no_anchor,
             "threads": args.threads,
         },
         "prompt_format_equal": heretic_format_equal(ctx.model, ctx.heldout_harmful[0], args.heretic_system_prompt),
@@ -474,6 +475,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--candidates-per-batch", type=int, default=8, help="(b): trials scored per batched pass")
     parser.add_argument("--search-space", default="heretic", choices=("heretic", "wide"), help="(b)'s ranges")
+    parser.add_argument("--no-anchor", action="store_true", help="(b) starts from random points only, as heretic does (default: its first trial is (a))")
     parser.add_argument(
         "--threads", type=int, default=0,
         help="torch threads of both processes (0: torch's default; 1 for CPU times that load does not inflate)",

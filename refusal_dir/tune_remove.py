@@ -9,6 +9,10 @@ the first-token KL on harmless ones), with what a measurement needs around it:
 * **batched**: ``candidates_per_batch`` points are asked of the sampler at once and measured in
   one batched pass, each batch row with its own kernel (the run-time ablation takes one point per
   row); the sampler's constant liar keeps the points of one batch apart;
+* **anchored**: with ``anchor_layer`` (``tune`` passes the selected layer) the first trial is
+  the full ablation of that layer's direction at every layer (Arditi et al.), the point known to
+  remove refusal, so the sampler learns from a point that reaches the target before it looks
+  for cheaper ones (heretic starts from random points only);
 * **constraints**: the MMLU-style accuracy and the answered rate on benign prompts may drop at
   most ``max_mmlu_drop`` / ``max_helpfulness_drop`` from the unedited model (paired, on the same
   items); a point beyond either is infeasible (an Optuna constraint) and never chosen;
@@ -72,25 +76,50 @@ class SearchSpace:
         if self.name not in SEARCH_SPACES:
             raise ConfigError(f"unknown search space {self.name!r}: choose one of {', '.join(SEARCH_SPACES)}")
 
-    def suggest(self, trial: optuna.trial.BaseTrial, n_layers: int) -> AblationPoint:
+    def ranges(self, n_layers: int) -> dict[str, tuple[float, float]]:
+        """Each float parameter's range (``min_weight`` is a fraction of the peak)."""
         last = max(n_layers - 1, 1)
         wide = self.name == "wide"
-        index_range = (0.0, float(last)) if wide else (0.4 * last, 0.9 * last)
-        position_range = (0.0, float(last)) if wide else (0.6 * last, float(last))
-        weight_range = (0.0, 1.5) if wide else (0.8, 1.5)
-        reach_range = (1.0, max(1.0, (1.0 if wide else 0.6) * last))
+        return {
+            "direction_index": (0.0, float(last)) if wide else (0.4 * last, 0.9 * last),
+            "max_weight_position": (0.0, float(last)) if wide else (0.6 * last, float(last)),
+            "max_weight": (0.0, 1.5) if wide else (0.8, 1.5),
+            "min_weight": (0.0, 1.0),
+            "min_weight_distance": (1.0, max(1.0, (1.0 if wide else 0.6) * last)),
+        }
+
+    def suggest(self, trial: optuna.trial.BaseTrial, n_layers: int) -> AblationPoint:
+        ranges = self.ranges(n_layers)
         scope = trial.suggest_categorical("direction_scope", ["global", "per layer"])
-        index = trial.suggest_float("direction_index", *index_range)
+        index = trial.suggest_float("direction_index", *ranges["direction_index"])
         kernels = []
         for kind in WRITE_KINDS:
-            peak = trial.suggest_float(f"{kind}.max_weight", *weight_range)
+            peak = trial.suggest_float(f"{kind}.max_weight", *ranges["max_weight"])
             kernels.append(Kernel(
                 max_weight=peak,
-                max_weight_position=trial.suggest_float(f"{kind}.max_weight_position", *position_range),
-                min_weight=trial.suggest_float(f"{kind}.min_weight", 0.0, 1.0) * peak,
-                min_weight_distance=trial.suggest_float(f"{kind}.min_weight_distance", *reach_range),
+                max_weight_position=trial.suggest_float(f"{kind}.max_weight_position", *ranges["max_weight_position"]),
+                min_weight=trial.suggest_float(f"{kind}.min_weight", *ranges["min_weight"]) * peak,
+                min_weight_distance=trial.suggest_float(f"{kind}.min_weight_distance", *ranges["min_weight_distance"]),
             ))
         return AblationPoint(kernels[0], kernels[1], index if scope == "global" else None)
+
+    def anchor(self, n_layers: int, layer: int) -> dict[str, Any]:
+        """The parameters of the full ablation of ``layer``'s direction (Arditi et al.): weight 1
+        on every write the space can reach, the peak placed so that its reach covers the most
+        layers (all of them in both spaces). A layer or weight outside the space is clamped to it."""
+        ranges = self.ranges(n_layers)
+
+        def clamp(name: str, value: float) -> float:
+            low, high = ranges[name]
+            return min(max(value, low), high)
+
+        params: dict[str, Any] = {"direction_scope": "global", "direction_index": clamp("direction_index", float(layer))}
+        for kind in WRITE_KINDS:
+            params[f"{kind}.max_weight"] = clamp("max_weight", 1.0)
+            params[f"{kind}.max_weight_position"] = clamp("max_weight_position", (n_layers - 1) / 2)
+            params[f"{kind}.min_weight"] = 1.0
+            params[f"{kind}.min_weight_distance"] = ranges["min_weight_distance"][1]
+        return params
 
 
 @dataclass(frozen=True)
@@ -122,6 +151,10 @@ class SearchSettings:
     candidates_per_batch: int = 8
     space: SearchSpace = SearchSpace()
     limits: RemoveLimits = RemoveLimits()
+    anchor_layer: int | None = None
+    """When set, the first trial is the full ablation of this layer's direction
+    (:meth:`SearchSpace.anchor`): the search starts from the point known to remove refusal and
+    looks for cheaper ones around it (``tune`` passes the selected layer; ``--no-anchor``: none)."""
 
     def __post_init__(self) -> None:
         if self.trials < 1 or self.candidates_per_batch < 1:
@@ -132,7 +165,7 @@ class SearchSettings:
     def as_record(self) -> dict[str, Any]:
         return {
             "trials": self.trials, "seed": self.seed, "candidates_per_batch": self.candidates_per_batch,
-            "search_space": self.space.name,
+            "search_space": self.space.name, "anchor_layer": self.anchor_layer,
             "limits": {"max_refusal": self.limits.max_refusal, "max_mmlu_drop": self.limits.max_mmlu_drop,
                        "max_helpfulness_drop": self.limits.max_helpfulness_drop},
         }
@@ -344,6 +377,8 @@ def search_trials(
     limits = search.limits
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(search.seed, search.trials))
+    if search.anchor_layer is not None:
+        study.enqueue_trial(search.space.anchor(n_layers, search.anchor_layer))
     base_items = evaluator.per_item([AblationPoint.zero()], validation)[0]
     baseline = _trial(-1, AblationPoint.zero(), base_items, {})
     done: list[Trial] = []

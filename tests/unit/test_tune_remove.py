@@ -176,6 +176,11 @@ def test_cli_tune_remove_writes_a_reproducible_point(capsys, extracted_dir, tmp_
     tuned = read_tuned(outputs[0])
     assert tuned.point.to_dict() == first["chosen_point"]
     assert tuned.options.projected and tuned.options.norm_preserving and tuned.harmless_means is not None
+    selected = json.loads((extracted_dir / "directions" / "selected.json").read_text())["layer"]
+    assert first["anchor_layer"] == selected and first["trials"][0]["direction_index"] == selected
+    code, err = _cli(capsys, "tune", "--directions-dir", str(extracted_dir), "--output-dir", str(tmp_path / "free"), *REMOVE, "--no-anchor")
+    free = json.loads((tmp_path / "free" / "tune.json").read_text())
+    assert code == 0 and free["anchor_layer"] is None and free["trials"][0] != first["trials"][0]
 
 
 @pytest.mark.parametrize(
@@ -187,3 +192,33 @@ def test_cli_tune_remove_bad_input_is_one_line(capsys, extracted_dir, tmp_path, 
     lines = [line for line in err.strip().splitlines() if line.startswith("refusal-dir")]
     assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("space", ["heretic", "wide"])
+def test_anchor_starts_the_search_at_the_full_ablation_of_the_layer(setup, space) -> None:
+    model, _, _, validation = setup
+    layer = model.n_layers // 2
+    evaluator = _evaluator(setup, measure=())
+
+    def run(anchor_layer):
+        return search_trials(
+            evaluator, model.n_layers, validation=validation,
+            search=SearchSettings(trials=3, candidates_per_batch=3, space=SearchSpace(space), anchor_layer=anchor_layer),
+        )[1]
+
+    anchored, free = run(layer), run(None)
+    first = anchored[0].point
+    assert first.direction_index == layer
+    assert first.layer_weights(model.n_layers).eq(1.0).all()  # every write of every layer, fully
+    assert not free[0].point.layer_weights(model.n_layers).eq(1.0).all()
+    # Measured like any other point, in the same batch as the sampler's.
+    alone = evaluator.per_item([first], validation)[0]
+    assert (anchored[0].refusal, anchored[0].kl) == pytest.approx((alone.mean("refusal"), alone.mean("kl")), abs=1e-6)
+
+
+def test_anchor_outside_the_space_is_clamped_into_it() -> None:
+    space = SearchSpace("heretic")
+    params = space.anchor(24, 0)
+    low, high = space.ranges(24)["direction_index"]
+    assert params["direction_index"] == low and low > 0
+    assert space.anchor(24, 23)["direction_index"] == high < 23
