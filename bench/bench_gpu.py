@@ -20,6 +20,11 @@ call, the methods of a part run in turn A B C, A B C, ...; rates from wall-clock
 * ``sweep``: a 9-coefficient addition sweep over ``--sweep-prompts`` prompts, batched (one
   ``generate`` call with one coefficient per row, as ``refusal_dir.sweep`` does) against
   sequential (9 calls, one coefficient each), the same forced length;
+* ``search``: trials/s of the ablation search of ``tune --objective remove`` (issue #17):
+  ``--search-candidates`` random kernels of the heretic space scored in one batched pass, one
+  kernel per row, against one kernel per pass as heretic scores its trials (refusal on
+  ``--search-prompts`` harmful prompts by generation + judge, first-token KL on as many benign
+  ones; projected, norm-preserving), the same forced length;
 * peak GPU memory (``torch.cuda.max_memory_allocated``) of each part, reset between parts.
 
 The directions are the mean differences of ``--direction-pairs`` shipped refusal pairs
@@ -74,12 +79,14 @@ import common  # noqa: E402  (sets REFUSAL_DIR_CACHE and sys.path first)
 import torch  # noqa: E402
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct-offline"
-PARTS = ("extraction", "generation", "sweep")
+PARTS = ("extraction", "generation", "sweep", "search")
 SITES = ("resid_pre", "resid_post")
 ALPHAS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
 GOALS = {
     "steered_vs_unsteered": 0.95,
     "sweep_batched_vs_sequential": 5.0,
+    # Issue #17: "several times heretic's trials per second" (heretic scores one trial per pass).
+    "search_batched_vs_sequential": 3.0,
 }
 
 
@@ -426,6 +433,87 @@ def part_sweep(
     return result
 
 
+def search_points(n_layers: int, count: int) -> list[Any]:
+    """``count`` seeded random points of the heretic search space (what a search's startup
+    trials are; half with one interpolated direction, half with each layer's own). Drawn
+    without optuna, which the device machine may lack."""
+    from refusal_dir.abliteration import AblationPoint, Kernel
+    from refusal_dir.tune_remove import SearchSpace
+
+    ranges = SearchSpace("heretic").ranges(n_layers)
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(name: str) -> float:
+        low, high = ranges[name]
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    points = []
+    for index in range(count):
+        kernels = []
+        for _ in ("attn", "mlp"):
+            peak = draw("max_weight")
+            kernels.append(Kernel(peak, draw("max_weight_position"), draw("min_weight") * peak, draw("min_weight_distance")))
+        points.append(AblationPoint(kernels[0], kernels[1], draw("direction_index") if index % 2 == 0 else None))
+    return points
+
+
+def part_search(
+    model: Any, directions: Any, args: argparse.Namespace, budget: Budget, share_s: float
+) -> dict[str, Any]:
+    """Trials/s of the ablation search (issue #17): ``--search-candidates`` kernels scored in
+    one batched pass (one kernel per row, as ``tune --objective remove`` does) against one
+    kernel per pass (how heretic scores its trials), each trial = refusal on the harmful
+    prompts by generation + judge and the first-token KL on the benign ones."""
+    from refusal_dir import GenerationSettings
+    from refusal_dir.abliteration import harmless_means
+    from refusal_dir.prompts import benign_eval, harmful_eval, refusal_pairs
+    from refusal_dir.tune import EvalSplit
+    from refusal_dir.tune_remove import PointEvaluator
+
+    points = search_points(model.n_layers, args.search_candidates)
+    split = EvalSplit(harmful_eval()[: args.search_prompts], benign_eval()[: args.search_prompts], [])
+    # Projected, norm-preserving ablation (tune --objective remove's default options), not timed.
+    means = harmless_means(
+        model, [p.negative for p in refusal_pairs().pairs[: args.direction_pairs]], token="last",
+        batch_size=args.extract_batch,
+    )
+    batched_eval, single_eval = (
+        PointEvaluator(
+            model, directions, harmless_means=means, measure=(),
+            settings=GenerationSettings(max_new_tokens=args.new_tokens, batch_size=rows),
+        )
+        for rows in (len(points) * len(split.harmful), len(split.harmful))
+    )
+    batched_name = f"batched: {len(points)} kernels per pass ({len(points) * len(split.harmful)} rows)"
+    sequential_name = f"sequential: 1 kernel per pass ({len(split.harmful)} rows), {len(points)} passes"
+
+    def batched() -> list[Any]:
+        return batched_eval.per_item(points, split)
+
+    def sequential() -> list[Any]:
+        return [single_eval.per_item([point], split)[0] for point in points]
+
+    with common.forced_length(model, args.new_tokens):
+        result, outputs = timed_part(
+            {batched_name: batched, sequential_name: sequential},
+            device=args.device, budget=budget, share_s=share_s, max_repeats=args.repeats,
+            work={batched_name: len(points), sequential_name: len(points)},
+            unit="trials", baseline=sequential_name,
+        )
+    same = sum(
+        a.values["refusal"] == b.values["refusal"]
+        for a, b in zip(outputs[batched_name], outputs[sequential_name], strict=True)
+    )
+    print(f"  check: batched vs sequential refusals, {same}/{len(points)} trials equal", flush=True)
+    result["setting"] = (
+        f"{len(points)} random points of the heretic space, {len(split.harmful)} harmful + "
+        f"{len(split.benign)} benign prompts each, {args.new_tokens} new tokens (forced), greedy"
+    )
+    result["trials_equal"] = f"{same}/{len(points)}"
+    result["batched_vs_sequential"] = ratio(result, batched_name, sequential_name)
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
@@ -488,6 +576,12 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             "sweep",
             "batched_vs_sequential",
             GOALS["sweep_batched_vs_sequential"],
+        ),
+        (
+            "ablation search: batched trials >= 3x one trial per pass",
+            "search",
+            "batched_vs_sequential",
+            GOALS["search_batched_vs_sequential"],
         ),
     ]
     out = []
@@ -604,6 +698,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep-prompts", type=int, default=16, help="sweep: prompts per coefficient"
     )
+    parser.add_argument(
+        "--search-candidates", type=int, default=16, help="search: kernels per batched pass"
+    )
+    parser.add_argument(
+        "--search-prompts", type=int, default=12, help="search: harmful and benign prompts per trial"
+    )
     args = parser.parse_args(argv)
     if is_cuda(args.device) and not cuda:
         parser.error("--device cuda but torch sees no GPU: pass --device cpu --dtype float32")
@@ -701,6 +801,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "extraction": lambda share: part_extraction(model, args, budget, share),
         "generation": lambda share: part_generation(model, directions, args, budget, share),
         "sweep": lambda share: part_sweep(model, directions, args, budget, share),
+        "search": lambda share: part_search(model, directions, args, budget, share),
     }
     chosen = [part for part in PARTS if part in args.parts]
     # common.time_once collects garbage before every timed call (outside the timed region);

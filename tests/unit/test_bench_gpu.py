@@ -35,6 +35,10 @@ TINY_SIZES = [
     "3",
     "--sweep-prompts",
     "2",
+    "--search-candidates",
+    "3",
+    "--search-prompts",
+    "2",
 ]
 
 
@@ -66,7 +70,7 @@ def test_every_part_runs_and_reports_positive_ratios(bench_gpu, tiny_model_dir, 
     assert {"date", "torch", "transformers", "git commit", "device"} <= set(written["machine"])
     assert written["model"]["n_layers"] == 3
     parts = written["parts"]
-    assert set(parts) == {"extraction", "generation", "sweep"}
+    assert set(parts) == {"extraction", "generation", "sweep", "search"}
     for name, part in parts.items():
         assert "skipped" not in part, name
         assert part["repeats"] >= 1
@@ -79,12 +83,14 @@ def test_every_part_runs_and_reports_positive_ratios(bench_gpu, tiny_model_dir, 
         parts["generation"]["ablation_vs_unsteered"],
         parts["generation"]["unsteered_vs_plain"],
         parts["sweep"]["batched_vs_sequential"],
+        parts["search"]["batched_vs_sequential"],
     ]
     assert all(isinstance(r, float) and r > 0 for r in ratios), ratios
     # Same computation both ways: our activations equal the plain forward's hidden states.
     assert parts["extraction"]["resid_pre_max_relative_difference"] < 1e-5
     assert parts["sweep"]["rows_equal"] == "18/18"
-    assert [g["met"] is not None for g in written["goals"]] == [True, True, True]
+    assert parts["search"]["trials_equal"] == "3/3"  # one kernel per row gives each trial's own result
+    assert [g["met"] is not None for g in written["goals"]] == [True, True, True, True]
 
 
 def test_random_weights_and_a_spent_budget(bench_gpu, tiny_model_dir, tmp_path):
@@ -106,5 +112,5 @@ def test_random_weights_and_a_spent_budget(bench_gpu, tiny_model_dir, tmp_path):
     assert result["model"]["weights"].startswith("random")
     assert result["model"]["n_layers"] == 3
     assert all("skipped" in part for part in result["parts"].values())
-    assert [g["met"] for g in result["goals"]] == [None, None, None]
+    assert [g["met"] for g in result["goals"]] == [None, None, None, None]
     assert json.loads(out.read_text())["parts"] == result["parts"]
