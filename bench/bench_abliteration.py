@@ -475,7 +475,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--candidates-per-batch", type=int, default=8, help="(b): trials scored per batched pass")
     parser.add_argument("--search-space", default="heretic", choices=("heretic", "wide"), help="(b)'s ranges")
-    parser.add_argument("--no-anchor", action="store_true", help="(b) starts from random points only, as heretic does (default: its first trial is (a))")
+    parser.add_argument("--no-anchor", action="store_true", help="(b) starts from random points only, as heretic does (default: its first trial ablates the selected layer's direction at weight 1 on every write)")
     parser.add_argument(
         "--threads", type=int, default=0,
         help="torch threads of both processes (0: torch's default; 1 for CPU times that load does not inflate)",

@@ -510,6 +510,10 @@ def part_search(
         f"{len(split.benign)} benign prompts each, {args.new_tokens} new tokens (forced), greedy"
     )
     result["trials_equal"] = f"{same}/{len(points)}"
+    result["kl_max_difference"] = max(
+        abs(a.mean("kl") - b.mean("kl"))
+        for a, b in zip(outputs[batched_name], outputs[sequential_name], strict=True)
+    )
     result["batched_vs_sequential"] = ratio(result, batched_name, sequential_name)
     return result
 

@@ -378,6 +378,8 @@ def search_trials(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(search.seed, search.trials))
     if search.anchor_layer is not None:
+        if not 0 <= search.anchor_layer < n_layers:
+            raise ConfigError(f"anchor layer {search.anchor_layer} is not a layer of this model (0 to {n_layers - 1})")
         study.enqueue_trial(search.space.anchor(n_layers, search.anchor_layer))
     base_items = evaluator.per_item([AblationPoint.zero()], validation)[0]
     baseline = _trial(-1, AblationPoint.zero(), base_items, {})

@@ -90,6 +90,7 @@ def test_every_part_runs_and_reports_positive_ratios(bench_gpu, tiny_model_dir, 
     assert parts["extraction"]["resid_pre_max_relative_difference"] < 1e-5
     assert parts["sweep"]["rows_equal"] == "18/18"
     assert parts["search"]["trials_equal"] == "3/3"  # one kernel per row gives each trial's own result
+    assert parts["search"]["kl_max_difference"] < 1e-4
     assert [g["met"] is not None for g in written["goals"]] == [True, True, True, True]
 
 

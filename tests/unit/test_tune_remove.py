@@ -216,6 +216,15 @@ def test_anchor_starts_the_search_at_the_full_ablation_of_the_layer(setup, space
     assert (anchored[0].refusal, anchored[0].kl) == pytest.approx((alone.mean("refusal"), alone.mean("kl")), abs=1e-6)
 
 
+def test_anchor_layer_must_be_a_layer_of_the_model(setup) -> None:
+    model, _, _, validation = setup
+    with pytest.raises(ConfigError, match="anchor layer"):
+        search_trials(
+            _evaluator(setup, measure=()), model.n_layers, validation=validation,
+            search=SearchSettings(trials=1, anchor_layer=model.n_layers),
+        )
+
+
 def test_anchor_outside_the_space_is_clamped_into_it() -> None:
     space = SearchSpace("heretic")
     params = space.anchor(24, 0)
