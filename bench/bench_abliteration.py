@@ -401,7 +401,7 @@ def _main(args: argparse.Namespace) -> int:
     common.set_threads(args.threads)
     try:
         work = prepare_work_dir(Path(args.work_dir))
-        raw = Path(args.raw_dir)
+        raw = Path(args.raw_dir).resolve()  # heretic_driver runs in another folder
         raw.mkdir(parents=True, exist_ok=True)
         info = common.machine()
         ctx = build_context(args, work)
