@@ -6,7 +6,9 @@ organism between test sessions (CI does: both are built once per CI run).
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,31 @@ def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     return tmp_path_factory.getbasetemp() / "refusal_dir_cache"
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="session")
+def load_bench():
+    """``load_bench(name)``: the script ``bench/<name>.py`` as module ``name`` (registered in
+    ``sys.modules``: its dataclasses look their module up), with the environment variables
+    ``bench/common.py`` sets on import undone. The caller drops the modules when done."""
+
+    def load(name: str):
+        saved = {key: os.environ.get(key) for key in ("REFUSAL_DIR_CACHE", "TOKENIZERS_PARALLELISM")}
+        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import stat
 import sys
 from pathlib import Path
@@ -21,30 +20,16 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
-def _load(name: str):
-    saved = {key: os.environ.get(key) for key in ("REFUSAL_DIR_CACHE", "TOKENIZERS_PARALLELISM")}
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    return module
-
-
 @pytest.fixture(scope="module")
-def bench():
-    yield _load("bench_abliteration")
+def bench(load_bench):
+    yield load_bench("bench_abliteration")
     for name in ("common", "bench_abliteration"):
         sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")
-def driver():
-    yield _load("heretic_driver")
+def driver(load_bench):
+    yield load_bench("heretic_driver")
     sys.modules.pop("heretic_driver", None)
 
 

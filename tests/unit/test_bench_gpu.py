@@ -6,16 +6,12 @@ and the JSON holds each part, positive ratios and the goals.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_gpu.py"
 TINY_SIZES = [
     "--device",
     "cpu",
@@ -43,19 +39,12 @@ TINY_SIZES = [
 
 
 @pytest.fixture(scope="module")
-def bench_gpu():
+def bench_gpu(load_bench):
     """The script as a module; the environment variables ``bench/common.py`` sets are undone."""
-    saved = {key: os.environ.get(key) for key in ("REFUSAL_DIR_CACHE", "TOKENIZERS_PARALLELISM")}
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    module = load_bench("bench_gpu")
     yield module
-    sys.modules.pop("common", None)
+    for name in ("common", "bench_gpu"):
+        sys.modules.pop(name, None)
 
 
 def test_every_part_runs_and_reports_positive_ratios(bench_gpu, tiny_model_dir, tmp_path):
