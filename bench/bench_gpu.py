@@ -238,8 +238,9 @@ def random_weights_dir(source: str, dtype: torch.dtype, target: Path) -> Path:
     return target
 
 
-def directions_for(model: Any, n_pairs: int, batch_size: int) -> Any:
-    """Mean-difference directions of the first ``n_pairs`` shipped refusal pairs."""
+def directions_for(model: Any, n_pairs: int, batch_size: int) -> tuple[Any, torch.Tensor]:
+    """Mean-difference directions of the first ``n_pairs`` shipped refusal pairs, and the
+    harmless side's mean at every layer (what projected ablation needs)."""
     from refusal_dir import collect_activations, compute_directions
     from refusal_dir.prompts import refusal_pairs
 
@@ -247,7 +248,7 @@ def directions_for(model: Any, n_pairs: int, batch_size: int) -> Any:
     kwargs = dict(sites=("resid_pre",), token="last", batch_size=batch_size, progress=False)
     positive = collect_activations(model, [p.positive for p in pairs], **kwargs)
     negative = collect_activations(model, [p.negative for p in pairs], **kwargs)
-    return compute_directions(positive, negative, model=model)
+    return compute_directions(positive, negative, model=model), negative.mean("resid_pre").float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,50 +434,47 @@ def part_sweep(
     return result
 
 
+class _RandomTrial:
+    """The two calls :meth:`SearchSpace.suggest` makes of an Optuna trial, answered by seeded
+    uniform draws (optuna may be missing on the device machine)."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        return low + (high - low) * self._uniform()
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return choices[int(self._uniform() * len(choices))]
+
+
 def search_points(n_layers: int, count: int) -> list[Any]:
     """``count`` seeded random points of the heretic search space (what a search's startup
-    trials are; half with one interpolated direction, half with each layer's own). Drawn
-    without optuna, which the device machine may lack."""
-    from refusal_dir.abliteration import AblationPoint, Kernel
+    trials are)."""
     from refusal_dir.tune_remove import SearchSpace
 
-    ranges = SearchSpace("heretic").ranges(n_layers)
-    generator = torch.Generator().manual_seed(0)
-
-    def draw(name: str) -> float:
-        low, high = ranges[name]
-        return low + (high - low) * float(torch.rand((), generator=generator))
-
-    points = []
-    for index in range(count):
-        kernels = []
-        for _ in ("attn", "mlp"):
-            peak = draw("max_weight")
-            kernels.append(Kernel(peak, draw("max_weight_position"), draw("min_weight") * peak, draw("min_weight_distance")))
-        points.append(AblationPoint(kernels[0], kernels[1], draw("direction_index") if index % 2 == 0 else None))
-    return points
+    space, trial = SearchSpace("heretic"), _RandomTrial(0)
+    return [space.suggest(trial, n_layers) for _ in range(count)]  # type: ignore[arg-type]
 
 
 def part_search(
-    model: Any, directions: Any, args: argparse.Namespace, budget: Budget, share_s: float
+    model: Any, directions: Any, means: torch.Tensor, args: argparse.Namespace, budget: Budget, share_s: float
 ) -> dict[str, Any]:
     """Trials/s of the ablation search (issue #17): ``--search-candidates`` kernels scored in
     one batched pass (one kernel per row, as ``tune --objective remove`` does) against one
     kernel per pass (how heretic scores its trials), each trial = refusal on the harmful
     prompts by generation + judge and the first-token KL on the benign ones."""
     from refusal_dir import GenerationSettings
-    from refusal_dir.abliteration import harmless_means
-    from refusal_dir.prompts import benign_eval, harmful_eval, refusal_pairs
+    from refusal_dir.prompts import benign_eval, harmful_eval
     from refusal_dir.tune import EvalSplit
     from refusal_dir.tune_remove import PointEvaluator
 
     points = search_points(model.n_layers, args.search_candidates)
     split = EvalSplit(harmful_eval()[: args.search_prompts], benign_eval()[: args.search_prompts], [])
-    # Projected, norm-preserving ablation (tune --objective remove's default options), not timed.
-    means = harmless_means(
-        model, [p.negative for p in refusal_pairs().pairs[: args.direction_pairs]], token="last",
-        batch_size=args.extract_batch,
-    )
+    # Projected, norm-preserving ablation (tune --objective remove's default options).
     batched_eval, single_eval = (
         PointEvaluator(
             model, directions, harmless_means=means, measure=(),
@@ -783,7 +781,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.dtype} in {load_s:.1f} s; weights on the GPU: {weights_mib} MiB",
         flush=True,
     )
-    directions = directions_for(model, args.direction_pairs, args.extract_batch)
+    directions, means = directions_for(model, args.direction_pairs, args.extract_batch)
 
     results: dict[str, Any] = {
         "machine": machine_info(args),
@@ -805,7 +803,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "extraction": lambda share: part_extraction(model, args, budget, share),
         "generation": lambda share: part_generation(model, directions, args, budget, share),
         "sweep": lambda share: part_sweep(model, directions, args, budget, share),
-        "search": lambda share: part_search(model, directions, args, budget, share),
+        "search": lambda share: part_search(model, directions, means, args, budget, share),
     }
     chosen = [part for part in PARTS if part in args.parts]
     # common.time_once collects garbage before every timed call (outside the timed region);
