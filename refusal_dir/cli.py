@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--candidates-per-batch", type=int, default=8, help="points measured in one batched pass")
     remove.add_argument("--max-refusal", type=float, default=0.1, help="refusal rate to reach; least KL among those reaching it")
     remove.add_argument("--search-space", choices=["heretic", "wide"], default="heretic", help="parameter ranges (heretic's, or every layer)")
-    remove.add_argument("--no-anchor", action="store_true", help="start from random points only, not from the full ablation of the selected layer")
+    remove.add_argument("--no-anchor", action="store_true", help="start from random points only, not from the selected direction ablated at weight 1 everywhere")
     remove.add_argument("--projected", action=argparse.BooleanOptionalAction, default=True, help="orthogonalize each direction against the harmless mean")
     remove.add_argument("--norm-preserving", action=argparse.BooleanOptionalAction, default=True, help="edited matrices keep their row norms")
     remove.add_argument("--no-figures", action="store_true", help="skip figures/pareto.html")

@@ -9,10 +9,10 @@ the first-token KL on harmless ones), with what a measurement needs around it:
 * **batched**: ``candidates_per_batch`` points are asked of the sampler at once and measured in
   one batched pass, each batch row with its own kernel (the run-time ablation takes one point per
   row); the sampler's constant liar keeps the points of one batch apart;
-* **anchored**: with ``anchor_layer`` (``tune`` passes the selected layer) the first trial is
-  the full ablation of that layer's direction at every layer (Arditi et al.), the point known to
-  remove refusal, so the sampler learns from a point that reaches the target before it looks
-  for cheaper ones (heretic starts from random points only);
+* **anchored**: with ``anchor_layer`` (``tune`` passes the selected layer) the first trial
+  ablates that layer's direction at weight 1 on every write of every layer, with the search's
+  options: the strong edit, expected to remove most refusal, from which the sampler looks for
+  cheaper ones (heretic starts from random points only);
 * **constraints**: the MMLU-style accuracy and the answered rate on benign prompts may drop at
   most ``max_mmlu_drop`` / ``max_helpfulness_drop`` from the unedited model (paired, on the same
   items); a point beyond either is infeasible (an Optuna constraint) and never chosen;
@@ -104,9 +104,12 @@ class SearchSpace:
         return AblationPoint(kernels[0], kernels[1], index if scope == "global" else None)
 
     def anchor(self, n_layers: int, layer: int) -> dict[str, Any]:
-        """The parameters of the full ablation of ``layer``'s direction (Arditi et al.): weight 1
-        on every write the space can reach, the peak placed so that its reach covers the most
-        layers (all of them in both spaces). A layer or weight outside the space is clamped to it."""
+        """The parameters that ablate ``layer``'s direction at weight 1 on every write the space
+        can reach, the peak placed so that its reach covers the most layers (all of them in both
+        spaces). A layer outside the space's direction range is clamped into it; one that is not
+        a layer of the model is a ConfigError."""
+        if not 0 <= layer < n_layers:
+            raise ConfigError(f"anchor layer {layer} is not a layer of this model (0 to {n_layers - 1})")
         ranges = self.ranges(n_layers)
 
         def clamp(name: str, value: float) -> float:
@@ -152,9 +155,9 @@ class SearchSettings:
     space: SearchSpace = SearchSpace()
     limits: RemoveLimits = RemoveLimits()
     anchor_layer: int | None = None
-    """When set, the first trial is the full ablation of this layer's direction
-    (:meth:`SearchSpace.anchor`): the search starts from the point known to remove refusal and
-    looks for cheaper ones around it (``tune`` passes the selected layer; ``--no-anchor``: none)."""
+    """When set, the first trial ablates this layer's direction at weight 1 everywhere
+    (:meth:`SearchSpace.anchor`): the search starts from the strong edit and looks for cheaper
+    ones around it (``tune`` passes the selected layer; ``--no-anchor``: none)."""
 
     def __post_init__(self) -> None:
         if self.trials < 1 or self.candidates_per_batch < 1:
@@ -378,8 +381,6 @@ def search_trials(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(search.seed, search.trials))
     if search.anchor_layer is not None:
-        if not 0 <= search.anchor_layer < n_layers:
-            raise ConfigError(f"anchor layer {search.anchor_layer} is not a layer of this model (0 to {n_layers - 1})")
         study.enqueue_trial(search.space.anchor(n_layers, search.anchor_layer))
     base_items = evaluator.per_item([AblationPoint.zero()], validation)[0]
     baseline = _trial(-1, AblationPoint.zero(), base_items, {})
