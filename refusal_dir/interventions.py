@@ -48,7 +48,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from jaxtyping import Float
@@ -62,6 +62,9 @@ from refusal_dir.errors import ConfigError, DirectionMismatchError
 from refusal_dir.model import HookedModel
 from refusal_dir.sites import check_layer, check_site, hook_name
 from refusal_dir.subspace import Subspace, orthonormal_rows
+
+if TYPE_CHECKING:
+    from refusal_dir.abliteration import KernelAblation
 
 PositionRule = Literal["all", "prompt", "generated"]
 POSITION_RULES: tuple[str, ...] = ("all", "prompt", "generated")
@@ -183,6 +186,13 @@ class Ablation:
 
 
 Intervention = Addition | Ablation
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # What takes per-row coefficients: also abliteration.KernelAblation (its per_row() names them).
+    RowIntervention: TypeAlias = "Intervention | KernelAblation"
+
+_Rows = TypeVar("_Rows", bound="RowIntervention")
 
 
 def _direction_vector(directions: DirectionSet | Tensor, layer: int, token: str | int | None, unit: str) -> Tensor:
@@ -326,7 +336,7 @@ def clamp(
 _PER_ROW_FIELDS = {Addition: ("alpha",), Ablation: ("value", "alpha")}
 
 
-def _per_row(intervention: Intervention) -> dict[str, Tensor]:
+def _per_row(intervention: RowIntervention) -> dict[str, Tensor]:
     if hasattr(intervention, "per_row"):  # refusal_dir.abliteration.KernelAblation
         return intervention.per_row()
     names = _PER_ROW_FIELDS[type(intervention)]
@@ -336,7 +346,7 @@ def _per_row(intervention: Intervention) -> dict[str, Tensor]:
     return fields
 
 
-def check_rows(interventions: Sequence[Intervention], n_rows: int) -> None:
+def check_rows(interventions: Sequence[RowIntervention], n_rows: int) -> None:
     """Raise ConfigError unless every per-row coefficient list has exactly ``n_rows`` values."""
     for intervention in interventions:
         for name, values in _per_row(intervention).items():
@@ -347,7 +357,7 @@ def check_rows(interventions: Sequence[Intervention], n_rows: int) -> None:
                 )
 
 
-def repeat_rows(interventions: Sequence[Intervention], counts: Sequence[int]) -> list[Intervention]:
+def repeat_rows(interventions: Sequence[_Rows], counts: Sequence[int]) -> list[_Rows]:
     """Repeat per-row coefficients so that row ``i`` covers ``counts[i]`` consecutive rows."""
     check_rows(interventions, len(counts))
     repeats = torch.tensor(list(counts))
