@@ -135,6 +135,11 @@ def measure(ctx: Context, model: Any, *, interventions: tuple = (), markers: lis
     return row
 
 
+def summary(row: dict[str, Any]) -> dict[str, Any]:
+    """A measured row without its completions and per-prompt values (a front point's record)."""
+    return {key: row[key] for key in ("refusal", "refusal_heretic_markers", "answered", "kl") if key in row}
+
+
 def _rate(flags: list[bool]) -> dict[str, Any]:
     from refusal_dir.evaluation import stats
 
@@ -227,6 +232,13 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
         settings=result.settings,
         all_trials=[t.as_row() for t in result.trials],
     )
+    if args.heldout_front:
+        for entry, trial in zip(row["front"], result.front):
+            if trial.number == result.chosen.number:
+                entry["heldout"] = summary(row)
+            else:
+                edit = kernel_ablation(ctx.directions, trial.point, options=options, harmless_means=means)
+                entry["heldout"] = summary(measure(ctx, ctx.model, interventions=(edit,), markers=markers))
     return row
 
 
@@ -260,6 +272,8 @@ def run_heretic(args: argparse.Namespace, prompts: dict[str, list[str]], model_d
         "dtype": "float32",
         "max_refusal": args.max_refusal,
         "threads": args.threads,
+        "export_front": args.heldout_front,
+        "front_dir": str(work / "heretic-front"),
     }
     (work / "heretic-spec.json").write_text(json.dumps(spec, indent=2))
     log = raw / "heretic.log"
@@ -292,9 +306,66 @@ def evaluate_heretic(ctx: Context, record: dict[str, Any]) -> dict[str, Any]:
             "refusals": chosen["refusals"], "n": chosen["n_bad_prompts"], "base_refusals": chosen["base_refusals"],
             "kl": chosen["kl_divergence"],
         },
-        front=[{"index": t["index"], "refusals": t["refusals"], "kl": t["kl_divergence"]} for t in record["front"]],
+        front=[
+            {"trial": t["number"], "index": t["index"], "refusals": t["refusals"], "n": t["n_bad_prompts"], "kl": t["kl_divergence"]}
+            for t in record["front"]
+        ],
     )
+    if ctx.args.heldout_front:
+        exports = record.get("front_exports", {})
+        for entry in row["front"]:
+            if entry["trial"] == chosen["number"]:
+                entry["heldout"] = summary(row)
+                continue
+            folder = exports.get(str(entry["trial"]))
+            if folder is None or not Path(folder).is_dir():
+                raise RuntimeError(f"heretic did not save front trial {entry['trial']} (see heretic.log)")
+            model = load_model(folder, device="cpu", dtype="float32", with_bridge=False)
+            entry["heldout"] = summary(measure(ctx, model, markers=record["refusal_markers"]))
+            del model
     return row
+
+
+def attainment(fronts: dict[str, list[tuple[float, float]]]) -> list[dict[str, Any]]:
+    """At every held-out refusal rate some point reaches, each method's least held-out KL among
+    its points refusing at most that rate (``None``: none of its points refuses that little)."""
+    levels = sorted({refusal for points in fronts.values() for refusal, _ in points})
+    return [
+        {"refusal": level, **{
+            name: min((kl for refusal, kl in points if refusal <= level + 1e-12), default=None)
+            for name, points in fronts.items()
+        }}
+        for level in levels
+    ]
+
+
+def dominated(points: list[tuple[float, float]], by: list[tuple[float, float]]) -> int:
+    """How many of ``points`` some point of ``by`` dominates (no worse in both, better in one)."""
+    return sum(
+        any(r <= refusal and k <= kl and (r, k) != (refusal, kl) for r, k in by)
+        for refusal, kl in points
+    )
+
+
+def front_comparison(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Both searches' validation fronts measured on the held-out prompts, side by side: the
+    attainment table (least KL at each refusal rate) and how many points each side dominates."""
+    fronts = {
+        name: [(e["heldout"]["refusal"]["value"], e["heldout"]["kl"]["value"]) for e in rows[key]["front"]]
+        for name, key in (("ours", "(b) ours (tune_remove)"), ("heretic", "(c) heretic"))
+    }
+    table = attainment(fronts)
+    lines = [
+        [f"{entry['refusal']:.2f}", *("-" if entry[name] is None else f"{entry[name]:.3f}" for name in fronts)]
+        for entry in table
+    ]
+    return {
+        "points": fronts,
+        "attainment": table,
+        "heretic_points_dominated_by_ours": dominated(fronts["heretic"], fronts["ours"]),
+        "our_points_dominated_by_heretic": dominated(fronts["ours"], fronts["heretic"]),
+        "table": common.markdown_table(["held-out refusal <=", "least KL, ours", "least KL, heretic"], lines),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,13 +518,18 @@ def _main(args: argparse.Namespace) -> int:
         "rows": rows,
         "table": table(rows),
     }
+    if args.heldout_front and args.ours and record is not None:
+        result["heldout_fronts"] = front_comparison(rows)
     atomic_write_text(Path(args.output), json.dumps(result, indent=2) + "\n")
     print(result["table"])
+    if "heldout_fronts" in result:
+        print(result["heldout_fronts"]["table"])
     print(f"wrote {args.output} and {raw}/")
     if record is not None and not args.keep_heretic_model:
         import shutil
 
         shutil.rmtree(record["export_dir"], ignore_errors=True)  # inside our marked work dir
+        shutil.rmtree(work / "heretic-front", ignore_errors=True)
     return 0
 
 
@@ -486,6 +562,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-ours", dest="ours", action="store_false")
     parser.add_argument("--no-heretic", dest="heretic", action="store_false")
     parser.add_argument("--keep-heretic-model", action="store_true")
+    parser.add_argument(
+        "--heldout-front", action="store_true",
+        help="also measure every validation-front point of (b) and (c) on the held-out prompts (heretic saves each) and compare the fronts",
+    )
     parser.add_argument("--output", default=str(common.REPO / "bench" / "abliteration.json"))
     parser.add_argument("--raw-dir", default=str(common.REPO / "bench" / "abliteration-raw"))
     parser.add_argument("--work-dir", default=str(PEERS / "abliteration-work"))

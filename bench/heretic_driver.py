@@ -9,17 +9,21 @@ that follow the search are answered here:
 * "Which trial do you want to use?": the Pareto-front trial chosen by :func:`choose_trial`,
   the rule ``refusal_dir.tune_remove.choose`` applies to our trials (least KL among those
   refusing at most ``max_refusal`` of the prompts; none there: fewest refusals, then least KL;
-  the front holds every such trial), then, when asked again, exit;
+  the front holds every such trial); with ``SPEC["export_front"]``, then every other front
+  trial in the menu's order; then, when asked again, exit;
 * "What do you want to do with the decensored model?": save it (``export_strategy = "merge"``:
   the LoRA merged into full weights), then go back;
-* "Path to the folder:": ``SPEC["export_dir"]``.
+* "Path to the folder:": ``SPEC["export_dir"]`` for the chosen trial, ``SPEC["front_dir"]/
+  trial-<number>`` for the other front trials.
 
 SPEC (JSON): ``model`` (a local model directory), ``work_dir`` (empty or absent),
 ``export_dir``, ``result``, the four prompt files (``good_prompts``, ``bad_prompts``,
 ``good_evaluation_prompts``, ``bad_evaluation_prompts``: one prompt a line), ``n_trials``,
 ``n_startup_trials``, ``batch_size``, ``max_response_length``, ``seed``, ``system_prompt``,
-``dtype``, ``max_refusal`` (a rate), ``threads`` (torch's, 0: its default). Writes ``SPEC["result"]``: every trial (parameters, heretic's refusals
-and KL, start and end), the Pareto front, the chosen trial and the wall times.
+``dtype``, ``max_refusal`` (a rate), ``threads`` (torch's, 0: its default), optionally
+``export_front`` and ``front_dir``. Writes ``SPEC["result"]``: every trial (parameters, heretic's
+refusals and KL, start and end), the Pareto front, the chosen trial, the exported folders
+(``front_exports``: trial number -> folder) and the wall times.
 """
 
 from __future__ import annotations
@@ -80,29 +84,45 @@ class Answers:
         self.spec = spec
         self.front: list[dict[str, Any]] = []
         self.chosen: dict[str, Any] | None = None
-        self.saved = False
+        self.saved = False  # the chosen trial's model
+        self.exports: dict[int, str] = {}  # trial number -> the folder it was saved to
+        self._queue: list[int] = []  # trial numbers still to save
+        self._current: int | None = None  # the trial heretic has restored
+        self._current_saved = False
         self.questions: list[str] = []
 
     def select(self, message: str, choices: list[Any]) -> Any:
         self.questions.append(message)
         values = [getattr(choice, "value", choice) for choice in choices]
         if message == TRIAL_QUESTION:
-            if self.chosen is not None:
-                return ""  # second time: exit
             trials = [v for v in values if hasattr(v, "user_attrs")]
-            self.front = [_trial_record(t) for t in trials]
-            self.chosen = choose_trial(self.front, self.spec["max_refusal"])
-            return next(t for t in trials if t.number == self.chosen["number"])
+            if self.chosen is None:
+                self.front = [_trial_record(t) for t in trials]
+                self.chosen = choose_trial(self.front, self.spec["max_refusal"])
+                others = [t["number"] for t in self.front if t["number"] != self.chosen["number"]]
+                self._queue = [self.chosen["number"]] + (others if self.spec.get("export_front") else [])
+            if not self._queue:
+                return ""  # every trial to save is saved: exit
+            self._current, self._current_saved = self._queue.pop(0), False
+            return next(t for t in trials if t.number == self._current)
         if message == ACTION_QUESTION:
-            if self.saved:
-                return ""
-            self.saved = True
+            if self._current_saved:
+                return ""  # back to the trial menu
+            self._current_saved = True
             return SAVE_ACTION
         raise RuntimeError(f"heretic asked an unexpected question: {message!r}")
 
     def path(self, message: str) -> str:
         self.questions.append(message)
-        return self.spec["export_dir"]
+        if self._current is None or self.chosen is None:
+            raise RuntimeError(f"heretic asked {message!r} before a trial was restored")
+        if self._current == self.chosen["number"]:
+            folder = self.spec["export_dir"]
+            self.saved = True
+        else:
+            folder = str(Path(self.spec["front_dir"]) / f"trial-{self._current}")
+        self.exports[self._current] = folder
+        return folder
 
     def text(self, message: str, *args: Any, **kwargs: Any) -> str:
         raise RuntimeError(f"heretic asked an unexpected question: {message!r}")
@@ -230,6 +250,7 @@ def main(spec_path: str) -> int:
         "front": answers.front,
         "chosen": answers.chosen,
         "export_dir": spec["export_dir"],
+        "front_exports": {str(number): folder for number, folder in answers.exports.items()},
         "questions_answered": answers.questions,
     }
     target = Path(spec["result"])

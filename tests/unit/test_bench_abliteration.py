@@ -44,10 +44,15 @@ prompts = {{k: Path(spec[k]).read_text().splitlines() for k in
 chosen = {{"index": 1, "number": 0, "refusals": 1, "n_bad_prompts": 2, "base_refusals": 2,
           "kl_divergence": 0.0, "direction_index": None,
           "parameters": {{"attn.o_proj": {{"max_weight": 1.0}}}}}}
+front, exports = [chosen], {{"0": spec["export_dir"]}}
+if spec["export_front"]:  # a second front trial, saved where the driver saves it
+    front.append(dict(chosen, index=2, number=1, refusals=2, kl_divergence=0.5))
+    exports["1"] = str(Path(spec["front_dir"]) / "trial-1")
+    shutil.copytree(spec["model"], exports["1"])
 Path(spec["result"]).write_text(json.dumps({{
-    "heretic_version": "fake", "refusal_markers": ["sorry", "i cannot"], "trials": [chosen],
-    "trial_seconds_mean": 1.5, "trial_seconds_median": 1.4, "trial_cpu_seconds_mean": 1.2, "setup_seconds": 2.0, "wall_seconds": 4.0, "front": [chosen],
-    "chosen": chosen, "export_dir": spec["export_dir"], "prompts": prompts, "spec": spec}}))
+    "heretic_version": "fake", "refusal_markers": ["sorry", "i cannot"], "trials": front,
+    "trial_seconds_mean": 1.5, "trial_seconds_median": 1.4, "trial_cpu_seconds_mean": 1.2, "setup_seconds": 2.0, "wall_seconds": 4.0, "front": front,
+    "chosen": chosen, "export_dir": spec["export_dir"], "front_exports": exports, "prompts": prompts, "spec": spec}}))
 """
 
 TINY = [
@@ -98,6 +103,46 @@ def test_heretic_row_of_the_unedited_model_is_the_unedited_row(bench, tiny_model
     assert len(given["bad_prompts"]) == len(given["good_prompts"]) == result["budget"]["extraction_pairs"]
     assert record["spec"]["n_trials"] == 2 and record["spec"]["n_startup_trials"] == 1
     assert result["budget"]["heldout_prompts"] == {"harmful": 4, "benign": 4}
+
+
+def test_heldout_front_measures_every_front_point_of_both_searches(bench, tiny_model_dir, tmp_path):
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_HERETIC.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    out, raw, work = tmp_path / "abl.json", tmp_path / "raw", tmp_path / "work"
+    code = bench.main([
+        "--model", str(tiny_model_dir), *TINY, "--trials", "3", "--heretic-python", str(fake), "--no-full",
+        "--heldout-front", "--output", str(out), "--raw-dir", str(raw), "--work-dir", str(work),
+    ])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    unedited, ours, heretic = rows["unedited"], rows["(b) ours (tune_remove)"], rows["(c) heretic"]
+    # heretic's second front trial was saved apart and measured from its folder: the unedited model.
+    assert [e["trial"] for e in heretic["front"]] == [0, 1]
+    for entry in heretic["front"]:
+        assert entry["heldout"]["kl"]["value"] == 0.0
+        assert entry["heldout"]["refusal"] == unedited["refusal"]
+    assert not (work / "heretic-front").exists()
+    # Ours: every front trial measured at run time; the chosen one is the chosen row.
+    chosen = ours["own_heldout"]["chosen"]
+    assert len(ours["front"]) >= 1 and all("heldout" in e for e in ours["front"])
+    assert any(e["heldout"]["kl"] == ours["kl"] for e in ours["front"])
+    assert chosen["refusal"]["value"] == ours["refusal"]["value"]
+    comparison = result["heldout_fronts"]
+    assert comparison["points"]["heretic"] == [[unedited["refusal"]["value"], 0.0]] * 2  # JSON: lists
+    assert len(comparison["points"]["ours"]) == len(ours["front"])
+
+
+def test_attainment_and_dominance(bench):
+    fronts = {"ours": [(0.0, 0.5), (0.1, 0.2), (0.3, 0.05)], "theirs": [(0.1, 0.3), (0.2, 0.1)]}
+    table = bench.attainment(fronts)
+    assert [e["refusal"] for e in table] == [0.0, 0.1, 0.2, 0.3]
+    assert [e["ours"] for e in table] == [0.5, 0.2, 0.2, 0.05]
+    assert [e["theirs"] for e in table] == [None, 0.3, 0.1, 0.1]
+    assert bench.dominated(fronts["theirs"], fronts["ours"]) == 1  # (0.1, 0.3) by (0.1, 0.2)
+    assert bench.dominated(fronts["ours"], fronts["theirs"]) == 0
+    assert bench.dominated([(0.1, 0.2)], [(0.1, 0.2)]) == 0  # an equal point does not dominate
 
 
 def test_ours_before_it_lands_and_bad_input_are_one_line(bench, tmp_path, capsys):
@@ -186,6 +231,18 @@ def test_driver_answers_heretics_questions(driver):
     assert answers.path("Path to the folder:") == "/out"
     assert answers.select(driver.ACTION_QUESTION, []) == ""
     assert answers.select(driver.TRIAL_QUESTION, menu) == ""
+    assert answers.saved and answers.exports == {1: "/out"}
+    # With export_front: the chosen trial first, to export_dir; then every other front trial.
+    answers = driver.Answers({"max_refusal": 0.3, "export_dir": "/out", "front_dir": "/front", "export_front": True})
+    trials.append(Trial(2, 5, 0.1))
+    menu = [Choice(t) for t in trials] + [Choice("continue"), Choice("")]
+    saved = []
+    while (trial := answers.select(driver.TRIAL_QUESTION, menu)) != "":
+        assert answers.select(driver.ACTION_QUESTION, []) == driver.SAVE_ACTION
+        saved.append((trial.number, answers.path("Path to the folder:")))
+        assert answers.select(driver.ACTION_QUESTION, []) == ""
+    assert saved == [(1, "/out"), (0, "/front/trial-0"), (2, "/front/trial-2")]
+    assert answers.saved and answers.chosen["number"] == 1
     with pytest.raises(RuntimeError, match="unexpected question"):
         answers.select("Upload?", [])
     # It runs in heretic's venv, where refusal_dir is not installed.
