@@ -441,7 +441,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.layer is not None:
             raise ConfigError("--layer picks a direction of --directions-dir; a tuned point brings its own: drop --layer")
         tuned = read_tuned(args.from_tune)
-        bake, model_name, what = export.Bake.tuned(tuned), tuned.model, "the tuned ablation point"
+        name = tuned.model
+        if args.model is None and not name.startswith("~") and not Path(name).is_absolute() and (
+            name.startswith(".") or Path(name).exists()
+        ):
+            raise ConfigError(
+                f"{args.from_tune} names its model by the relative path {name!r} (written before "
+                "tuned points recorded absolute paths): pass --model with the model it was tuned on"
+            )
+        bake, model_name, what = export.Bake.tuned(tuned), name, "the tuned ablation point"
     else:
         directions, selected = load_selected(Path(args.directions_dir))
         layer = args.layer if args.layer is not None else selected.get("layer")
@@ -594,10 +602,12 @@ def _tune_remove(
         mmlu_scoring=config.evaluation.mmlu_scoring, mmlu_formatter=mc_formatter(config),
         bootstrap_resamples=config.evaluation.bootstrap_resamples, on_event=reporter,
     )
-    tuned = TunedAblation(config.model.name, result.chosen.point, options, directions, means)
+    # The loaded model's id: a local directory as an absolute path, so that `export --from-tune`
+    # run from another folder loads this model and not whatever the relative name points at there.
+    tuned = TunedAblation(model.model_id, result.chosen.point, options, directions, means)
     table = write_remove_outputs(
         output_dir, result, tuned, figures=not args.no_figures,
-        extra={"model": config.model.name, "directions_dir": str(args.directions_dir)},
+        extra={"model": model.model_id, "directions_dir": str(args.directions_dir)},
     )
     _out(table)
     _out(f"wrote {output_dir}: export the chosen point with `refusal-dir export --from-tune {output_dir} --output-dir DIR`")

@@ -183,6 +183,33 @@ def test_cli_tune_remove_writes_a_reproducible_point(capsys, extracted_dir, tmp_
     assert code == 0 and free["anchor_layer"] is None and free["trials"][0] != first["trials"][0]
 
 
+def test_tuned_point_names_a_local_model_by_its_absolute_path(capsys, extracted_dir, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """A relative --model is recorded absolute: export --from-tune from another folder loads the
+    model the point was tuned on (before: the relative name, resolved against the new folder)."""
+    import dataclasses
+
+    from refusal_dir.tuned import read_tuned, write_tuned
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    relative = f"./{tiny_model_dir.name}"
+    code, err = _cli(capsys, "tune", "--directions-dir", str(extracted_dir), "--model", relative,
+                     "--output-dir", str(tmp_path / "tuned"), *REMOVE, "--trials", "2")
+    assert code == 0, err
+    assert read_tuned(tmp_path / "tuned").model == str(tiny_model_dir.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, err = _cli(capsys, "export", "--from-tune", str(tmp_path / "tuned"), "--output-dir", str(tmp_path / "model"), "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "model" / "config.json").is_file()
+    # A point written before the fix (relative name): refused in one line unless --model is given.
+    old = tmp_path / "old"
+    write_tuned(old, dataclasses.replace(read_tuned(tmp_path / "tuned"), model=relative))
+    code, err = _cli(capsys, "export", "--from-tune", str(old), "--output-dir", str(tmp_path / "m2"), "--quiet")
+    assert code == 2 and "relative path" in err and "--model" in err and "Traceback" not in err
+    assert not (tmp_path / "m2").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [(("--trials", "0"), "--trials"), (("--max-refusal", "-1"), "max_refusal"), (("--candidates-per-batch", "0"), "--candidates-per-batch")],
