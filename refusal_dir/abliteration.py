@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from refusal_dir.architectures import WRITE_KINDS
+from refusal_dir.architectures import WRITE_KINDS, Writer
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DirectionMismatchError
 from refusal_dir.interventions import Edit, PositionState, _OnDevice, _Scope, weights_mode_unit
@@ -394,7 +394,7 @@ class KernelAblation:
                         "write has stacked experts: use norm_preserving=False"
                     )
                 module = block.get_submodule(writers[0].path)
-                scope.on_output(module, _row_preserving(module, rescaled, weight, state))
+                scope.on_output(module, _row_preserving(writers[0], rescaled, weight, state))
 
 
 def _selected(values: _OnDevice, per_row: bool, state: PositionState, act: Tensor) -> Tensor:
@@ -426,15 +426,16 @@ def _projection(units: Tensor, weight: Tensor, state: PositionState) -> Edit:
     return edit
 
 
-def _row_preserving(module: nn.Module, units: Tensor, weight: Tensor, state: PositionState) -> Edit:
-    """Output edit of a Linear writer equal to its norm-preserving edit.
+def _row_preserving(writer: Writer, units: Tensor, weight: Tensor, state: PositionState) -> Edit:
+    """Output edit of a Linear writer (hooked at its module's output) equal to its
+    norm-preserving edit.
 
     With ``r`` the row norms of ``W``, ``V = diag(1/r) W``, ``g = V^T u`` and ``c = V g``, the
     edited row ``i`` has norm ``n_i = sqrt(|V_i|^2 - 2 w u_i c_i + w^2 u_i^2 |g|^2)``, and
     ``W' x = (r / n) * ((I - w u u^T) V x)``. So the output ``y = W x + b`` becomes
     ``y + (y - b) * (1/n - 1) - w (u . (y - b) / r) * u * r / n``: exact when ``w = 0``.
     """
-    matrix = module.weight.detach().float()
+    matrix = writer.weight.detach().float()
     norms = matrix.norm(dim=1)
     unit_rows = matrix / norms.clamp_min(_EPS).unsqueeze(1)
     # |V_i|^2 is 1 (0 for an all-zero row); taken as exactly that, a row with w = 0 keeps n = 1
@@ -449,7 +450,7 @@ def _row_preserving(module: nn.Module, units: Tensor, weight: Tensor, state: Pos
     }.items()}
     weight_values = _OnDevice(weight.float())
     units_per_row, weights_per_row = units.ndim == 2, weight.ndim == 1
-    bias = None if module.bias is None else _OnDevice(module.bias.detach().float())
+    bias = None if writer.bias is None else _OnDevice(writer.bias.detach().float())
 
     def edit(y: Tensor) -> Tensor:
         w = _selected(weight_values, weights_per_row, state, y)
