@@ -55,16 +55,22 @@ Path(spec["result"]).write_text(json.dumps({{
     "chosen": chosen, "export_dir": spec["export_dir"], "front_exports": exports, "prompts": prompts, "spec": spec}}))
 """
 
+@pytest.fixture
+def fake(tmp_path):
+    """The stand-in for heretic's venv python (FAKE_HERETIC)."""
+    path = tmp_path / "fake-python"
+    path.write_text(FAKE_HERETIC.format(python=sys.executable))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
 TINY = [
     "--trials", "2", "--validation-prompts", "3", "--heldout-prompts", "4", "--new-tokens", "3",
     "--batch-size", "4", "--selection-prompts", "2",
 ]
 
 
-def test_heretic_row_of_the_unedited_model_is_the_unedited_row(bench, tiny_model_dir, tmp_path):
-    fake = tmp_path / "fake-python"
-    fake.write_text(FAKE_HERETIC.format(python=sys.executable))
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+def test_heretic_row_of_the_unedited_model_is_the_unedited_row(bench, tiny_model_dir, fake, tmp_path):
     out, raw, work = tmp_path / "abl.json", tmp_path / "raw", tmp_path / "work"
     code = bench.main([
         "--model", str(tiny_model_dir), *TINY, "--heretic-python", str(fake),
@@ -105,10 +111,7 @@ def test_heretic_row_of_the_unedited_model_is_the_unedited_row(bench, tiny_model
     assert result["budget"]["heldout_prompts"] == {"harmful": 4, "benign": 4}
 
 
-def test_heldout_front_measures_every_front_point_of_both_searches(bench, tiny_model_dir, tmp_path):
-    fake = tmp_path / "fake-python"
-    fake.write_text(FAKE_HERETIC.format(python=sys.executable))
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+def test_heldout_front_measures_every_front_point_of_both_searches(bench, tiny_model_dir, fake, tmp_path):
     out, raw, work = tmp_path / "abl.json", tmp_path / "raw", tmp_path / "work"
     code = bench.main([
         "--model", str(tiny_model_dir), *TINY, "--trials", "3", "--heretic-python", str(fake), "--no-full",
