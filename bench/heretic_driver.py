@@ -84,12 +84,16 @@ class Answers:
         self.spec = spec
         self.front: list[dict[str, Any]] = []
         self.chosen: dict[str, Any] | None = None
-        self.saved = False  # the chosen trial's model
         self.exports: dict[int, str] = {}  # trial number -> the folder it was saved to
         self._queue: list[int] = []  # trial numbers still to save
         self._current: int | None = None  # the trial heretic has restored
         self._current_saved = False
         self.questions: list[str] = []
+
+    @property
+    def saved(self) -> bool:
+        """Whether the chosen trial's model was saved."""
+        return self.chosen is not None and self.chosen["number"] in self.exports
 
     def select(self, message: str, choices: list[Any]) -> Any:
         self.questions.append(message)
@@ -118,7 +122,6 @@ class Answers:
             raise RuntimeError(f"heretic asked {message!r} before a trial was restored")
         if self._current == self.chosen["number"]:
             folder = self.spec["export_dir"]
-            self.saved = True
         else:
             folder = str(Path(self.spec["front_dir"]) / f"trial-{self._current}")
         self.exports[self._current] = folder

@@ -427,7 +427,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from refusal_dir import export, outdir
     from refusal_dir.extraction import load_selected
-    from refusal_dir.model import resolve_model_source
+    from refusal_dir.model import names_local_path, resolve_model_source
     from refusal_dir.tuned import read_tuned
 
     config = _config(args)
@@ -442,9 +442,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ConfigError("--layer picks a direction of --directions-dir; a tuned point brings its own: drop --layer")
         tuned = read_tuned(args.from_tune)
         name = tuned.model
-        if args.model is None and not name.startswith("~") and not Path(name).is_absolute() and (
-            name.startswith(".") or Path(name).exists()
-        ):
+        if args.model is None and names_local_path(name) and not Path(name).expanduser().is_absolute():
             raise ConfigError(
                 f"{args.from_tune} names its model by the relative path {name!r} (written before "
                 "tuned points recorded absolute paths): pass --model with the model it was tuned on"

@@ -99,13 +99,18 @@ def ensure_offline_model(cache: Path | None = None, name: str = OFFLINE_MODEL) -
 # ----------------------------------------------------------------------------------------------
 
 
+def names_local_path(name_or_path: str) -> bool:
+    """Whether :func:`resolve_model_source` takes ``name_or_path`` (not an offline model's name)
+    as a local directory rather than a hub id."""
+    return Path(name_or_path).expanduser().exists() or name_or_path.startswith((".", "/", "~"))
+
+
 def resolve_model_source(name_or_path: str, *, cache: Path | None = None) -> str:
     """Map a model id to what ``from_pretrained`` takes, checking local directories."""
     if name_or_path in offline.OFFLINE_MODELS:
         return str(ensure_offline_model(cache, name_or_path))
     path = Path(name_or_path).expanduser()
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~"))
-    if looks_local:
+    if names_local_path(name_or_path):
         if not path.is_dir():
             raise ModelLoadError(
                 f"{name_or_path!r} is not a directory: pass a model directory holding "
