@@ -100,8 +100,10 @@ def ensure_offline_model(cache: Path | None = None, name: str = OFFLINE_MODEL) -
 
 
 def names_local_path(name_or_path: str) -> bool:
-    """Whether :func:`resolve_model_source` takes ``name_or_path`` (not an offline model's name)
-    as a local directory rather than a hub id."""
+    """Whether :func:`resolve_model_source` takes ``name_or_path`` as a local directory rather
+    than a hub id or an offline model's name (which wins over a folder of the same name)."""
+    if name_or_path in offline.OFFLINE_MODELS:
+        return False
     return Path(name_or_path).expanduser().exists() or name_or_path.startswith((".", "/", "~"))
 
 

@@ -199,3 +199,19 @@ def test_converted_files_get_the_usual_permissions(tmp_path: Path) -> None:
         os.umask(old)
     assert weights.stat().st_mode & 0o777 == 0o644
     assert model.stat().st_mode & 0o777 == 0o755
+
+
+def test_an_offline_name_is_not_a_local_path_even_beside_a_folder_of_that_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resolve_model_source loads an offline model by its name whatever the current folder holds;
+    names_local_path (export --from-tune's relative-path check) must agree, or a tuned point of the
+    offline model is refused when run beside a folder of the same name."""
+    from refusal_dir.model import names_local_path
+
+    name = next(iter(offline.OFFLINE_MODELS))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()
+    (tmp_path / "some-model").mkdir()
+    assert not names_local_path(name)
+    assert names_local_path("some-model") and names_local_path("./x") and not names_local_path("org/hub-model")
