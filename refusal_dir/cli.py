@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--max-refusal", type=float, default=0.1, help="refusal rate to reach; least KL among those reaching it")
     remove.add_argument("--search-space", choices=["heretic", "wide"], default="heretic", help="parameter ranges (heretic's, or every layer)")
     remove.add_argument("--no-anchor", action="store_true", help="start from random points only, not from the selected direction ablated at weight 1 everywhere")
+    remove.add_argument(
+        "--direction-site", choices=["auto", "resid_post", "resid_pre"], default="auto",
+        help="whose directions layer L's writes lose: layer L's output (resid_post, heretic's) or input (resid_pre); "
+        "auto: resid_post when extracted",
+    )
     remove.add_argument("--projected", action=argparse.BooleanOptionalAction, default=True, help="orthogonalize each direction against the harmless mean")
     remove.add_argument("--norm-preserving", action=argparse.BooleanOptionalAction, default=True, help="edited matrices keep their row norms")
     remove.add_argument("--no-figures", action="store_true", help="skip figures/pareto.html")
@@ -553,7 +558,12 @@ def _tune(
 def cmd_tune_remove(args: argparse.Namespace) -> int:
     from refusal_dir import outdir
     from refusal_dir.abliteration import AblationOptions
-    from refusal_dir.tune_remove import RemoveLimits, SearchSettings, SearchSpace
+    from refusal_dir.tune_remove import (
+        RemoveLimits,
+        SearchSettings,
+        SearchSpace,
+        ablation_directions,
+    )
 
     for flag, value in (("--trials", args.trials), ("--candidates-per-batch", args.candidates_per_batch)):
         if value < 1:
@@ -563,16 +573,17 @@ def cmd_tune_remove(args: argparse.Namespace) -> int:
         RemoveLimits(args.max_refusal, args.max_mmlu_drop, args.max_helpfulness_drop),
     )
     config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
+    directions, anchor = ablation_directions(extraction, args.direction_site)
     if not args.no_anchor:
-        search = dataclasses.replace(search, anchor_layer=extraction.selected.layer)
+        search = dataclasses.replace(search, anchor_layer=anchor)
     options = AblationOptions(args.projected, args.norm_preserving, extraction.selected.position)
     with outdir.claim_output_dir(output_dir) as output_dir:
-        return _tune_remove(args, config, search, options, datasets, model, extraction, output_dir, reporter)
+        return _tune_remove(args, config, search, options, datasets, model, directions, output_dir, reporter)
 
 
 def _tune_remove(
     args: argparse.Namespace, config: Config, search: Any, options: Any, datasets: Any, model: Any,
-    extraction: Any, output_dir: Path, reporter: _StageReporter,
+    directions: Any, output_dir: Path, reporter: _StageReporter,
 ) -> int:
     from refusal_dir import tune
     from refusal_dir.abliteration import harmless_means
@@ -587,11 +598,10 @@ def _tune_remove(
     if options.projected:
         reporter("harmless means")
         means = harmless_means(
-            model, train_pairs.negatives, site=config.extraction.site, token=config.extraction.token,
+            model, train_pairs.negatives, site=directions.meta.site, token=config.extraction.token,
             batch_size=config.extraction.batch_size,
         )
     halves = [tune.split_half(x) for x in (datasets.harmful_eval, datasets.benign_eval, datasets.mmlu)]
-    directions = extraction.steering_set
     result = tune_remove(
         model, directions,
         validation=tune.EvalSplit(*(half[0] for half in halves)), heldout=tune.EvalSplit(*(half[1] for half in halves)),
@@ -605,7 +615,7 @@ def _tune_remove(
     tuned = TunedAblation(model.model_id, result.chosen.point, options, directions, means)
     table = write_remove_outputs(
         output_dir, result, tuned, figures=not args.no_figures,
-        extra={"model": model.model_id, "directions_dir": str(args.directions_dir)},
+        extra={"model": model.model_id, "directions_dir": str(args.directions_dir), "direction_site": directions.meta.site},
     )
     _out(table)
     _out(f"wrote {output_dir}: export the chosen point with `refusal-dir export --from-tune {output_dir} --output-dir DIR`")

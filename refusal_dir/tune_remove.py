@@ -54,9 +54,11 @@ from refusal_dir.tune import EvalSplit, heldout_comparison
 if TYPE_CHECKING:
     import optuna
 
+    from refusal_dir.extraction import Extraction
     from refusal_dir.model import HookedModel
 
 SEARCH_SPACES = ("heretic", "wide")
+DIRECTION_SITES = ("auto", "resid_post", "resid_pre")
 OBJECTIVES = ("refusal", "kl")
 CONSTRAINED = ("mmlu", "helpfulness")
 
@@ -123,6 +125,40 @@ class SearchSpace:
             params[f"{kind}.min_weight"] = 1.0
             params[f"{kind}.min_weight_distance"] = ranges["min_weight_distance"][1]
         return params
+
+
+def ablation_directions(extraction: Extraction, site: str = "auto") -> tuple[DirectionSet, int]:
+    """The directions a remove search ablates, and the layer among them that holds the selected
+    direction (the anchor's).
+
+    A point ablates layer L's writes along a direction of layer L. With ``resid_post`` sets that
+    is the direction of layer L's own output, its writes included (heretic's convention); with
+    ``resid_pre`` it is the direction of the layer's input, one layer earlier. ``auto`` takes
+    ``resid_post`` when the extraction has the steering method there, else the steering set.
+    ``resid_pre`` of layer L is ``resid_post`` of layer L-1 (the same activations), so the
+    selected direction is found one layer earlier among ``resid_post`` sets (layer 0's input,
+    the embeddings, has no ``resid_post`` twin: the anchor stays at 0). A site the extraction
+    lacks is a ConfigError naming the fix.
+    """
+    if site not in DIRECTION_SITES:
+        raise ConfigError(f"unknown direction site {site!r}: choose one of {', '.join(DIRECTION_SITES)}")
+    steering = extraction.steering_set
+    layer = extraction.selected.layer
+    want = "resid_post" if site == "auto" else site
+    if steering.meta.site == want:
+        return steering, layer
+    key = extraction.selected_key  # "<method>_<site>", as extract names its sets
+    name = key[: -len(steering.meta.site)] + want if key.endswith(steering.meta.site) else f"{steering.meta.method}_{want}"
+    chosen = extraction.sets.get(name)
+    if chosen is None:
+        if site == "auto":
+            return steering, layer
+        raise ConfigError(
+            f"the extraction has no {name} directions: extract with extraction.sites including "
+            f"{want}, or pass --direction-site {steering.meta.site}"
+        )
+    shift = {("resid_pre", "resid_post"): -1, ("resid_post", "resid_pre"): 1}.get((steering.meta.site, want), 0)
+    return chosen, min(max(layer + shift, 0), chosen.n_layers - 1)
 
 
 @dataclass(frozen=True)

@@ -176,11 +176,40 @@ def test_cli_tune_remove_writes_a_reproducible_point(capsys, extracted_dir, tmp_
     tuned = read_tuned(outputs[0])
     assert tuned.point.to_dict() == first["chosen_point"]
     assert tuned.options.projected and tuned.options.norm_preserving and tuned.harmless_means is not None
+    # Layer L's writes lose layer L's output direction (resid_post, heretic's); the anchor is the
+    # selected (resid_pre) direction, found one layer earlier among them.
+    assert first["direction_site"] == "resid_post" and tuned.directions.meta.site == "resid_post"
     selected = json.loads((extracted_dir / "directions" / "selected.json").read_text())["layer"]
-    assert first["anchor_layer"] == selected and first["trials"][0]["direction_index"] == selected
+    assert first["anchor_layer"] == selected - 1 and first["trials"][0]["direction_index"] == selected - 1
     code, err = _cli(capsys, "tune", "--directions-dir", str(extracted_dir), "--output-dir", str(tmp_path / "free"), *REMOVE, "--no-anchor")
     free = json.loads((tmp_path / "free" / "tune.json").read_text())
     assert code == 0 and free["anchor_layer"] is None and free["trials"][0] != first["trials"][0]
+
+
+def test_ablation_directions_are_each_layers_output_and_the_anchor_is_the_selected_direction(extracted_dir) -> None:
+    import dataclasses
+
+    import torch
+
+    from refusal_dir.extraction import load_extraction
+    from refusal_dir.tune_remove import ablation_directions
+
+    extraction = load_extraction(extracted_dir / "directions")
+    steering, layer = extraction.steering_set, extraction.selected.layer
+    assert steering.meta.site == "resid_pre" and layer >= 1
+    post, anchor = ablation_directions(extraction)
+    assert post.meta.site == "resid_post" and post is extraction.sets["mean_diff_resid_post"]
+    # resid_pre of layer L is resid_post of layer L-1: the anchor ablates the selected direction.
+    assert anchor == layer - 1
+    assert torch.allclose(post.unit(anchor), steering.unit(layer), atol=1e-6)
+    assert ablation_directions(extraction, "resid_pre") == (steering, layer)
+    # An extraction without resid_post: auto falls back to the steering set; asking for it is refused.
+    pre_only = dataclasses.replace(extraction, sets={k: v for k, v in extraction.sets.items() if k.endswith("resid_pre")})
+    assert ablation_directions(pre_only) == (steering, layer)
+    with pytest.raises(ConfigError, match="extraction.sites"):
+        ablation_directions(pre_only, "resid_post")
+    with pytest.raises(ConfigError, match="choose one of"):
+        ablation_directions(extraction, "resid_mid")
 
 
 def test_tuned_point_names_a_local_model_by_its_absolute_path(capsys, extracted_dir, tiny_model_dir, tmp_path, monkeypatch) -> None:
