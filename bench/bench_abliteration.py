@@ -6,8 +6,9 @@ One command, one model, one set of prompts, one judge and one KL for all three:
     layer our effect rule selects (``refusal_dir.extraction.extract``, as ``refusal-dir
     extract``), ablated at every layer at full strength (``Steer("ablation", ...).at(1.0)``);
 (b) **ours**: ``refusal_dir.tune_remove`` (what ``refusal-dir tune --objective remove`` runs) with
-    the same trial budget, its chosen point applied at run time (:func:`run_ours`; ``--no-ours``
-    skips it);
+    the same trial budget and directions (``tune_remove.ablation_directions``: each layer's output
+    direction, ``--direction-site``), its chosen point applied at run time (:func:`run_ours`;
+    ``--no-ours`` skips it);
 (c) **heretic** (``heretic-llm``, its unchanged ``run()`` driven by ``bench/heretic_driver.py`` in
     its own venv) with the same trial budget, exported as merged weights and loaded back with our
     ``load_model``.
@@ -38,6 +39,10 @@ Install heretic (ignored folder; torch first, so pip keeps the CPU build)::
 Run (a 2-core CPU budget; ``--directions-dir`` reuses a ``refusal-dir extract`` output)::
 
     python bench/bench_abliteration.py --trials 24 --validation-prompts 24 --new-tokens 32
+
+``--heretic-from EARLIER.json`` puts an earlier run's (c) beside this run's rows instead of running
+heretic again (its ``EARLIER-raw/`` gives heretic's markers); refused unless the model, trial budget,
+seed and prompts are the same and the unedited model's held-out completions are identical.
 
 Writes ``bench/abliteration.json`` and ``bench/abliteration-raw/`` (heretic's log, its trials and
 front, our trials, every held-out completion); the exported heretic model and the extraction stay in the
@@ -79,6 +84,9 @@ class Context:
     model: Any
     directions: Any
     selected: dict[str, Any]
+    ablation: Any
+    """(b)'s directions (``tune_remove.ablation_directions``, as ``tune --objective remove`` takes them)."""
+    anchor: int
     train_harmful: list[str]
     train_harmless: list[str]
     validation_harmful: list[str]
@@ -191,19 +199,19 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
     args, config = ctx.args, ctx.config
     options = AblationOptions(token=ctx.selected.get("position"))
     means = harmless_means(
-        ctx.model, ctx.train_harmless, site=config.extraction.site, token=config.extraction.token,
+        ctx.model, ctx.train_harmless, site=ctx.ablation.meta.site, token=config.extraction.token,
         batch_size=config.extraction.batch_size,
     )
     events: list[tuple[float, float, str]] = []  # (wall, process CPU) seconds since the start
     started, started_cpu = time.perf_counter(), time.process_time()
     result = tune_remove.tune_remove(
-        ctx.model, ctx.directions,
+        ctx.model, ctx.ablation,
         validation=EvalSplit(ctx.validation_harmful, ctx.validation_benign, []),
         heldout=EvalSplit(ctx.heldout_harmful, ctx.heldout_benign, []),
         search=tune_remove.SearchSettings(
             args.trials, args.seed, args.candidates_per_batch, tune_remove.SearchSpace(args.search_space),
             tune_remove.RemoveLimits(args.max_refusal, 1.0, 1.0),
-            anchor_layer=None if args.no_anchor else int(ctx.selected["layer"]),
+            anchor_layer=None if args.no_anchor else ctx.anchor,
         ),
         options=options, harmless_means=means, settings=ctx.settings,
         on_event=lambda event: events.append(
@@ -213,7 +221,7 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
     search_seconds, search_cpu = next((t, c) for t, c, event in events if event == "held-out check")
     batches = [t for t, _, event in events if event.startswith("trials ")]
     first_batch = min(args.candidates_per_batch, args.trials)
-    edit = kernel_ablation(ctx.directions, result.chosen.point, options=options, harmless_means=means)
+    edit = kernel_ablation(ctx.ablation, result.chosen.point, options=options, harmless_means=means)
     row = measure(ctx, ctx.model, interventions=(edit,), markers=markers)
     row.update(
         parameters=result.chosen.point.to_dict(),
@@ -237,7 +245,7 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
             if trial.number == result.chosen.number:
                 entry["heldout"] = summary(row)
             else:
-                edit = kernel_ablation(ctx.directions, trial.point, options=options, harmless_means=means)
+                edit = kernel_ablation(ctx.ablation, trial.point, options=options, harmless_means=means)
                 entry["heldout"] = summary(measure(ctx, ctx.model, interventions=(edit,), markers=markers))
     return row
 
@@ -373,6 +381,48 @@ def front_comparison(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def load_heretic_from(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """An earlier output's (c) row, its heretic record (``<stem>-raw/heretic.json``: the markers)
+    and its held-out completions, refused in one line unless its model and budget are this run's."""
+    raw = path.with_name(path.stem + "-raw")
+    try:
+        earlier = json.loads(path.read_text())
+        record = json.loads((raw / "heretic.json").read_text())
+        completions = json.loads((raw / "completions.json").read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--heretic-from {path}: cannot read it and {raw}/ ({error}): give an output of this script") from error
+    if "(c) heretic" not in earlier.get("rows", {}):
+        raise UsageError(f"--heretic-from {path} has no heretic row: give a run that ran heretic")
+    budget = {
+        "trials": args.trials, "heretic_startup_trials": args.startup_trials, "new_tokens": args.new_tokens,
+        "seed": args.seed, "max_refusal": args.max_refusal,
+    }
+    differ = [
+        name for name in (*budget, "model")
+        if (earlier["model"] if name == "model" else earlier["budget"].get(name)) != (args.model if name == "model" else budget[name])
+    ]
+    if differ:
+        raise UsageError(f"--heretic-from {path} was run with another {', '.join(differ)}: run with the same, or run heretic again")
+    return {"row": earlier["rows"]["(c) heretic"], "record": record, "budget": earlier["budget"], "completions": completions}
+
+
+def check_same_prompts(reused: dict[str, Any], ctx: Context, unedited: list[str], where: str) -> None:
+    """The earlier run measured the same prompts: same counts, same held-out harmful prompts, and
+    the unedited model's completions of them identical (greedy, same code)."""
+    counts = {
+        "validation_prompts": {"harmful": len(ctx.validation_harmful), "benign": len(ctx.validation_benign)},
+        "heldout_prompts": {"harmful": len(ctx.heldout_harmful), "benign": len(ctx.heldout_benign)},
+        "extraction_pairs": len(ctx.train_harmful),
+    }
+    differ = [name for name, value in counts.items() if reused["budget"].get(name) != value]
+    if reused["completions"].get("prompts") != ctx.heldout_harmful:
+        differ.append("held-out prompts")
+    if not differ and reused["completions"].get("unedited") != unedited:
+        differ.append("unedited completions")
+    if differ:
+        raise UsageError(f"--heretic-from {where} measured other prompts ({', '.join(differ)} differ): run heretic again")
+
+
 def prepare_work_dir(path: Path) -> Path:
     """A fresh work directory: new, empty, or one this script marked (then cleared)."""
     from refusal_dir import outdir
@@ -388,8 +438,9 @@ def build_context(args: argparse.Namespace, work: Path) -> Context:
     from refusal_dir import load_model, tune
     from refusal_dir.config import load_config
     from refusal_dir.datasets import load_datasets, split_pairs
-    from refusal_dir.extraction import extract, load_selected
+    from refusal_dir.extraction import extract, extraction_directory, load_extraction, load_selected
     from refusal_dir.generation import GenerationSettings, next_token_logits
+    from refusal_dir.tune_remove import ablation_directions
 
     config = load_config(None).with_overrides({
         "model.name": args.model, "model.device": "cpu", "model.dtype": "float32",
@@ -406,6 +457,9 @@ def build_context(args: argparse.Namespace, work: Path) -> Context:
     directions, selected = load_selected(Path(args.directions_dir), model=model)
     if selected.get("layer") is None:
         raise UsageError(f"--directions-dir {args.directions_dir} names no selected layer: give a `refusal-dir extract` output")
+    ablation, anchor = ablation_directions(
+        load_extraction(extraction_directory(Path(args.directions_dir)), model=model), args.direction_site
+    )
     train, _ = split_pairs(datasets.refusal_pairs, config)
     val_harmful, held_harmful = tune.split_half(datasets.harmful_eval)
     val_benign, held_benign = tune.split_half(datasets.benign_eval)
@@ -414,7 +468,7 @@ def build_context(args: argparse.Namespace, work: Path) -> Context:
     settings = GenerationSettings(max_new_tokens=args.new_tokens, batch_size=args.batch_size)
     base_logits = next_token_logits(model, held_benign, batch_size=args.batch_size)
     return Context(
-        model, directions, selected, train.positives, train.negatives, val_harmful[:n_val], val_benign[:n_val],
+        model, directions, selected, ablation, anchor, train.positives, train.negatives, val_harmful[:n_val], val_benign[:n_val],
         held_harmful, held_benign, base_logits, settings, config, args,
     )
 
@@ -464,7 +518,7 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.startup_trials is None:
         args.startup_trials = max(1, min(10, args.trials // 3))  # what tune_remove's sampler uses
-    if args.heretic and not Path(args.heretic_python).exists():
+    if args.heretic and not args.heretic_from and not Path(args.heretic_python).exists():
         raise UsageError(f"heretic is not installed at {args.heretic_python}: {HERETIC_INSTALL}; or pass --no-heretic")
     for name in ("trials", "validation_prompts", "new_tokens", "batch_size", "candidates_per_batch"):
         if getattr(args, name) < 1:
@@ -479,7 +533,10 @@ def _main(args: argparse.Namespace) -> int:
     except RefusalDirError as error:
         raise UsageError(str(error)) from error
     record: dict[str, Any] | None = None
-    if args.heretic:
+    reused = load_heretic_from(Path(args.heretic_from), args) if args.heretic_from else None
+    if reused is not None:
+        record = reused["record"]
+    elif args.heretic:
         prompts = {
             "good_prompts": ctx.train_harmless, "bad_prompts": ctx.train_harmful,
             "good_evaluation_prompts": ctx.validation_benign, "bad_evaluation_prompts": ctx.validation_harmful,
@@ -492,9 +549,12 @@ def _main(args: argparse.Namespace) -> int:
         rows["(a) full ablation"] = run_full_ablation(ctx, markers)
     if args.ours:
         rows["(b) ours (tune_remove)"] = run_ours(ctx, markers)
-    if record is not None:
+    if reused is not None:
+        check_same_prompts(reused, ctx, rows["unedited"]["completions"], args.heretic_from)
+        rows["(c) heretic"] = reused["row"]
+    elif record is not None:
         rows["(c) heretic"] = evaluate_heretic(ctx, record)
-    completions = {name: row.pop("completions") for name, row in rows.items()}
+    completions = {name: row.pop("completions") for name, row in rows.items() if "completions" in row}
     for row in rows.values():
         if "all_trials" in row:
             atomic_write_text(raw / "ours-trials.json", json.dumps(row.pop("all_trials"), indent=2))
@@ -510,11 +570,12 @@ def _main(args: argparse.Namespace) -> int:
             "heldout_prompts": {"harmful": len(ctx.heldout_harmful), "benign": len(ctx.heldout_benign)},
             "extraction_pairs": len(ctx.train_harmful), "new_tokens": args.new_tokens, "batch_size": args.batch_size,
             "seed": args.seed, "max_refusal": args.max_refusal, "candidates_per_batch": args.candidates_per_batch,
-            "search_space": args.search_space, "anchor": not args.no_anchor,
+            "search_space": args.search_space, "anchor": not args.no_anchor, "direction_site": ctx.ablation.meta.site,
             "threads": args.threads,
         },
         "prompt_format_equal": heretic_format_equal(ctx.model, ctx.heldout_harmful[0], args.heretic_system_prompt),
         "heretic_version": record["heretic_version"] if record else None,
+        "heretic_from": args.heretic_from,
         "rows": rows,
         "table": table(rows),
     }
@@ -525,11 +586,14 @@ def _main(args: argparse.Namespace) -> int:
     if "heldout_fronts" in result:
         print(result["heldout_fronts"]["table"])
     print(f"wrote {args.output} and {raw}/")
-    if record is not None and not args.keep_heretic_model:
+    if record is not None and reused is None:
         import shutil
 
-        shutil.rmtree(record["export_dir"], ignore_errors=True)  # inside our marked work dir
+        # Inside our marked work dir. The front's other trials (a full model each) are measured
+        # by now and always go; --keep-heretic-model keeps the chosen one.
         shutil.rmtree(work / "heretic-front", ignore_errors=True)
+        if not args.keep_heretic_model:
+            shutil.rmtree(record["export_dir"], ignore_errors=True)
     return 0
 
 
@@ -551,6 +615,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--candidates-per-batch", type=int, default=8, help="(b): trials scored per batched pass")
     parser.add_argument("--search-space", default="heretic", choices=("heretic", "wide"), help="(b)'s ranges")
+    parser.add_argument(
+        "--direction-site", default="auto", choices=("auto", "resid_post", "resid_pre"),
+        help="(b)'s directions, as `tune --objective remove --direction-site` (auto: resid_post when extracted)",
+    )
     parser.add_argument("--no-anchor", action="store_true", help="(b) starts from random points only, as heretic does (default: its first trial ablates the selected layer's direction at weight 1 on every write)")
     parser.add_argument(
         "--threads", type=int, default=0,
@@ -561,7 +629,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-full", dest="full", action="store_false")
     parser.add_argument("--no-ours", dest="ours", action="store_false")
     parser.add_argument("--no-heretic", dest="heretic", action="store_false")
-    parser.add_argument("--keep-heretic-model", action="store_true")
+    parser.add_argument(
+        "--heretic-from", default=None,
+        help="reuse (c) from an earlier output of this script (its <stem>-raw/ beside it) run with the same model, "
+        "budget and seed, instead of running heretic again; refused unless the unedited completions are identical",
+    )
+    parser.add_argument(
+        "--keep-heretic-model", action="store_true",
+        help="keep heretic's chosen trial's exported model in the work dir (the front's other trials are always removed)",
+    )
     parser.add_argument(
         "--heldout-front", action="store_true",
         help="also measure every validation-front point of (b) and (c) on the held-out prompts (heretic saves each) and compare the fronts",

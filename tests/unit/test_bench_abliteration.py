@@ -115,7 +115,7 @@ def test_heldout_front_measures_every_front_point_of_both_searches(bench, tiny_m
     out, raw, work = tmp_path / "abl.json", tmp_path / "raw", tmp_path / "work"
     code = bench.main([
         "--model", str(tiny_model_dir), *TINY, "--trials", "3", "--heretic-python", str(fake), "--no-full",
-        "--heldout-front", "--output", str(out), "--raw-dir", str(raw), "--work-dir", str(work),
+        "--heldout-front", "--keep-heretic-model", "--output", str(out), "--raw-dir", str(raw), "--work-dir", str(work),
     ])
     assert code == 0
     result = json.loads(out.read_text())
@@ -126,7 +126,8 @@ def test_heldout_front_measures_every_front_point_of_both_searches(bench, tiny_m
     for entry in heretic["front"]:
         assert entry["heldout"]["kl"]["value"] == 0.0
         assert entry["heldout"]["refusal"] == unedited["refusal"]
-    assert not (work / "heretic-front").exists()
+    # The front's other trials go even when the chosen model is kept (a full model each).
+    assert not (work / "heretic-front").exists() and (work / "heretic-model").is_dir()
     # Ours: every front trial measured at run time; the chosen one is the chosen row.
     chosen = ours["own_heldout"]["chosen"]
     assert len(ours["front"]) >= 1 and all("heldout" in e for e in ours["front"])
@@ -135,6 +136,36 @@ def test_heldout_front_measures_every_front_point_of_both_searches(bench, tiny_m
     comparison = result["heldout_fronts"]
     assert comparison["points"]["heretic"] == [[unedited["refusal"]["value"], 0.0]] * 2  # JSON: lists
     assert len(comparison["points"]["ours"]) == len(ours["front"])
+
+
+def test_heretic_from_reuses_an_earlier_heretic_row_only_on_the_same_prompts(bench, tiny_model_dir, fake, tmp_path, capsys):
+    first, work = tmp_path / "first.json", tmp_path / "work"
+    common = ["--model", str(tiny_model_dir), *TINY, "--no-ours", "--work-dir", str(work)]
+    assert bench.main([*common, "--heretic-python", str(fake), "--output", str(first), "--raw-dir", str(tmp_path / "first-raw")]) == 0
+    again = tmp_path / "again.json"
+    missing = tmp_path / "no-python"  # heretic is not run again
+    code = bench.main([
+        *common, "--no-full", "--heretic-python", str(missing), "--heretic-from", str(first),
+        "--output", str(again), "--raw-dir", str(tmp_path / "again-raw"),
+    ])
+    assert code == 0, capsys.readouterr().err
+    earlier, result = json.loads(first.read_text()), json.loads(again.read_text())
+    assert result["rows"]["(c) heretic"] == earlier["rows"]["(c) heretic"]
+    for key in ("refusal", "refusal_heretic_markers", "answered", "kl"):  # judged with the earlier run's markers
+        assert result["rows"]["unedited"][key] == earlier["rows"]["unedited"][key]
+    assert result["heretic_from"] == str(first)
+    capsys.readouterr()
+    # Another seed, or other unedited completions (other prompts or code): refused in one line.
+    assert bench.main([*common, "--heretic-from", str(first), "--seed", "1", "--output", str(tmp_path / "x.json")]) == 2
+    assert "another seed" in capsys.readouterr().err
+    completions = tmp_path / "first-raw" / "completions.json"
+    record = json.loads(completions.read_text())
+    record["unedited"][0] += " changed"
+    completions.write_text(json.dumps(record))
+    assert bench.main([*common, "--heretic-from", str(first), "--output", str(tmp_path / "y.json")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unedited completions" in errors[0]
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
 
 
 def test_attainment_and_dominance(bench):
