@@ -23,7 +23,7 @@ from refusal_dir.cli import main  # noqa: E402
 
 # --max-refusal 0: remove refusal on every validation prompt. On this model the whole Pareto front
 # costs KL ~1e-5, so nothing is gained by stopping at 0.1 on 24 validation prompts (a 0.08 point
-# measured 0.17 on the held-out half in a run with the default 0.1).
+# measured 0.17 on the held-out half in a run with the default 0.1 and resid_pre directions).
 SEARCH = [
     "--objective", "remove", "--search-space", "wide", "--trials", "48", "--candidates-per-batch", "16", "--seed", "0",
     "--max-refusal", "0",
