@@ -381,18 +381,36 @@ def front_comparison(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def prompt_hashes(ctx: Context, system_prompt: str) -> dict[str, str]:
+    """A digest of every prompt list a row depends on (and heretic's system prompt)."""
+    import hashlib
+
+    lists = {
+        "train_harmful": ctx.train_harmful, "train_harmless": ctx.train_harmless,
+        "validation_harmful": ctx.validation_harmful, "validation_benign": ctx.validation_benign,
+        "heldout_harmful": ctx.heldout_harmful, "heldout_benign": ctx.heldout_benign, "system_prompt": [system_prompt],
+    }
+    return {name: hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16] for name, texts in lists.items()}
+
+
 def load_heretic_from(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """An earlier output's (c) row, its heretic record (``<stem>-raw/heretic.json``: the markers)
-    and its held-out completions, refused in one line unless its model and budget are this run's."""
+    """An earlier output's (c) row, its raw folder (``<stem>-raw/``: heretic's record with its
+    markers, the held-out completions), refused in one line unless its model and budget are this
+    run's; checked before anything is cleared or computed."""
     raw = path.with_name(path.stem + "-raw")
+    if path.resolve() == Path(args.output).resolve() or raw.resolve() == Path(args.raw_dir).resolve():
+        raise UsageError(f"--heretic-from {path} is this run's --output or --raw-dir: write the new run elsewhere")
     try:
         earlier = json.loads(path.read_text())
         record = json.loads((raw / "heretic.json").read_text())
         completions = json.loads((raw / "completions.json").read_text())
     except (OSError, ValueError) as error:
         raise UsageError(f"--heretic-from {path}: cannot read it and {raw}/ ({error}): give an output of this script") from error
-    if "(c) heretic" not in earlier.get("rows", {}):
+    row = earlier.get("rows", {}).get("(c) heretic")
+    if row is None or "(c) heretic" not in completions:
         raise UsageError(f"--heretic-from {path} has no heretic row: give a run that ran heretic")
+    if args.heldout_front and not all("heldout" in entry for entry in row.get("front", [])):
+        raise UsageError(f"--heretic-from {path} did not measure heretic's front on held-out prompts: drop --heldout-front or run heretic again")
     budget = {
         "trials": args.trials, "heretic_startup_trials": args.startup_trials, "new_tokens": args.new_tokens,
         "seed": args.seed, "max_refusal": args.max_refusal,
@@ -403,24 +421,37 @@ def load_heretic_from(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     ]
     if differ:
         raise UsageError(f"--heretic-from {path} was run with another {', '.join(differ)}: run with the same, or run heretic again")
-    return {"row": earlier["rows"]["(c) heretic"], "record": record, "budget": earlier["budget"], "completions": completions}
+    return {"row": row, "record": record, "earlier": earlier, "completions": completions, "raw": raw, "path": str(path)}
 
 
-def check_same_prompts(reused: dict[str, Any], ctx: Context, unedited: list[str], where: str) -> None:
-    """The earlier run measured the same prompts: same counts, same held-out harmful prompts, and
-    the unedited model's completions of them identical (greedy, same code)."""
+def check_same_prompts(reused: dict[str, Any], ctx: Context, system_prompt: str) -> list[str]:
+    """The earlier run's prompts are this run's; returns what was compared. Counts and the
+    held-out harmful prompts always; every list and the system prompt by digest where the
+    earlier run recorded digests (outputs from before digests were recorded: counts only)."""
+    earlier = reused["earlier"]
     counts = {
         "validation_prompts": {"harmful": len(ctx.validation_harmful), "benign": len(ctx.validation_benign)},
         "heldout_prompts": {"harmful": len(ctx.heldout_harmful), "benign": len(ctx.heldout_benign)},
         "extraction_pairs": len(ctx.train_harmful),
     }
-    differ = [name for name, value in counts.items() if reused["budget"].get(name) != value]
+    differ = [name for name, value in counts.items() if earlier["budget"].get(name) != value]
+    checked = [f"counts ({', '.join(counts)})", "held-out harmful prompts"]
     if reused["completions"].get("prompts") != ctx.heldout_harmful:
-        differ.append("held-out prompts")
-    if not differ and reused["completions"].get("unedited") != unedited:
-        differ.append("unedited completions")
+        differ.append("held-out harmful prompts")
+    recorded = earlier.get("prompt_hashes")
+    if recorded is not None:
+        ours = prompt_hashes(ctx, system_prompt)
+        differ += [name for name in ours if recorded.get(name) != ours[name]]
+        checked.append("digests of every prompt list and the system prompt")
     if differ:
-        raise UsageError(f"--heretic-from {where} measured other prompts ({', '.join(differ)} differ): run heretic again")
+        raise UsageError(f"--heretic-from {reused['path']} measured other prompts ({', '.join(differ)} differ): run heretic again")
+    return checked
+
+
+def check_same_completions(reused: dict[str, Any], unedited: list[str]) -> None:
+    """The unedited model's held-out completions are the earlier run's (greedy, same code)."""
+    if reused["completions"].get("unedited") != unedited:
+        raise UsageError(f"--heretic-from {reused['path']} measured other prompts (unedited completions differ): run heretic again")
 
 
 def prepare_work_dir(path: Path) -> Path:
@@ -524,6 +555,7 @@ def _main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     common.set_threads(args.threads)
+    reused = load_heretic_from(Path(args.heretic_from), args) if args.heretic_from else None
     try:
         work = prepare_work_dir(Path(args.work_dir))
         raw = Path(args.raw_dir).resolve()  # heretic_driver runs in another folder
@@ -533,8 +565,8 @@ def _main(args: argparse.Namespace) -> int:
     except RefusalDirError as error:
         raise UsageError(str(error)) from error
     record: dict[str, Any] | None = None
-    reused = load_heretic_from(Path(args.heretic_from), args) if args.heretic_from else None
     if reused is not None:
+        reused["checked"] = check_same_prompts(reused, ctx, args.heretic_system_prompt)
         record = reused["record"]
     elif args.heretic:
         prompts = {
@@ -545,16 +577,22 @@ def _main(args: argparse.Namespace) -> int:
     markers = record["refusal_markers"] if record else None
     rows: dict[str, dict[str, Any]] = {"unedited": measure(ctx, ctx.model, markers=markers)}
     rows["unedited"]["trials"] = 0
+    if reused is not None:
+        check_same_completions(reused, rows["unedited"]["completions"])
+        reused["checked"].append("unedited held-out completions")
     if args.full:
         rows["(a) full ablation"] = run_full_ablation(ctx, markers)
     if args.ours:
         rows["(b) ours (tune_remove)"] = run_ours(ctx, markers)
     if reused is not None:
-        check_same_prompts(reused, ctx, rows["unedited"]["completions"], args.heretic_from)
-        rows["(c) heretic"] = reused["row"]
+        # The earlier run's row, completions and heretic files travel with this run's.
+        rows["(c) heretic"] = dict(reused["row"], completions=reused["completions"]["(c) heretic"])
+        for name in ("heretic.json", "heretic.log"):
+            if (reused["raw"] / name).is_file():
+                atomic_write_text(raw / name, (reused["raw"] / name).read_text())
     elif record is not None:
         rows["(c) heretic"] = evaluate_heretic(ctx, record)
-    completions = {name: row.pop("completions") for name, row in rows.items() if "completions" in row}
+    completions = {name: row.pop("completions") for name, row in rows.items()}
     for row in rows.values():
         if "all_trials" in row:
             atomic_write_text(raw / "ours-trials.json", json.dumps(row.pop("all_trials"), indent=2))
@@ -575,7 +613,8 @@ def _main(args: argparse.Namespace) -> int:
         },
         "prompt_format_equal": heretic_format_equal(ctx.model, ctx.heldout_harmful[0], args.heretic_system_prompt),
         "heretic_version": record["heretic_version"] if record else None,
-        "heretic_from": args.heretic_from,
+        "heretic_from": None if reused is None else {"path": reused["path"], "checked": reused["checked"]},
+        "prompt_hashes": prompt_hashes(ctx, args.heretic_system_prompt),
         "rows": rows,
         "table": table(rows),
     }

@@ -153,19 +153,39 @@ def test_heretic_from_reuses_an_earlier_heretic_row_only_on_the_same_prompts(ben
     assert result["rows"]["(c) heretic"] == earlier["rows"]["(c) heretic"]
     for key in ("refusal", "refusal_heretic_markers", "answered", "kl"):  # judged with the earlier run's markers
         assert result["rows"]["unedited"][key] == earlier["rows"]["unedited"][key]
-    assert result["heretic_from"] == str(first)
+    assert result["heretic_from"]["path"] == str(first)
+    assert "digests of every prompt list and the system prompt" in result["heretic_from"]["checked"]
+    # heretic's completions and record travel with the new run: it can be reused in turn.
+    old_raw, new_raw = (json.loads((tmp_path / f"{n}-raw" / "completions.json").read_text()) for n in ("first", "again"))
+    assert new_raw["(c) heretic"] == old_raw["(c) heretic"]
+    assert (tmp_path / "again-raw" / "heretic.json").read_text() == (tmp_path / "first-raw" / "heretic.json").read_text()
+    assert bench.main([*common, "--no-full", "--heretic-from", str(again), "--output", str(tmp_path / "third.json")]) == 0
     capsys.readouterr()
-    # Another seed, or other unedited completions (other prompts or code): refused in one line.
-    assert bench.main([*common, "--heretic-from", str(first), "--seed", "1", "--output", str(tmp_path / "x.json")]) == 2
-    assert "another seed" in capsys.readouterr().err
+
+    def refused(*flags: str, output: Path | None = None) -> str:
+        output = output or tmp_path / "refused.json"
+        assert bench.main([*common, *flags, "--output", str(output)]) == 2
+        assert not (tmp_path / "refused.json").exists()
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1
+        return errors[0]
+
+    assert "another seed" in refused("--heretic-from", str(first), "--seed", "1")
+    # Its own output: refused before the earlier files are touched.
+    assert "this run's --output" in refused("--heretic-from", str(first), output=first)
+    assert json.loads(first.read_text()) == earlier
+    # An earlier run without held-out fronts cannot give them.
+    assert "--heldout-front" in refused("--heretic-from", str(first), "--heldout-front")
+    # Other prompts: a digest that differs, or other unedited completions.
+    tampered = dict(earlier, prompt_hashes=dict(earlier["prompt_hashes"], validation_benign="0" * 16))
+    first.write_text(json.dumps(tampered))
+    assert "validation_benign" in refused("--heretic-from", str(first))
+    first.write_text(json.dumps(earlier))
     completions = tmp_path / "first-raw" / "completions.json"
     record = json.loads(completions.read_text())
     record["unedited"][0] += " changed"
     completions.write_text(json.dumps(record))
-    assert bench.main([*common, "--heretic-from", str(first), "--output", str(tmp_path / "y.json")]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "unedited completions" in errors[0]
-    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+    assert "unedited completions" in refused("--heretic-from", str(first))
 
 
 def test_attainment_and_dominance(bench):
