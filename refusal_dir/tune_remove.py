@@ -9,7 +9,8 @@ the first-token KL on harmless ones), with what a measurement needs around it:
 * **batched**: ``candidates_per_batch`` points are asked of the sampler at once and measured in
   one batched pass, each batch row with its own kernel (the run-time ablation takes one point per
   row); the sampler's constant liar keeps the points of one batch apart;
-* **anchored**: with ``anchor_layer`` (``tune`` passes the selected layer) the first trial
+* **anchored**: with ``anchor_layer`` (``tune`` passes the layer holding the selected direction
+  among the ablated ones, :func:`ablation_directions`) the first trial
   ablates that layer's direction at weight 1 on every write of every layer, with the search's
   options: the strong edit, expected to remove most refusal, from which the sampler looks for
   cheaper ones (heretic starts from random points only);
@@ -34,6 +35,7 @@ no feasible trial the unedited model (the zero point) is chosen. Search spaces:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
 
     from refusal_dir.extraction import Extraction
     from refusal_dir.model import HookedModel
+
+logger = logging.getLogger(__name__)
 
 SEARCH_SPACES = ("heretic", "wide")
 DIRECTION_SITES = ("auto", "resid_post", "resid_pre")
@@ -136,9 +140,11 @@ def ablation_directions(extraction: Extraction, site: str = "auto") -> tuple[Dir
     ``resid_pre`` it is the direction of the layer's input, one layer earlier. ``auto`` takes
     ``resid_post`` when the extraction has the steering method there, else the steering set.
     ``resid_pre`` of layer L is ``resid_post`` of layer L-1 (the same activations), so the
-    selected direction is found one layer earlier among ``resid_post`` sets (layer 0's input,
-    the embeddings, has no ``resid_post`` twin: the anchor stays at 0). A site the extraction
-    lacks is a ConfigError naming the fix.
+    selected direction is found one layer earlier among ``resid_post`` sets. At the two ends
+    there is no twin and the anchor is the nearest layer instead (a different vector): a selected
+    ``resid_pre`` layer 0 (the embeddings) anchors at ``resid_post`` 0, a selected ``resid_post``
+    last layer at ``resid_pre`` of the last layer. A site the extraction lacks is a ConfigError
+    naming the fix; ``auto`` falling back to the steering set logs a warning.
     """
     if site not in DIRECTION_SITES:
         raise ConfigError(f"unknown direction site {site!r}: choose one of {', '.join(DIRECTION_SITES)}")
@@ -152,6 +158,7 @@ def ablation_directions(extraction: Extraction, site: str = "auto") -> tuple[Dir
     chosen = extraction.sets.get(name)
     if chosen is None:
         if site == "auto":
+            logger.warning("no %s directions in the extraction: ablating the %s ones (steering site)", name, steering.meta.site)
             return steering, layer
         raise ConfigError(
             f"the extraction has no {name} directions: extract with extraction.sites including "
@@ -193,7 +200,7 @@ class SearchSettings:
     anchor_layer: int | None = None
     """When set, the first trial ablates this layer's direction at weight 1 everywhere
     (:meth:`SearchSpace.anchor`): the search starts from the strong edit and looks for cheaper
-    ones around it (``tune`` passes the selected layer; ``--no-anchor``: none)."""
+    ones around it (``tune`` passes the layer of :func:`ablation_directions`; ``--no-anchor``: none)."""
 
     def __post_init__(self) -> None:
         if self.trials < 1 or self.candidates_per_batch < 1:

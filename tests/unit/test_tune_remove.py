@@ -186,6 +186,37 @@ def test_cli_tune_remove_writes_a_reproducible_point(capsys, extracted_dir, tmp_
     assert code == 0 and free["anchor_layer"] is None and free["trials"][0] != first["trials"][0]
 
 
+def test_cli_direction_site_sets_the_directions_the_means_and_the_anchor(capsys, extracted_dir, tiny_model_dir, tmp_path) -> None:
+    """The harmless means that project the directions are taken at the directions' own site
+    (resid_post by default), not the config's steering site; --direction-site resid_pre gives
+    the behaviour of earlier versions (the selected layer's input direction as the anchor)."""
+    import json
+
+    import torch
+
+    from refusal_dir.abliteration import harmless_means
+    from refusal_dir.config import load_config
+    from refusal_dir.datasets import load_datasets, split_pairs
+    from refusal_dir.model import load_model
+    from refusal_dir.tuned import read_tuned
+
+    selected = json.loads((extracted_dir / "directions" / "selected.json").read_text())["layer"]
+    model = load_model(str(tiny_model_dir), device="cpu", dtype="float32", with_bridge=False)
+    config = load_config(None)
+    negatives = split_pairs(load_datasets(config).refusal_pairs, config)[0].negatives
+    for site, anchor in (("resid_post", selected - 1), ("resid_pre", selected)):
+        out = tmp_path / site
+        code, err = _cli(capsys, "tune", "--directions-dir", str(extracted_dir), "--output-dir", str(out), *REMOVE,
+                         "--trials", "1", "--direction-site", site)
+        assert code == 0, err
+        record, tuned = json.loads((out / "tune.json").read_text()), read_tuned(out)
+        assert record["direction_site"] == site == tuned.directions.meta.site and record["anchor_layer"] == anchor
+        expected = harmless_means(model, negatives, site=site, token=config.extraction.token)
+        other = harmless_means(model, negatives, site="resid_pre" if site == "resid_post" else "resid_post", token=config.extraction.token)
+        assert torch.allclose(tuned.harmless_means, expected, atol=1e-5)
+        assert not torch.allclose(tuned.harmless_means, other, atol=1e-3)
+
+
 def test_ablation_directions_are_each_layers_output_and_the_anchor_is_the_selected_direction(extracted_dir) -> None:
     import dataclasses
 
