@@ -159,12 +159,13 @@ def test_heretic_from_reuses_an_earlier_heretic_row_only_on_the_same_prompts(ben
     old_raw, new_raw = (json.loads((tmp_path / f"{n}-raw" / "completions.json").read_text()) for n in ("first", "again"))
     assert new_raw["(c) heretic"] == old_raw["(c) heretic"]
     assert (tmp_path / "again-raw" / "heretic.json").read_text() == (tmp_path / "first-raw" / "heretic.json").read_text()
-    assert bench.main([*common, "--no-full", "--heretic-from", str(again), "--output", str(tmp_path / "third.json")]) == 0
+    third = ["--output", str(tmp_path / "third.json"), "--raw-dir", str(tmp_path / "third-raw")]
+    assert bench.main([*common, "--no-full", "--heretic-from", str(again), *third]) == 0
     capsys.readouterr()
 
     def refused(*flags: str, output: Path | None = None) -> str:
         output = output or tmp_path / "refused.json"
-        assert bench.main([*common, *flags, "--output", str(output)]) == 2
+        assert bench.main([*common, *flags, "--output", str(output), "--raw-dir", str(tmp_path / "refused-raw")]) == 2
         assert not (tmp_path / "refused.json").exists()
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1
