@@ -79,6 +79,12 @@ class Extraction:
         return self.sets[self.selected_key]
 
 
+def set_key(method: str, site: str, prefix: str = "") -> str:
+    """The name of the DirectionSet of ``method`` at ``site`` in an extraction (its folder name;
+    ``prefix`` "honesty_" for the honesty family)."""
+    return f"{prefix}{method}_{site}"
+
+
 def _collect_split(
     model: HookedModel, pairs: PairSet, config: Config, *, progress: bool, label: str
 ) -> tuple[ActivationReader, ActivationReader, ActivationReader, ActivationReader, list[str]]:
@@ -128,7 +134,7 @@ def _extract_family(
     scores: dict[str, list[LayerScore]] = {}
     for method in config.extraction.methods:
         for site in config.extraction.sites:
-            key = f"{prefix}{method}_{site}"
+            key = set_key(method, site, prefix)
             sets[key] = compute_directions(
                 train_pos,
                 train_neg,
@@ -192,7 +198,7 @@ def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress
     sets, scores = _extract_family(
         model, datasets.refusal_pairs, config, name="refusal", prefix="", progress=progress
     )
-    key = f"{config.extraction.method}_{config.extraction.site}"
+    key = set_key(config.extraction.method, config.extraction.site)
     selected = select_layer(
         scores[key], n_layers=model.n_layers, max_layer_fraction=config.extraction.max_layer_fraction
     )
@@ -230,7 +236,7 @@ def _extract(model: HookedModel, config: Config, datasets: Datasets, *, progress
         )
         sets.update(honesty_sets)
         scores.update(honesty_scores)
-        honesty_key = f"honesty_{key}"
+        honesty_key = set_key(config.extraction.method, config.extraction.site, "honesty_")
         honesty_selected = select_layer(
             scores[honesty_key], n_layers=model.n_layers,
             max_layer_fraction=config.extraction.max_layer_fraction,

@@ -48,6 +48,7 @@ from refusal_dir.architectures import WRITE_KINDS
 from refusal_dir.directions import DirectionSet
 from refusal_dir.errors import ConfigError, DataError
 from refusal_dir.evaluation import judges, metrics
+from refusal_dir.extraction import set_key
 from refusal_dir.generation import GenerationSettings, generate, next_token_logits
 from refusal_dir.interventions import repeat_rows
 from refusal_dir.prompts import MCQuestion, format_mc_prompt
@@ -153,8 +154,7 @@ def ablation_directions(extraction: Extraction, site: str = "auto") -> tuple[Dir
     want = "resid_post" if site == "auto" else site
     if steering.meta.site == want:
         return steering, layer
-    key = extraction.selected_key  # "<method>_<site>", as extract names its sets
-    name = key[: -len(steering.meta.site)] + want if key.endswith(steering.meta.site) else f"{steering.meta.method}_{want}"
+    name = set_key(steering.meta.method, want)
     chosen = extraction.sets.get(name)
     if chosen is None:
         if site == "auto":
