@@ -381,6 +381,15 @@ def front_comparison(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def prompt_counts(ctx: Context) -> dict[str, Any]:
+    """How many prompts of each split the rows used (the output's budget records them)."""
+    return {
+        "validation_prompts": {"harmful": len(ctx.validation_harmful), "benign": len(ctx.validation_benign)},
+        "heldout_prompts": {"harmful": len(ctx.heldout_harmful), "benign": len(ctx.heldout_benign)},
+        "extraction_pairs": len(ctx.train_harmful),
+    }
+
+
 def prompt_hashes(ctx: Context, system_prompt: str) -> dict[str, str]:
     """A digest of every prompt list a row depends on (and heretic's system prompt)."""
     import hashlib
@@ -411,14 +420,13 @@ def load_heretic_from(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--heretic-from {path} has no heretic row: give a run that ran heretic")
     if args.heldout_front and not all("heldout" in entry for entry in row.get("front", [])):
         raise UsageError(f"--heretic-from {path} did not measure heretic's front on held-out prompts: drop --heldout-front or run heretic again")
-    budget = {
+    ours = {
         "trials": args.trials, "heretic_startup_trials": args.startup_trials, "new_tokens": args.new_tokens,
         "seed": args.seed, "max_refusal": args.max_refusal,
     }
-    differ = [
-        name for name in (*budget, "model")
-        if (earlier["model"] if name == "model" else earlier["budget"].get(name)) != (args.model if name == "model" else budget[name])
-    ]
+    theirs = {name: earlier["budget"].get(name) for name in ours}
+    ours["model"], theirs["model"] = args.model, earlier.get("model")
+    differ = [name for name in ours if theirs[name] != ours[name]]
     if differ:
         raise UsageError(f"--heretic-from {path} was run with another {', '.join(differ)}: run with the same, or run heretic again")
     return {"row": row, "record": record, "earlier": earlier, "completions": completions, "raw": raw, "path": str(path)}
@@ -429,11 +437,7 @@ def check_same_prompts(reused: dict[str, Any], ctx: Context, system_prompt: str)
     held-out harmful prompts always; every list and the system prompt by digest where the
     earlier run recorded digests (outputs from before digests were recorded: counts only)."""
     earlier = reused["earlier"]
-    counts = {
-        "validation_prompts": {"harmful": len(ctx.validation_harmful), "benign": len(ctx.validation_benign)},
-        "heldout_prompts": {"harmful": len(ctx.heldout_harmful), "benign": len(ctx.heldout_benign)},
-        "extraction_pairs": len(ctx.train_harmful),
-    }
+    counts = prompt_counts(ctx)
     differ = [name for name, value in counts.items() if earlier["budget"].get(name) != value]
     checked = [f"counts ({', '.join(counts)})", "held-out harmful prompts"]
     if reused["completions"].get("prompts") != ctx.heldout_harmful:
@@ -469,7 +473,7 @@ def build_context(args: argparse.Namespace, work: Path) -> Context:
     from refusal_dir import load_model, tune
     from refusal_dir.config import load_config
     from refusal_dir.datasets import load_datasets, split_pairs
-    from refusal_dir.extraction import extract, extraction_directory, load_extraction, load_selected
+    from refusal_dir.extraction import extract, extraction_directory, load_extraction
     from refusal_dir.generation import GenerationSettings, next_token_logits
     from refusal_dir.tune_remove import ablation_directions
 
@@ -485,12 +489,13 @@ def build_context(args: argparse.Namespace, work: Path) -> Context:
         (work / "extract").mkdir()
         extract(model, config, datasets, work / "extract", progress=False)
         args.directions_dir = work / "extract"
-    directions, selected = load_selected(Path(args.directions_dir), model=model)
-    if selected.get("layer") is None:
+    directory = extraction_directory(Path(args.directions_dir))
+    if not (directory / "selected.json").is_file():
         raise UsageError(f"--directions-dir {args.directions_dir} names no selected layer: give a `refusal-dir extract` output")
-    ablation, anchor = ablation_directions(
-        load_extraction(extraction_directory(Path(args.directions_dir)), model=model), args.direction_site
-    )
+    extraction = load_extraction(directory, model=model)
+    directions = extraction.steering_set
+    selected = {"set": extraction.selected_key, "layer": extraction.selected.layer, "position": extraction.selected.position}
+    ablation, anchor = ablation_directions(extraction, args.direction_site)
     train, _ = split_pairs(datasets.refusal_pairs, config)
     val_harmful, held_harmful = tune.split_half(datasets.harmful_eval)
     val_benign, held_benign = tune.split_half(datasets.benign_eval)
@@ -603,10 +608,8 @@ def _main(args: argparse.Namespace) -> int:
         "model": args.model,
         "selected": {"layer": ctx.selected["layer"], "token": ctx.selected.get("position"), "rule": "effect"},
         "budget": {
-            "trials": args.trials, "heretic_startup_trials": args.startup_trials,
-            "validation_prompts": {"harmful": len(ctx.validation_harmful), "benign": len(ctx.validation_benign)},
-            "heldout_prompts": {"harmful": len(ctx.heldout_harmful), "benign": len(ctx.heldout_benign)},
-            "extraction_pairs": len(ctx.train_harmful), "new_tokens": args.new_tokens, "batch_size": args.batch_size,
+            "trials": args.trials, "heretic_startup_trials": args.startup_trials, **prompt_counts(ctx),
+            "new_tokens": args.new_tokens, "batch_size": args.batch_size,
             "seed": args.seed, "max_refusal": args.max_refusal, "candidates_per_batch": args.candidates_per_batch,
             "search_space": args.search_space, "anchor": not args.no_anchor, "direction_site": ctx.ablation.meta.site,
             "threads": args.threads,
