@@ -52,6 +52,7 @@ ignored ``--work-dir``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -213,7 +214,7 @@ def run_ours(ctx: Context, markers: list[str] | None) -> dict[str, Any]:
             tune_remove.RemoveLimits(args.max_refusal, 1.0, 1.0),
             anchor_layer=None if args.no_anchor else ctx.anchor,
         ),
-        options=options, harmless_means=means, settings=ctx.settings,
+        options=options, harmless_means=means, settings=dataclasses.replace(ctx.settings, share_prefix=args.share_prefix),
         on_event=lambda event: events.append(
             (time.perf_counter() - started, time.process_time() - started_cpu, event)
         ),
@@ -612,7 +613,7 @@ def _main(args: argparse.Namespace) -> int:
             "new_tokens": args.new_tokens, "batch_size": args.batch_size,
             "seed": args.seed, "max_refusal": args.max_refusal, "candidates_per_batch": args.candidates_per_batch,
             "search_space": args.search_space, "anchor": not args.no_anchor, "direction_site": ctx.ablation.meta.site,
-            "threads": args.threads,
+            "share_prefix": args.share_prefix, "threads": args.threads,
         },
         "prompt_format_equal": heretic_format_equal(ctx.model, ctx.heldout_harmful[0], args.heretic_system_prompt),
         "heretic_version": record["heretic_version"] if record else None,
@@ -660,6 +661,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--direction-site", default="auto", choices=("auto", "resid_post", "resid_pre"),
         help="(b)'s directions, as `tune --objective remove --direction-site` (auto: resid_post when extracted)",
+    )
+    parser.add_argument(
+        "--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+        help="(b)'s search prefills the prompts' common first tokens once per candidate (`tune --share-prefix`, its default); "
+        "the table's rows are measured on whole prompts either way",
     )
     parser.add_argument("--no-anchor", action="store_true", help="(b) starts from random points only, as heretic does (default: its first trial ablates the selected layer's direction at weight 1 on every write)")
     parser.add_argument(

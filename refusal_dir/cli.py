@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remove.add_argument("--projected", action=argparse.BooleanOptionalAction, default=True, help="orthogonalize each direction against the harmless mean")
     remove.add_argument("--norm-preserving", action=argparse.BooleanOptionalAction, default=True, help="edited matrices keep their row norms")
+    remove.add_argument(
+        "--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+        help="prefill the prompts' common first tokens (a system prompt) once per candidate, not once per prompt "
+        "(same tokens up to float rounding; --no-share-prefix: every prompt whole)",
+    )
     remove.add_argument("--no-figures", action="store_true", help="skip figures/pareto.html")
     tune.add_argument("--tune-methods", nargs="+", choices=["addition", "ablation", "conditional"], default=["addition", "ablation", "conditional"])
     tune.add_argument("--n-layers", type=int, default=3, help="try the N best candidate layers of the extraction")
@@ -606,7 +611,10 @@ def _tune_remove(
         model, directions,
         validation=tune.EvalSplit(*(half[0] for half in halves)), heldout=tune.EvalSplit(*(half[1] for half in halves)),
         search=search, options=options, harmless_means=means,
-        settings=GenerationSettings(max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size),
+        settings=GenerationSettings(
+            max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size,
+            share_prefix=args.share_prefix,
+        ),
         mmlu_scoring=config.evaluation.mmlu_scoring, mmlu_formatter=mc_formatter(config),
         bootstrap_resamples=config.evaluation.bootstrap_resamples, on_event=reporter,
     )

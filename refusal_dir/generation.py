@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from refusal_dir.errors import ConfigError, DataError
-from refusal_dir.interventions import Intervention, check_rows, steer
+from refusal_dir.interventions import Intervention, PositionState, check_rows, row_groups, steer
 from refusal_dir.model import HookedModel, TokenBatch, pad_ids
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ class GenerationSettings:
     temperature: float = 1.0
     stop_strings: tuple[str, ...] = ()
     use_cache: bool = True
+    share_prefix: bool = False
+    """Prefill the token ids every prompt of a batch begins with (a chat template's system
+    prompt) once per group of rows the interventions treat alike, instead of once per row
+    (:func:`split_prefix`). The same tokens as without, up to float rounding: a greedy
+    near-tie may break the other way."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -62,6 +67,54 @@ def _check_prompts(prompts: Sequence[str]) -> None:
 
 def _batches(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading token ids all rows share, every row keeping at least one of its own."""
+    if not rows:
+        return 0
+    limit, first = min(len(ids) for ids in rows) - 1, rows[0]
+    length = 0
+    while length < limit and all(ids[length] == first[length] for ids in rows):
+        length += 1
+    return length
+
+
+def split_prefix(model: HookedModel, texts: Sequence[str]) -> tuple[TokenBatch, int]:
+    """Formatted texts as ``(batch, k)``: the ``k`` ids all rows share first, then each row's own
+    ids left padded (the padding sits between the two; the mask has it, so generation's
+    positions, derived from the mask, run on without a gap). ``k = 0`` is :meth:`HookedModel.tokenize`."""
+    encoded = [model._encode(text) for text in texts]
+    if any(len(ids) == 0 for ids in encoded):
+        raise ConfigError("a prompt tokenized to zero tokens: remove empty prompts")
+    k = shared_prefix_length(encoded)
+    own_ids, own_mask = pad_ids([ids[k:] for ids in encoded], model.pad_token_id)
+    prefix = torch.tensor(encoded[0][:k], dtype=torch.long).expand(len(encoded), k)
+    return TokenBatch(torch.cat([prefix, own_ids], dim=1), torch.cat([torch.ones_like(prefix), own_mask], dim=1)), k
+
+
+def prefill_prefix(
+    model: HookedModel,
+    batch: TokenBatch,
+    k: int,
+    interventions: Sequence[Intervention],
+    state: PositionState,
+    rows: slice,
+    n_rows: int,
+) -> object:
+    """The KV cache of the first ``k`` positions of ``batch`` for its ``rows`` (of ``n_rows``),
+    computed once per group of rows the interventions treat alike
+    (:func:`~refusal_dir.interventions.row_groups`) and spread to every row. Call after
+    ``state.start``; the state then continues with the rows' own positions."""
+    first, group = row_groups(interventions, rows, n_rows)
+    state.rows = first
+    output = model.hf(
+        input_ids=batch.input_ids[: len(first), :k].contiguous().to(model.device), use_cache=True, logits_to_keep=1
+    )
+    cache = output.past_key_values
+    cache.batch_select_indices(group.to(model.device))
+    state.resume(rows)
+    return cache
 
 
 def _decode_row(model: HookedModel, ids: list[int], stop_ids: set[int], stop_strings: Sequence[str]) -> tuple[str, list[int]]:
@@ -148,11 +201,14 @@ def _generate_batches(
             disable=not progress,
             leave=False,
         ):
-            batch = model.tokenize(texts[rows]).to(model.device)
+            batch, k = split_prefix(model, texts[rows]) if settings.share_prefix else (model.tokenize(texts[rows]), 0)
             state.start(rows, prompt_length=batch.input_ids.shape[1])
+            cached = {} if k == 0 else {"past_key_values": prefill_prefix(model, batch, k, interventions, state, rows, len(texts))}
+            batch = batch.to(model.device)
             generated = model.hf.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
+                **cached,
                 max_new_tokens=settings.max_new_tokens,
                 eos_token_id=stop_ids,
                 pad_token_id=model.pad_token_id,
@@ -181,6 +237,23 @@ def _forward_logits(
 
 
 @torch.no_grad()
+def _prefixed_logits(model: HookedModel, batch: TokenBatch, k: int, cache: object) -> Float[Tensor, "batch 1 vocab"]:
+    """Last-position logits of ``batch`` whose first ``k`` positions are in ``cache``."""
+    device_batch = batch.to(model.device)
+    mask = device_batch.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    output = model.hf(
+        input_ids=device_batch.input_ids[:, k:],
+        attention_mask=mask,
+        position_ids=positions[:, k:],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return output.logits.float()
+
+
+@torch.no_grad()
 def next_token_logits(
     model: HookedModel,
     prompts: Sequence[str],
@@ -190,13 +263,15 @@ def next_token_logits(
     apply_chat_template: bool = True,
     progress: bool = False,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    share_prefix: bool = False,
 ) -> Float[Tensor, "prompts vocab"]:
     """Logits of the token that would follow each prompt (float32, on the CPU).
 
     The result holds prompts x vocabulary floats (1 MiB per prompt on a 262k vocabulary).
     ``reduce`` maps each batch's ``batch x vocab`` logits to what is kept (say, the columns of
     a few answer letters), so that memory stays bounded by one batch; the reduced batches are
-    concatenated along the first dimension.
+    concatenated along the first dimension. ``share_prefix``: as
+    :attr:`GenerationSettings.share_prefix` (equal up to float rounding).
     """
     chunks = iter_next_token_logits(
         model,
@@ -205,6 +280,7 @@ def next_token_logits(
         batch_size=batch_size,
         apply_chat_template=apply_chat_template,
         progress=progress,
+        share_prefix=share_prefix,
     )
     try:
         return torch.cat([logits if reduce is None else reduce(logits) for _, logits in chunks])
@@ -220,6 +296,7 @@ def iter_next_token_logits(
     batch_size: int = 16,
     apply_chat_template: bool = True,
     progress: bool = False,
+    share_prefix: bool = False,
 ) -> Generator[tuple[slice, Float[Tensor, "batch vocab"]], None, None]:
     """``(rows, logits)`` per batch of :func:`next_token_logits`.
 
@@ -232,7 +309,12 @@ def iter_next_token_logits(
     with torch.no_grad(), steer(model, *interventions) as state:
         for rows in tqdm(_batches(len(texts), batch_size), disable=not progress, leave=False):
             state.start(rows)
-            logits = _forward_logits(model, model.tokenize(texts[rows]), keep=1)
+            batch, k = split_prefix(model, texts[rows]) if share_prefix else (model.tokenize(texts[rows]), 0)
+            if k == 0:
+                logits = _forward_logits(model, batch, keep=1)
+            else:
+                cache = prefill_prefix(model, batch, k, interventions, state, rows, len(texts))
+                logits = _prefixed_logits(model, batch, k, cache)
             yield rows, logits[:, -1].cpu()
 
 

@@ -95,20 +95,31 @@ class PositionState:
 
     offset: int = 0
     prompt_length: int | None = None
-    rows: slice = field(default_factory=lambda: slice(None))
+    rows: slice | Tensor = field(default_factory=lambda: slice(None))
     seen: int = 0
+    resuming: bool = False
 
-    def start(self, rows: slice, prompt_length: int | None = None) -> None:
+    def start(self, rows: slice | Tensor, prompt_length: int | None = None) -> None:
         """Begin a new batch: its rows, its padded prompt width (generation only), offset 0."""
         self.rows = rows
         self.prompt_length = prompt_length
         self.offset = 0
         self.seen = 0
+        self.resuming = False
+
+    def resume(self, rows: slice | Tensor) -> None:
+        """Go on with the sequence seen so far, now for ``rows``: the next pass continues it
+        whatever its length (a shared prefix ran once per group of alike rows, and each row's
+        own tokens follow it)."""
+        self.rows = rows
+        self.resuming = True
 
     def advance(self, seq_len: int) -> None:
         """Record one forward pass over ``seq_len`` positions (called before its first layer)."""
-        self.offset = 0 if seq_len > self.seen else self.seen
+        continues = self.resuming or seq_len <= self.seen
+        self.offset = self.seen if continues else 0
         self.seen = self.offset + seq_len
+        self.resuming = False
 
     def mask(self, seq_len: int, rule: str, device: torch.device) -> Tensor | None:
         """``1 x seq x 1`` mask of the positions a rule covers; ``None`` means all of them."""
@@ -355,6 +366,26 @@ def check_rows(interventions: Sequence[RowIntervention], n_rows: int) -> None:
                     f"{values.shape[0]} per-row values of {name} for {n_rows} prompts: give one "
                     "value per prompt"
                 )
+
+
+def row_groups(interventions: Sequence[RowIntervention], rows: slice, n_rows: int) -> tuple[Tensor, Tensor]:
+    """The rows of one batch that every intervention treats alike (equal per-row values in all
+    of them): ``(first, group)``, the index among all ``n_rows`` rows of each group's first row
+    and each batch row's group. Without per-row values the whole batch is one group."""
+    indices = torch.arange(n_rows)[rows]
+    columns = [
+        values.detach()[rows].reshape(len(indices), -1).float().cpu()
+        for intervention in interventions
+        for values in _per_row(intervention).values()
+    ]
+    if not columns:
+        return indices[:1], torch.zeros(len(indices), dtype=torch.long)
+    _, group = torch.unique(torch.cat(columns, dim=1), dim=0, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    first = torch.full((n_groups,), len(indices), dtype=torch.long).scatter_reduce(
+        0, group, torch.arange(len(indices)), reduce="amin"
+    )
+    return indices[first], group
 
 
 def repeat_rows(interventions: Sequence[_Rows], counts: Sequence[int]) -> list[_Rows]:

@@ -270,7 +270,8 @@ class PointEvaluator:
         key = tuple(benign)
         if key not in self._reference:
             self._reference[key] = next_token_logits(
-                self.model, list(benign), batch_size=self.settings.batch_size, progress=False
+                self.model, list(benign), batch_size=self.settings.batch_size, progress=False,
+                share_prefix=self.settings.share_prefix,
             )
         return self._reference[key]
 
@@ -297,6 +298,7 @@ class PointEvaluator:
             self.model, [prompt for _ in points for prompt in benign],
             interventions=self._intervention(points, len(benign)),
             reference_logits=self._reference_logits(benign), batch_size=self.settings.batch_size,
+            share_prefix=self.settings.share_prefix,
         ).per_prompt
         values["kl"] = [float(x) for x in kl]
         if "helpfulness" in self.measure:
@@ -484,5 +486,6 @@ def tune_remove(
     record = {
         **search.as_record(),
         "options": {"projected": options.projected, "norm_preserving": options.norm_preserving, "token": options.token},
+        "share_prefix": evaluator.settings.share_prefix,
     }
     return RemoveResult(baseline, done, pareto_front(done), chosen, report, settings=record)

@@ -307,3 +307,46 @@ def test_a_wrong_expert_writer_is_named_in_the_error(
         UnsupportedArchitectureError, match="at 'mlp.experts.w2', but found nothing"
     ):
         orthogonalized_copy(model, torch.ones(model.d_model))
+
+
+@pytest.mark.parametrize("rule", ["all", "prompt", "generated"])
+def test_a_shared_prefix_gives_the_tokens_of_whole_prompts(family, vector, rule: str) -> None:
+    """Two groups of rows (per-row alpha 0 and 1) under every position rule: the prefix runs once
+    per group, and the tokens and next-token logits are those of every prompt run whole."""
+    from refusal_dir.generation import split_prefix
+
+    steering = _steering(family, vector)
+    prompts = PROMPTS + PROMPTS
+    alphas = [0.0] * len(PROMPTS) + [1.0] * len(PROMPTS)
+    edit = addition(steering, layer=LAYER, alpha=alphas, apply_to=rule)
+    k = split_prefix(family, family.format_prompts(prompts))[1]
+    assert k > 0, "the template shares no first tokens: this case would test nothing"
+    passes: dict[bool, list[tuple[int, ...]]] = {False: [], True: []}
+    runs = {}
+    for share in (False, True):
+        handle = family.layers[0].register_forward_pre_hook(
+            lambda module, args, kwargs, seen=passes[share]: seen.append(
+                tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])
+            ),
+            with_kwargs=True,
+        )
+        try:
+            runs[share] = generate_tokens(
+                family, prompts, interventions=[edit], progress=False,
+                settings=GenerationSettings(max_new_tokens=N_NEW, batch_size=len(prompts), share_prefix=share),
+            )[1]
+        finally:
+            handle.remove()
+    whole = runs[False]
+    if rule != "prompt":  # the groups must differ, or a swapped group would go unseen
+        assert whole[: len(PROMPTS)] != whole[len(PROMPTS):]
+    assert runs[True] == whole
+    width = passes[False][0][1]
+    # one row per group over the shared tokens, then every row over its own tokens only
+    assert passes[True][:2] == [(2, k), (len(prompts), width - k)]
+    logits = {
+        share: next_token_logits(family, prompts, interventions=[edit], batch_size=4, share_prefix=share)
+        for share in (False, True)
+    }
+    scale = float(logits[False].abs().max())
+    assert torch.allclose(logits[True], logits[False], atol=1e-4 * scale, rtol=0)

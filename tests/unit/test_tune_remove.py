@@ -63,6 +63,24 @@ def test_many_points_in_one_batch_equal_each_point_alone(setup) -> None:
     assert min(together[0].values["kl"]) > 0 and min(together[1].values["kl"]) > 0
 
 
+def test_a_shared_prefix_measures_what_whole_prompts_measure(setup) -> None:
+    """Every point's prefix runs once for its rows; the values are those of whole prompts, and
+    the zero point's KL stays 0 (its reference is computed the same way)."""
+    from dataclasses import replace
+
+    split = setup[3]
+    whole = _evaluator(setup).per_item(POINTS, split)
+    model, directions, means, _ = setup
+    shared = PointEvaluator(
+        model, directions, harmless_means=means, settings=replace(SETTINGS, share_prefix=True)
+    ).per_item(POINTS, split)
+    for a, b in zip(whole, shared, strict=True):
+        for metric in ("refusal", "helpfulness", "mmlu"):
+            assert a.values[metric] == b.values[metric], metric
+        assert b.values["kl"] == pytest.approx(a.values["kl"], rel=1e-3, abs=1e-9)
+    assert max(shared[2].values["kl"]) < 1e-12 and min(shared[0].values["kl"]) > 1e-5
+
+
 def test_same_seed_same_trials_and_another_seed_differs(setup) -> None:
     model, _, _, validation = setup
 
@@ -170,6 +188,7 @@ def test_cli_tune_remove_writes_a_reproducible_point(capsys, extracted_dir, tmp_
         outputs.append(tmp_path / name)
     first, again = (json.loads((out / "tune.json").read_text()) for out in outputs)
     assert first["objective"] == "remove" and len(first["trials"]) == 4
+    assert first["share_prefix"] is True  # the CLI's default: prefixes prefilled once per candidate
     assert first["trials"] == again["trials"] and first["chosen_point"] == again["chosen_point"]
     for name in ("trials.csv", "pareto.csv", "tune.md", "figures/pareto.html"):
         assert (outputs[0] / name).is_file(), name

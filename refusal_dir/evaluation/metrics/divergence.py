@@ -35,6 +35,7 @@ def kl_divergence(
     batch_size: int = 16,
     progress: bool = False,
     apply_chat_template: bool = True,
+    share_prefix: bool = False,
 ) -> KLResult:
     """KL(P_unsteered || P_steered) of the next-token distribution after each prompt.
 
@@ -46,7 +47,10 @@ def kl_divergence(
     at the second, ...), so row ``i`` is compared with ``reference_logits[i % len]``. Identical
     logits give exactly 0; with no interventions and no reference the result is 0 without a
     second forward pass. With a reference given, memory stays bounded by one batch of steered
-    logits, however many prompts.
+    logits, however many prompts. ``share_prefix``: the steered (and a computed reference)
+    pass prefill the prompts' shared first tokens once per group of alike rows
+    (:attr:`refusal_dir.generation.GenerationSettings.share_prefix`); pass a reference computed
+    the same way.
     """
     check_items(prompts, "prompts")
     reference: Tensor | None = None
@@ -64,12 +68,13 @@ def kl_divergence(
     else:
         # Before the steered pass: its hooks stay live between the batches it yields.
         reference = next_token_logits(
-            model, prompts, batch_size=batch_size, progress=progress, apply_chat_template=apply_chat_template
+            model, prompts, batch_size=batch_size, progress=progress, apply_chat_template=apply_chat_template,
+            share_prefix=share_prefix,
         )
     values: list[float] = []
     steered_chunks = iter_next_token_logits(
         model, prompts, interventions=interventions, batch_size=batch_size, progress=progress,
-        apply_chat_template=apply_chat_template,
+        apply_chat_template=apply_chat_template, share_prefix=share_prefix,
     )
     try:
         for rows, steered in steered_chunks:
