@@ -44,7 +44,8 @@ class GenerationSettings:
     """Prefill the token ids every prompt of a batch begins with (a chat template's system
     prompt) once per group of rows the interventions treat alike, instead of once per row
     (:func:`split_prefix`). The same tokens as without, up to float rounding: a greedy
-    near-tie may break the other way."""
+    near-tie may break the other way. Needs ``use_cache``; a batch that cannot share
+    (:func:`prefix_sharing_blocked`) runs whole prompts."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -80,14 +81,35 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def split_prefix(model: HookedModel, texts: Sequence[str]) -> tuple[TokenBatch, int]:
+def prefix_sharing_blocked(model: HookedModel, length: int) -> str | None:
+    """Why a batch of sequences up to ``length`` positions long (prompt and new tokens) cannot
+    take a shared prefix on this model (``None``: it can). A sliding-window layer counts its
+    window in cache slots, and the padding after the prefix would push the prefix out of it
+    sooner than whole prompts do; ``generate`` refuses a cache passed in when the model's
+    generation config names a cache kind of its own."""
+    config = model.hf.config.get_text_config()
+    window, kinds = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    slides = any("sliding" in str(kind) for kind in kinds) if kinds else getattr(config, "use_sliding_window", True)
+    if slides and isinstance(window, int) and 0 < window < length:
+        return f"a sliding window of {window} positions, shorter than {length}"
+    kind = getattr(getattr(model.hf, "generation_config", None), "cache_implementation", None)
+    if kind not in (None, "hybrid"):  # Gemma 2's "hybrid" is dropped by generate itself
+        return f"the generation config's own cache ({kind})"
+    return None
+
+
+def split_prefix(model: HookedModel, texts: Sequence[str], *, new_tokens: int = 0) -> tuple[TokenBatch, int]:
     """Formatted texts as ``(batch, k)``: the ``k`` ids all rows share first, then each row's own
     ids left padded (the padding sits between the two; the mask has it, so generation's
-    positions, derived from the mask, run on without a gap). ``k = 0`` is :meth:`HookedModel.tokenize`."""
+    positions, derived from the mask, run on without a gap). ``k = 0`` (nothing shared, or a
+    model that cannot share with ``new_tokens`` to come, :func:`prefix_sharing_blocked`) is
+    :meth:`HookedModel.tokenize`."""
     encoded = [model._encode(text) for text in texts]
     if any(len(ids) == 0 for ids in encoded):
         raise ConfigError("a prompt tokenized to zero tokens: remove empty prompts")
     k = shared_prefix_length(encoded)
+    if k and prefix_sharing_blocked(model, max(len(ids) for ids in encoded) + new_tokens) is not None:
+        k = 0
     own_ids, own_mask = pad_ids([ids[k:] for ids in encoded], model.pad_token_id)
     prefix = torch.tensor(encoded[0][:k], dtype=torch.long).expand(len(encoded), k)
     return TokenBatch(torch.cat([prefix, own_ids], dim=1), torch.cat([torch.ones_like(prefix), own_mask], dim=1)), k
@@ -112,7 +134,7 @@ def prefill_prefix(
         input_ids=batch.input_ids[: len(first), :k].contiguous().to(model.device), use_cache=True, logits_to_keep=1
     )
     cache = output.past_key_values
-    cache.batch_select_indices(group.to(model.device))
+    cache.batch_select_indices(group)  # a CPU index serves layers on any device
     state.resume(rows)
     return cache
 
@@ -201,7 +223,11 @@ def _generate_batches(
             disable=not progress,
             leave=False,
         ):
-            batch, k = split_prefix(model, texts[rows]) if settings.share_prefix else (model.tokenize(texts[rows]), 0)
+            batch, k = (
+                split_prefix(model, texts[rows], new_tokens=settings.max_new_tokens)
+                if settings.share_prefix and settings.use_cache
+                else (model.tokenize(texts[rows]), 0)
+            )
             state.start(rows, prompt_length=batch.input_ids.shape[1])
             cached = {} if k == 0 else {"past_key_values": prefill_prefix(model, batch, k, interventions, state, rows, len(texts))}
             batch = batch.to(model.device)
@@ -215,6 +241,7 @@ def _generate_batches(
                 use_cache=settings.use_cache,
                 **sampling,
             )
+            del cached  # the batch's KV cache, before the next batch builds its own
             new = generated[:, batch.input_ids.shape[1] :].tolist()
             for ids in new:
                 text, kept = _decode_row(model, ids, set(stop_ids), settings.stop_strings)
@@ -315,6 +342,7 @@ def iter_next_token_logits(
             else:
                 cache = prefill_prefix(model, batch, k, interventions, state, rows, len(texts))
                 logits = _prefixed_logits(model, batch, k, cache)
+                del cache
             yield rows, logits[:, -1].cpu()
 
 

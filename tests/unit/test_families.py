@@ -344,9 +344,44 @@ def test_a_shared_prefix_gives_the_tokens_of_whole_prompts(family, vector, rule:
     width = passes[False][0][1]
     # one row per group over the shared tokens, then every row over its own tokens only
     assert passes[True][:2] == [(2, k), (len(prompts), width - k)]
+    # batches that split a group (rows 0-3: both groups; rows 4-5: one) give the same tokens
+    split = generate_tokens(
+        family, prompts, interventions=[edit], progress=False,
+        settings=GenerationSettings(max_new_tokens=N_NEW, batch_size=4, share_prefix=True),
+    )[1]
+    assert split == whole
     logits = {
         share: next_token_logits(family, prompts, interventions=[edit], batch_size=4, share_prefix=share)
         for share in (False, True)
     }
     scale = float(logits[False].abs().max())
     assert torch.allclose(logits[True], logits[False], atol=1e-4 * scale, rtol=0)
+
+
+def test_a_sliding_window_shorter_than_the_sequence_runs_whole_prompts(family_dirs, vector) -> None:
+    """Padding after a shared prefix would push the prefix out of a sliding window sooner than
+    whole prompts do: with a window shorter than prompt and answer, nothing is shared."""
+    from refusal_dir.generation import prefix_sharing_blocked, split_prefix
+
+    model = load_model(str(family_dirs["gemma2"]), device="cpu")
+    texts = model.format_prompts(PROMPTS)
+    k = split_prefix(model, texts)[1]
+    assert k > 0 and prefix_sharing_blocked(model, 40) is None  # the tiny model's window is 512
+    # generate refuses a cache passed in when the generation config names its own kind
+    for kind, blocked in (("static", True), ("hybrid", False)):
+        model.hf.generation_config.cache_implementation = kind
+        assert (prefix_sharing_blocked(model, 40) is not None) == blocked, kind
+    model.hf.generation_config.cache_implementation = None
+    model.hf.config.get_text_config().sliding_window = 6
+    assert "sliding window of 6" in str(prefix_sharing_blocked(model, 40))
+    assert split_prefix(model, texts, new_tokens=N_NEW)[1] == 0
+    steering = _steering(model, vector)
+    edit = addition(steering, layer=LAYER, alpha=1.0)
+    runs = [
+        generate_tokens(
+            model, PROMPTS, interventions=[edit], progress=False,
+            settings=GenerationSettings(max_new_tokens=N_NEW, batch_size=len(PROMPTS), share_prefix=share),
+        )[1]
+        for share in (False, True)
+    ]
+    assert runs[1] == runs[0]

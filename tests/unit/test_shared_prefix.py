@@ -38,8 +38,8 @@ def test_row_groups_gather_rows_with_equal_values_in_every_intervention() -> Non
     assert len(first) == 3
     assert group[0] != group[2] and group[1] == group[3]
     assert sorted(first.tolist()) == [1, 2, 3]
-    for row, g in enumerate(group.tolist()):
-        assert first[g] <= row + 1  # each group's first row is its earliest
+    for g, row in enumerate(first.tolist()):  # each group's first row is its earliest
+        assert row == 1 + min(i for i, x in enumerate(group.tolist()) if x == g)
 
 
 def test_row_groups_without_per_row_values_is_one_group() -> None:

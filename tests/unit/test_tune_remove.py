@@ -68,14 +68,17 @@ def test_a_shared_prefix_measures_what_whole_prompts_measure(setup) -> None:
     the zero point's KL stays 0 (its reference is computed the same way)."""
     from dataclasses import replace
 
+    from refusal_dir.generation import split_prefix
+
     split = setup[3]
-    whole = _evaluator(setup).per_item(POINTS, split)
     model, directions, means, _ = setup
+    assert split_prefix(model, model.format_prompts(split.benign))[1] > 0  # something is shared
+    whole = _evaluator(setup).per_item(POINTS, split)
     shared = PointEvaluator(
         model, directions, harmless_means=means, settings=replace(SETTINGS, share_prefix=True)
     ).per_item(POINTS, split)
     for a, b in zip(whole, shared, strict=True):
-        for metric in ("refusal", "helpfulness", "mmlu"):
+        for metric in ("refusal", "helpfulness"):  # MMLU is scored on whole prompts either way
             assert a.values[metric] == b.values[metric], metric
         assert b.values["kl"] == pytest.approx(a.values["kl"], rel=1e-3, abs=1e-9)
     assert max(shared[2].values["kl"]) < 1e-12 and min(shared[0].values["kl"]) > 1e-5
