@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -491,14 +491,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return _tune(args, config, limits, datasets, model, extraction, output_dir, reporter)
 
 
-def _tune_inputs(args: argparse.Namespace) -> tuple[Config, Any, Any, Any, Path, _StageReporter]:
-    """Everything checked before a tune claims its output directory: the saved extraction, the
-    data sets (the same refusal pairs), the model it fits, the prompts' lengths."""
+def _tune_inputs(
+    args: argparse.Namespace, check_extraction: Callable[[Any], object] | None = None
+) -> tuple[Config, Any, Any, Any, Path, _StageReporter]:
+    """Everything checked before a tune claims its output directory: the saved extraction (and
+    ``check_extraction`` of it, before anything slow), the data sets (the same refusal pairs),
+    the model it fits, the prompts' lengths."""
     from refusal_dir import outdir, pipeline
     from refusal_dir.datasets import load_datasets
     from refusal_dir.extraction import check_pairs_match
 
     config, directions_dir, extraction = _saved_extraction(args, _config(args))
+    if check_extraction is not None:
+        check_extraction(extraction)
     output_dir = outdir.check_output_dir(args.output_dir, protect=[directions_dir])
     reporter = _StageReporter(args.quiet)
     datasets = load_datasets(config)
@@ -577,7 +582,9 @@ def cmd_tune_remove(args: argparse.Namespace) -> int:
         args.trials, args.seed, args.candidates_per_batch, SearchSpace(args.search_space),
         RemoveLimits(args.max_refusal, args.max_mmlu_drop, args.max_helpfulness_drop),
     )
-    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args)
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(
+        args, lambda extraction: ablation_directions(extraction, args.direction_site)  # a missing site: before the model loads
+    )
     directions, anchor = ablation_directions(extraction, args.direction_site)
     if not args.no_anchor:
         search = dataclasses.replace(search, anchor_layer=anchor)

@@ -292,6 +292,29 @@ def test_tuned_point_names_a_local_model_by_its_absolute_path(capsys, extracted_
     assert not (tmp_path / "m2").exists()
 
 
+def test_cli_a_missing_direction_site_is_one_line_before_the_model_loads(capsys, extracted_dir, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    import refusal_dir.cli as cli
+
+    copy = tmp_path / "extracted"
+    shutil.copytree(extracted_dir, copy)
+    for folder in (copy / "directions").glob("*_resid_post"):
+        shutil.rmtree(folder)
+    scores = copy / "directions" / "scores.csv"
+    scores.write_text("".join(line for line in scores.read_text().splitlines(keepends=True) if "_resid_post," not in line))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad flag was refused")
+
+    monkeypatch.setattr(cli, "_load", no_model)
+    code, err = _cli(capsys, "tune", "--directions-dir", str(copy), "--output-dir", str(tmp_path / "o"), *REMOVE,
+                     "--direction-site", "resid_post")
+    assert code == 2 and "resid_post" in err and "--direction-site resid_pre" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [(("--trials", "0"), "--trials"), (("--max-refusal", "-1"), "max_refusal"), (("--candidates-per-batch", "0"), "--candidates-per-batch")],
