@@ -582,10 +582,13 @@ def cmd_tune_remove(args: argparse.Namespace) -> int:
         args.trials, args.seed, args.candidates_per_batch, SearchSpace(args.search_space),
         RemoveLimits(args.max_refusal, args.max_mmlu_drop, args.max_helpfulness_drop),
     )
-    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(
-        args, lambda extraction: ablation_directions(extraction, args.direction_site)  # a missing site: before the model loads
-    )
-    directions, anchor = ablation_directions(extraction, args.direction_site)
+    chosen: dict[str, Any] = {}
+
+    def choose_directions(extraction: Any) -> None:  # a site the extraction lacks: refused before the model loads
+        chosen["directions"] = ablation_directions(extraction, args.direction_site)
+
+    config, datasets, model, extraction, output_dir, reporter = _tune_inputs(args, choose_directions)
+    directions, anchor = chosen["directions"]
     if not args.no_anchor:
         search = dataclasses.replace(search, anchor_layer=anchor)
     options = AblationOptions(args.projected, args.norm_preserving, extraction.selected.position)

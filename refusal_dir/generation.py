@@ -81,6 +81,9 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return length
 
 
+_BLOCKED_SEEN: set[str] = set()  # each reason a prefix was not shared, logged once
+
+
 def prefix_sharing_blocked(model: HookedModel, length: int) -> str | None:
     """Why a batch of sequences up to ``length`` positions long (prompt and new tokens) cannot
     take a shared prefix on this model (``None``: it can). A sliding-window layer counts its
@@ -104,11 +107,17 @@ def split_prefix(model: HookedModel, texts: Sequence[str], *, new_tokens: int = 
     positions, derived from the mask, run on without a gap). ``k = 0`` (nothing shared, or a
     model that cannot share with ``new_tokens`` to come, :func:`prefix_sharing_blocked`) is
     :meth:`HookedModel.tokenize`."""
+    if not texts:
+        raise ConfigError("no prompts to tokenize: pass at least one prompt")
     encoded = [model._encode(text) for text in texts]
     if any(len(ids) == 0 for ids in encoded):
         raise ConfigError("a prompt tokenized to zero tokens: remove empty prompts")
     k = shared_prefix_length(encoded)
-    if k and prefix_sharing_blocked(model, max(len(ids) for ids in encoded) + new_tokens) is not None:
+    blocked = prefix_sharing_blocked(model, max(len(ids) for ids in encoded) + new_tokens) if k else None
+    if blocked is not None:
+        if blocked not in _BLOCKED_SEEN:
+            _BLOCKED_SEEN.add(blocked)
+            logger.warning("the prompts' shared first tokens are prefilled with every prompt: %s", blocked)
         k = 0
     own_ids, own_mask = pad_ids([ids[k:] for ids in encoded], model.pad_token_id)
     prefix = torch.tensor(encoded[0][:k], dtype=torch.long).expand(len(encoded), k)
