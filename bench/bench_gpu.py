@@ -474,45 +474,47 @@ def part_search(
 
     points = search_points(model.n_layers, args.search_candidates)
     split = EvalSplit(harmful_eval()[: args.search_prompts], benign_eval()[: args.search_prompts], [])
-    # Projected, norm-preserving ablation (tune --objective remove's default options).
-    batched_eval, single_eval = (
-        PointEvaluator(
+    # Projected, norm-preserving ablation (tune --objective remove's default options); the
+    # shared prefix is tune's default too, whole prompts what heretic runs.
+    def evaluator(rows: int, share_prefix: bool) -> Any:
+        return PointEvaluator(
             model, directions, harmless_means=means, measure=(),
-            settings=GenerationSettings(max_new_tokens=args.new_tokens, batch_size=rows),
+            settings=GenerationSettings(max_new_tokens=args.new_tokens, batch_size=rows, share_prefix=share_prefix),
         )
-        for rows in (len(points) * len(split.harmful), len(split.harmful))
-    )
-    batched_name = f"batched: {len(points)} kernels per pass ({len(points) * len(split.harmful)} rows)"
+
+    rows = len(points) * len(split.harmful)
+    batched_eval, shared_eval, single_eval = evaluator(rows, False), evaluator(rows, True), evaluator(len(split.harmful), False)
+    batched_name = f"batched: {len(points)} kernels per pass ({rows} rows)"
+    shared_name = f"batched, shared prefix (tune's default): {len(points)} kernels per pass ({rows} rows)"
     sequential_name = f"sequential: 1 kernel per pass ({len(split.harmful)} rows), {len(points)} passes"
 
     def batched() -> list[Any]:
         return batched_eval.per_item(points, split)
 
+    def shared() -> list[Any]:
+        return shared_eval.per_item(points, split)
+
     def sequential() -> list[Any]:
         return [single_eval.per_item([point], split)[0] for point in points]
 
+    methods = {batched_name: batched, shared_name: shared, sequential_name: sequential}
     with common.forced_length(model, args.new_tokens):
         result, outputs = timed_part(
-            {batched_name: batched, sequential_name: sequential},
-            device=args.device, budget=budget, share_s=share_s, max_repeats=args.repeats,
-            work={batched_name: len(points), sequential_name: len(points)},
-            unit="trials", baseline=sequential_name,
+            methods, device=args.device, budget=budget, share_s=share_s, max_repeats=args.repeats,
+            work=dict.fromkeys(methods, len(points)), unit="trials", baseline=sequential_name,
         )
-    same = sum(
-        a.values["refusal"] == b.values["refusal"]
-        for a, b in zip(outputs[batched_name], outputs[sequential_name], strict=True)
-    )
-    print(f"  check: batched vs sequential refusals, {same}/{len(points)} trials equal", flush=True)
     result["setting"] = (
         f"{len(points)} random points of the heretic space, {len(split.harmful)} harmful + "
         f"{len(split.benign)} benign prompts each, {args.new_tokens} new tokens (forced), greedy"
     )
-    result["trials_equal"] = f"{same}/{len(points)}"
-    result["kl_max_difference"] = max(
-        abs(a.mean("kl") - b.mean("kl"))
-        for a, b in zip(outputs[batched_name], outputs[sequential_name], strict=True)
-    )
+    for key, name in (("", batched_name), ("shared_prefix_", shared_name)):
+        pairs = list(zip(outputs[name], outputs[sequential_name], strict=True))
+        same = sum(a.values["refusal"] == b.values["refusal"] for a, b in pairs)
+        print(f"  check: {name.split(':')[0]} vs sequential refusals, {same}/{len(points)} trials equal", flush=True)
+        result[f"{key}trials_equal"] = f"{same}/{len(points)}"
+        result[f"{key}kl_max_difference"] = max(abs(a.mean("kl") - b.mean("kl")) for a, b in pairs)
     result["batched_vs_sequential"] = ratio(result, batched_name, sequential_name)
+    result["shared_prefix_vs_sequential"] = ratio(result, shared_name, sequential_name)
     return result
 
 
@@ -580,9 +582,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             GOALS["sweep_batched_vs_sequential"],
         ),
         (
-            "ablation search: batched trials >= 3x one trial per pass",
+            "ablation search as tune runs it (batched, shared prefix) >= 3x one trial per pass on whole prompts (heretic's way)",
             "search",
-            "batched_vs_sequential",
+            "shared_prefix_vs_sequential",
             GOALS["search_batched_vs_sequential"],
         ),
     ]

@@ -73,6 +73,7 @@ def test_every_part_runs_and_reports_positive_ratios(bench_gpu, tiny_model_dir, 
         parts["generation"]["unsteered_vs_plain"],
         parts["sweep"]["batched_vs_sequential"],
         parts["search"]["batched_vs_sequential"],
+        parts["search"]["shared_prefix_vs_sequential"],
     ]
     assert all(isinstance(r, float) and r > 0 for r in ratios), ratios
     # Same computation both ways: our activations equal the plain forward's hidden states.
@@ -80,6 +81,8 @@ def test_every_part_runs_and_reports_positive_ratios(bench_gpu, tiny_model_dir, 
     assert parts["sweep"]["rows_equal"] == "18/18"
     assert parts["search"]["trials_equal"] == "3/3"  # one kernel per row gives each trial's own result
     assert parts["search"]["kl_max_difference"] < 1e-4
+    assert parts["search"]["shared_prefix_trials_equal"] == "3/3"  # tune's default path, the same trials
+    assert parts["search"]["shared_prefix_kl_max_difference"] < 1e-4
     assert [g["met"] is not None for g in written["goals"]] == [True, True, True, True]
 
 
