@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument(
         "--share-prefix", action=argparse.BooleanOptionalAction, default=True,
         help="prefill the prompts' common first tokens (a system prompt) once per candidate in each batch, not once per "
-        "prompt, for refusal, KL and answered rate (same tokens up to float rounding; --no-share-prefix: every prompt whole)",
+        "prompt, for refusal, KL, answered rate and letter-scored MMLU (same tokens up to float rounding; --no-share-prefix: every prompt whole)",
     )
     remove.add_argument("--no-figures", action="store_true", help="skip figures/pareto.html")
     tune.add_argument("--tune-methods", nargs="+", choices=["addition", "ablation", "conditional"], default=["addition", "ablation", "conditional"])

@@ -310,7 +310,7 @@ class PointEvaluator:
                 self.model, questions, interventions=self._intervention(points, len(split.mmlu)),
                 scoring=self.mmlu_scoring,  # type: ignore[arg-type]
                 formatter=self.mmlu_formatter, option_prefix=self.model.reply_prefix,
-                batch_size=self.settings.batch_size,
+                batch_size=self.settings.batch_size, share_prefix=self.settings.share_prefix,
             )
             values["mmlu"] = [float(x) for x in scored.per_item]
         per_point = []

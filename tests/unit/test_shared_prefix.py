@@ -61,3 +61,21 @@ def test_resume_continues_the_sequence_whatever_the_next_pass_length() -> None:
     assert (state.offset, state.seen) == (30, 31)
     state.advance(40)  # without resume, a longer pass is a new prefill
     assert (state.offset, state.seen) == (0, 40)
+
+
+def test_letter_scoring_with_a_shared_prefix_gives_the_whole_prompts_probabilities(tiny_model) -> None:
+    """MMLU-style letter scoring (tune's MMLU limit) under two groups of per-row edits."""
+    from refusal_dir.evaluation.metrics import mmlu_accuracy
+    from refusal_dir.generation import split_prefix
+    from refusal_dir.prompts import format_mc_prompt, mmlu_questions
+
+    questions = mmlu_questions()[:4] * 2
+    assert split_prefix(tiny_model, tiny_model.format_prompts([format_mc_prompt(q) for q in questions]))[1] > 0
+    vector = torch.randn(tiny_model.d_model, generator=torch.Generator().manual_seed(3)) * 20
+    edit = addition(vector, layer=1, alpha=[0.0] * 4 + [1.0] * 4)
+    probs = {
+        share: mmlu_accuracy(tiny_model, questions, interventions=[edit], batch_size=3, share_prefix=share).correct_probs
+        for share in (False, True)
+    }
+    assert max(abs(a - b) for a, b in zip(probs[False][:4], probs[False][4:])) > 1e-3  # the groups differ
+    assert probs[True] == pytest.approx(probs[False], abs=1e-5)

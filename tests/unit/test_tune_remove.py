@@ -78,7 +78,7 @@ def test_a_shared_prefix_measures_what_whole_prompts_measure(setup) -> None:
         model, directions, harmless_means=means, settings=replace(SETTINGS, share_prefix=True)
     ).per_item(POINTS, split)
     for a, b in zip(whole, shared, strict=True):
-        for metric in ("refusal", "helpfulness"):  # MMLU is scored on whole prompts either way
+        for metric in ("refusal", "helpfulness", "mmlu"):
             assert a.values[metric] == b.values[metric], metric
         assert b.values["kl"] == pytest.approx(a.values["kl"], rel=1e-3, abs=1e-9)
     assert max(shared[2].values["kl"]) < 1e-12 and min(shared[0].values["kl"]) > 1e-5

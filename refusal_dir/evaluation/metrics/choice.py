@@ -52,6 +52,7 @@ def mmlu_accuracy(
     option_prefix: str | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    share_prefix: bool = False,
 ) -> AccuracyResult:
     """Multiple-choice accuracy, plus the mean probability of the correct answer.
 
@@ -73,6 +74,10 @@ def mmlu_accuracy(
     ``formatter`` turns a question into the instruction text (default :func:`format_mc_prompt`,
     which lists the options as "A. ..."); for questions whose text already lists the options
     (the refusal organism's) pass ``formatter=lambda q: q.question``.
+
+    ``share_prefix`` (``"letter"`` only; ``"option"`` scores whole prompts): the prompts' common
+    first tokens are prefilled once per group of alike rows, as
+    :attr:`refusal_dir.generation.GenerationSettings.share_prefix` (equal up to float rounding).
     """
     _check_questions(questions)
     if scoring not in ("letter", "option"):
@@ -85,7 +90,7 @@ def mmlu_accuracy(
             prompts,
             interventions=interventions,
             apply_chat_template=apply_chat_template,
-            batch_size=batch_size, progress=progress,
+            batch_size=batch_size, progress=progress, share_prefix=share_prefix,
         )
     else:
         if option_prefix is not None:
@@ -150,6 +155,7 @@ def _letter_scores(
     apply_chat_template: bool,
     batch_size: int,
     progress: bool = False,
+    share_prefix: bool = False,
 ) -> list[Tensor]:
     widest = max(len(question.choices) for question in questions)
     letters = _letter_table(
@@ -160,6 +166,7 @@ def _letter_scores(
         apply_chat_template=apply_chat_template,
         batch_size=batch_size,
         progress=progress,
+        share_prefix=share_prefix,
     )
     return [letters[row, : len(q.choices)] for row, q in enumerate(questions)]
 
@@ -173,6 +180,7 @@ def _letter_table(
     apply_chat_template: bool,
     batch_size: int,
     progress: bool,
+    share_prefix: bool = False,
 ) -> Tensor:
     """``prompts x letters``: each answer letter's next-token logit after each prompt (float64,
     the max over the letter's one-token spellings)."""
@@ -185,6 +193,7 @@ def _letter_table(
         progress=progress,
         apply_chat_template=apply_chat_template,
         reduce=lambda logits: letter_logits(logits, letter_ids),
+        share_prefix=share_prefix,
     )
 
 
