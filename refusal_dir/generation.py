@@ -101,17 +101,17 @@ def prefix_sharing_blocked(model: HookedModel, length: int) -> str | None:
     return None
 
 
-def split_prefix(model: HookedModel, texts: Sequence[str], *, new_tokens: int = 0) -> tuple[TokenBatch, int]:
+def split_prefix(
+    model: HookedModel, texts: Sequence[str], *, new_tokens: int = 0, share: bool = True
+) -> tuple[TokenBatch, int]:
     """Formatted texts as ``(batch, k)``: the ``k`` ids all rows share first, then each row's own
     ids left padded (the padding sits between the two; the mask has it, so generation's
-    positions, derived from the mask, run on without a gap). ``k = 0`` (nothing shared, or a
-    model that cannot share with ``new_tokens`` to come, :func:`prefix_sharing_blocked`) is
-    :meth:`HookedModel.tokenize`."""
-    if not texts:
-        raise ConfigError("no prompts to tokenize: pass at least one prompt")
-    encoded = [model._encode(text) for text in texts]
-    if any(len(ids) == 0 for ids in encoded):
-        raise ConfigError("a prompt tokenized to zero tokens: remove empty prompts")
+    positions, derived from the mask, run on without a gap). ``k = 0`` (``share`` off, nothing
+    shared, or a model that cannot share with ``new_tokens`` to come,
+    :func:`prefix_sharing_blocked`) gives exactly :meth:`HookedModel.tokenize`'s batch."""
+    if not share:
+        return model.tokenize(texts), 0
+    encoded = model.encode_prompts(texts)
     k = shared_prefix_length(encoded)
     blocked = prefix_sharing_blocked(model, max(len(ids) for ids in encoded) + new_tokens) if k else None
     if blocked is not None:
@@ -119,6 +119,8 @@ def split_prefix(model: HookedModel, texts: Sequence[str], *, new_tokens: int = 
             _BLOCKED_SEEN.add(blocked)
             logger.warning("the prompts' shared first tokens are prefilled with every prompt: %s", blocked)
         k = 0
+    if k == 0:
+        return TokenBatch(*pad_ids(encoded, model.pad_token_id)), 0
     own_ids, own_mask = pad_ids([ids[k:] for ids in encoded], model.pad_token_id)
     prefix = torch.tensor(encoded[0][:k], dtype=torch.long).expand(len(encoded), k)
     return TokenBatch(torch.cat([prefix, own_ids], dim=1), torch.cat([torch.ones_like(prefix), own_mask], dim=1)), k
@@ -232,10 +234,8 @@ def _generate_batches(
             disable=not progress,
             leave=False,
         ):
-            batch, k = (
-                split_prefix(model, texts[rows], new_tokens=settings.max_new_tokens)
-                if settings.share_prefix and settings.use_cache
-                else (model.tokenize(texts[rows]), 0)
+            batch, k = split_prefix(
+                model, texts[rows], new_tokens=settings.max_new_tokens, share=settings.share_prefix and settings.use_cache
             )
             state.start(rows, prompt_length=batch.input_ids.shape[1])
             cached = {} if k == 0 else {"past_key_values": prefill_prefix(model, batch, k, interventions, state, rows, len(texts))}
@@ -345,7 +345,7 @@ def iter_next_token_logits(
     with torch.no_grad(), steer(model, *interventions) as state:
         for rows in tqdm(_batches(len(texts), batch_size), disable=not progress, leave=False):
             state.start(rows)
-            batch, k = split_prefix(model, texts[rows]) if share_prefix else (model.tokenize(texts[rows]), 0)
+            batch, k = split_prefix(model, texts[rows], share=share_prefix)
             if k == 0:
                 logits = _forward_logits(model, batch, keep=1)
             else:

@@ -358,12 +358,17 @@ class HookedModel:
         instruction as plain text; a plain string is encoded as written, its special-token
         text included (it counts as formatted by the caller).
         """
+        return TokenBatch(*pad_ids(self.encode_prompts(texts), self.pad_token_id))
+
+    def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        """The token ids of already-formatted texts, as :meth:`tokenize` takes them (unpadded);
+        no texts, or one of zero tokens, is a one-line ConfigError."""
         if not texts:
             raise ConfigError("no prompts to tokenize: pass at least one prompt")
         encoded = [self._encode(text) for text in texts]
         if any(len(ids) == 0 for ids in encoded):
             raise ConfigError("a prompt tokenized to zero tokens: remove empty prompts")
-        return TokenBatch(*pad_ids(encoded, self.pad_token_id))
+        return encoded
 
     def encode_instructions(self, instructions: Sequence[str]) -> TokenBatch:
         """Format instructions with the chat template and tokenize them, left padded."""
