@@ -401,7 +401,7 @@ def _selected(values: _OnDevice, per_row: bool, state: PositionState, act: Tenso
     tensor = values.like(act)
     if not per_row:
         return tensor
-    selected = tensor[state.rows]
+    selected = tensor[state.row_index(tensor.device)]
     if selected.shape[0] != act.shape[0]:
         raise ConfigError(
             f"{values.tensor.shape[0]} per-row ablation points do not fit a batch of "

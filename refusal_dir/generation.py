@@ -46,6 +46,15 @@ class GenerationSettings:
     (:func:`split_prefix`). The same tokens as without, up to float rounding: a greedy
     near-tie may break the other way. Needs ``use_cache``; a batch that cannot share
     (:func:`prefix_sharing_blocked`) runs whole prompts."""
+    drop_finished: bool | None = None
+    """Greedy decoding: every :data:`DROP_EVERY` new tokens, rows that have emitted a stop token
+    leave the batch, their KV cache with them, so the answers still going run without the
+    finished ones (:func:`_decode_dropping`). The same tokens as without, up to float rounding
+    (the batch's width changes). ``None`` (the default): on where the model runs on the CPU,
+    whose decode steps cost in proportion to the rows; off on an accelerator, where a step of
+    fewer rows is not faster (not measured: no GPU was lent). Never while sampling (it would
+    change the random draws), without ``use_cache``, or where the model's generation config sets
+    anything that a decode split into calls could change (:func:`dropping_blocked`)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -163,6 +172,44 @@ def _decode_row(model: HookedModel, ids: list[int], stop_ids: set[int], stop_str
     return text, kept
 
 
+DROP_EVERY = 8
+"""New tokens between two checks for finished rows (:attr:`GenerationSettings.drop_finished`)."""
+
+_SPLIT_SAFE = frozenset({
+    # what every call reads the same way: the token ids, the length limits (new tokens are
+    # passed per call; min_length and max_length count the whole sequence), the cache switch
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length",
+    "max_new_tokens", "min_length", "use_cache", "cache_implementation", "transformers_version",
+    "_from_model_config",
+    # sampling settings: greedy decoding ignores them
+    "do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    # processors that read the whole sequence so far, prompt included, at every step
+    "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+    "renormalize_logits", "remove_invalid_values",
+    # what generate returns
+    "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
+})
+"""Generation-config fields a greedy decode split into several ``generate`` calls reads exactly
+as one call does. Any other field set on the model's config keeps one call per batch (beam
+search, forced or suppressed tokens at a call's start or end, watermarking, guidance, a time
+limit, assisted decoding, ``min_new_tokens`` and length penalties counted from a call's start)."""
+
+
+def dropping_blocked(model: HookedModel, settings: GenerationSettings) -> str | None:
+    """Why finished rows cannot leave the batch under ``settings`` (``None``: they can)."""
+    wanted = settings.drop_finished if settings.drop_finished is not None else torch.device(model.device).type == "cpu"
+    if not wanted or settings.do_sample or not settings.use_cache:
+        return "off"
+    config = getattr(model.hf, "generation_config", None)
+    fields = config.to_diff_dict() if config is not None else {}
+    for name in sorted(fields):
+        if name not in _SPLIT_SAFE:
+            return f"the generation config's {name}"
+    if fields.get("cache_implementation") not in (None, "hybrid"):
+        return f"the generation config's own cache ({fields['cache_implementation']})"
+    return None
+
+
 @torch.no_grad()
 def generate(
     model: HookedModel,
@@ -240,22 +287,69 @@ def _generate_batches(
             state.start(rows, prompt_length=batch.input_ids.shape[1])
             cached = {} if k == 0 else {"past_key_values": prefill_prefix(model, batch, k, interventions, state, rows, len(texts))}
             batch = batch.to(model.device)
-            generated = model.hf.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                **cached,
-                max_new_tokens=settings.max_new_tokens,
-                eos_token_id=stop_ids,
-                pad_token_id=model.pad_token_id,
-                use_cache=settings.use_cache,
-                **sampling,
-            )
+            call: dict[str, object] = {"eos_token_id": stop_ids, "pad_token_id": model.pad_token_id, "use_cache": settings.use_cache, **sampling}
+            if dropping_blocked(model, settings) is None:
+                new = _decode_dropping(model, batch, cached, settings.max_new_tokens, call, state, rows, set(stop_ids))
+            else:
+                generated = model.hf.generate(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, **cached,
+                    max_new_tokens=settings.max_new_tokens, **call,
+                )
+                new = generated[:, batch.input_ids.shape[1] :].tolist()
             del cached  # the batch's KV cache, before the next batch builds its own
-            new = generated[:, batch.input_ids.shape[1] :].tolist()
             for ids in new:
                 text, kept = _decode_row(model, ids, set(stop_ids), settings.stop_strings)
                 outputs.append(text)
                 tokens.append(kept)
+
+
+def _decode_dropping(
+    model: HookedModel,
+    batch: TokenBatch,
+    cached: dict[str, object],
+    max_new_tokens: int,
+    call: dict[str, object],
+    state: PositionState,
+    rows: slice,
+    stop_ids: set[int],
+) -> list[list[int]]:
+    """Greedy decoding of ``batch`` in calls of :data:`DROP_EVERY` new tokens; between two
+    calls the rows that emitted a stop token leave the batch and its KV cache. Each call goes
+    on from the cache the last one returned (its last token not yet in it, as ``generate``
+    leaves it), the state's rows following the rows still going. Returns every row's new ids
+    (stop id included, nothing after it)."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    going = torch.arange(ids.shape[0])  # batch rows still going, in the order of ``ids``
+    new: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    left = max_new_tokens
+    while left > 0:
+        output = model.hf.generate(
+            input_ids=ids, attention_mask=mask, **cached, max_new_tokens=min(DROP_EVERY, left),
+            return_dict_in_generate=True, **call,
+        )
+        fresh = output.sequences[:, ids.shape[1] :]
+        if fresh.shape[1] == 0:
+            break
+        left -= fresh.shape[1]
+        finished = torch.zeros(len(going), dtype=torch.bool)
+        for position, (row, tokens) in enumerate(zip(going.tolist(), fresh.tolist(), strict=True)):
+            for token in tokens:
+                new[row].append(token)
+                if token in stop_ids:
+                    finished[position] = True
+                    break
+        if left <= 0 or bool(finished.all()):
+            break
+        cache = output.past_key_values
+        ids, mask = output.sequences, torch.cat([mask, torch.ones_like(fresh)], dim=1)
+        if bool(finished.any()):
+            keep = torch.nonzero(~finished).flatten()
+            cache.batch_select_indices(keep)  # a CPU index serves layers on any device
+            going = going[keep]
+            ids, mask = ids[keep.to(ids.device)], mask[keep.to(mask.device)]
+            state.resume(torch.arange(rows.start, rows.stop)[going])
+        cached = {"past_key_values": cache}
+    return new
 
 
 @torch.no_grad()

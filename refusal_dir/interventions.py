@@ -98,6 +98,17 @@ class PositionState:
     rows: slice | Tensor = field(default_factory=lambda: slice(None))
     seen: int = 0
     resuming: bool = False
+    _moved: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+
+    def row_index(self, device: torch.device) -> slice | Tensor:
+        """:attr:`rows` for indexing a tensor on ``device``: a tensor of rows is moved there once
+        per device and set of rows, not on every hook call of every decode step."""
+        if isinstance(self.rows, slice):
+            return self.rows
+        cached = self._moved.get(device)
+        if cached is None or cached[0] is not self.rows:
+            cached = self._moved[device] = (self.rows, self.rows.to(device))
+        return cached[1]
 
     def start(self, rows: slice | Tensor, prompt_length: int | None = None) -> None:
         """Begin a new batch: its rows, its padded prompt width (generation only), offset 0."""
@@ -434,7 +445,7 @@ def _rows(value: Coefficient, state: PositionState, act: Tensor) -> float | Tens
     """The coefficient of each row of ``act`` as ``batch x 1 x 1`` (a float stays a float)."""
     if isinstance(value, float):
         return value
-    selected = value.like(act)[state.rows]
+    selected = value.like(act)[state.row_index(act.device)]
     batch = act.shape[0]
     if selected.numel() != batch:
         raise ConfigError(
@@ -461,7 +472,7 @@ def _apply_projection(
 ) -> Tensor:
     direction = unit.like(act)
     if direction.ndim == 2:  # one direction per row
-        direction = direction[state.rows]
+        direction = direction[state.row_index(act.device)]
         if direction.shape[0] != act.shape[0]:
             raise ConfigError(
                 f"{unit.tensor.shape[0]} per-row directions do not fit a batch of {act.shape[0]} "

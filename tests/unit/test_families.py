@@ -391,3 +391,79 @@ def test_a_sliding_window_shorter_than_the_sequence_runs_whole_prompts(family_di
     assert split_prefix(model, texts, new_tokens=N_NEW)[1] == 0
     assert f"sliding window of {width + 1}" in str(prefix_sharing_blocked(model, width + N_NEW))
     assert tokens(True) == tokens(False)
+
+
+def _stop_token_for_a_split(rows: list[list[int]], first: int, going: int) -> int | None:
+    """A token id that ends some row within its first ``first`` new tokens while another row
+    goes on past ``going`` without it: a stop id that drops rows from the batch mid-way."""
+    for token in dict.fromkeys(t for ids in rows for t in ids[:first]):
+        ends_early = any(token in ids[:first] for ids in rows)
+        goes_on = any(len(ids) > going and token not in ids[:going] for ids in rows)
+        if ends_early and goes_on:
+            return token
+    return None
+
+
+@pytest.mark.parametrize("rule", ["all", "generated"])
+def test_dropping_finished_rows_gives_the_tokens_of_the_whole_batch(family, vector, rule: str, monkeypatch) -> None:
+    """Rows that emit a stop id leave the batch between two calls of DROP_EVERY tokens; the rows
+    still going keep their own per-row coefficients and positions, so every row gets the tokens
+    it gets in the whole batch, cut at its stop id. Rows drop in the second batch (rows 5-8),
+    where a batch-local row index would pick another row's coefficient."""
+    from refusal_dir.generation import DROP_EVERY
+
+    n_new = 2 * DROP_EVERY + 4  # three calls: 8, 8, 4
+    prompts = PROMPTS * 3
+    alphas = [0.5 * (i % 3) for i in range(len(prompts))]  # row i and row i - 5 differ
+    edit = addition(_steering(family, vector), layer=LAYER, alpha=alphas, apply_to=rule)
+    size = 5
+
+    def run(drop: bool, share: bool = False) -> list[list[int]]:
+        return generate_tokens(
+            family, prompts, interventions=[edit], progress=False,
+            settings=GenerationSettings(max_new_tokens=n_new, batch_size=size, drop_finished=drop, share_prefix=share),
+        )[1]
+
+    monkeypatch.setattr(family, "_stop_ids", [])
+    free = run(False)
+    assert all(len(ids) == n_new for ids in free)
+    stop = _stop_token_for_a_split(free[size:], DROP_EVERY, 2 * DROP_EVERY)
+    assert stop is not None, "no token splits the second batch's rows: this case would drop nothing"
+    monkeypatch.setattr(family, "_stop_ids", [stop])
+    widths: list[int] = []
+    generate = family.hf.generate
+
+    def counting(*args, **kwargs):
+        widths.append(int(kwargs["input_ids"].shape[0]))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(family.hf, "generate", counting)
+    dropped = run(True)
+    second = widths[widths.index(len(prompts) - size):]  # the second batch's calls
+    assert second[-1] < second[0], widths  # rows left the second batch
+    expected = [ids[: ids.index(stop)] if stop in ids else ids for ids in free]
+    assert dropped == expected
+    assert run(False) == expected
+    assert run(True, share=True) == expected
+
+
+def test_finished_rows_stay_where_a_split_decode_would_change_the_answer(family_dirs) -> None:
+    from refusal_dir.generation import dropping_blocked
+
+    model = load_model(str(family_dirs["gemma2"]), device="cpu")
+    default = GenerationSettings()
+    assert default.drop_finished is None and dropping_blocked(model, default) is None  # on, on the CPU
+    assert dropping_blocked(model, replace(default, drop_finished=True)) is None
+    for settings in (replace(default, do_sample=True), replace(default, use_cache=False), replace(default, drop_finished=False)):
+        assert dropping_blocked(model, settings) == "off"
+    config = model.hf.generation_config
+    # counted from a call's start or end, or not greedy: one call per batch
+    for name, value in (("min_new_tokens", 3), ("forced_eos_token_id", 1), ("num_beams", 2), ("begin_suppress_tokens", [5])):
+        setattr(config, name, value)
+        assert name in str(dropping_blocked(model, default)), name
+        setattr(config, name, getattr(type(config)(), name))
+    config.cache_implementation = "static"
+    assert "static" in str(dropping_blocked(model, default))
+    config.cache_implementation = "hybrid"
+    config.min_length, config.repetition_penalty = 5, 1.2  # read on the whole sequence: the same split
+    assert dropping_blocked(model, default) is None

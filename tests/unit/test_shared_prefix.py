@@ -79,3 +79,16 @@ def test_letter_scoring_with_a_shared_prefix_gives_the_whole_prompts_probabiliti
     }
     assert max(abs(a - b) for a, b in zip(probs[False][:4], probs[False][4:])) > 1e-3  # the groups differ
     assert probs[True] == pytest.approx(probs[False], abs=1e-5)
+
+
+def test_row_index_moves_a_tensor_of_rows_once_per_device_and_follows_new_rows() -> None:
+    state = PositionState()
+    state.start(slice(2, 5))
+    assert state.row_index(torch.device("meta")) == slice(2, 5)
+    state.resume(torch.tensor([0, 3]))
+    moved = state.row_index(torch.device("meta"))
+    assert moved.device.type == "meta" and moved is state.row_index(torch.device("meta"))  # once
+    assert state.row_index(torch.device("cpu")).tolist() == [0, 3]
+    state.resume(torch.tensor([3]))  # rows left the batch: the new rows, not the cached ones
+    assert state.row_index(torch.device("cpu")).tolist() == [3]
+    assert state.row_index(torch.device("meta")).shape == (1,)
