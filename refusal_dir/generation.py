@@ -195,9 +195,15 @@ search, forced or suppressed tokens at a call's start or end, watermarking, guid
 limit, assisted decoding, ``min_new_tokens`` and length penalties counted from a call's start)."""
 
 
+def _runs_on_cpu(model: HookedModel) -> bool:
+    """Every layer computes on the CPU (a disk-offloaded one too), not only the embedding."""
+    placed = getattr(model.hf, "hf_device_map", None) or {"": model.device}
+    return all(str(where) in ("cpu", "disk") for where in placed.values())
+
+
 def dropping_blocked(model: HookedModel, settings: GenerationSettings) -> str | None:
     """Why finished rows cannot leave the batch under ``settings`` (``None``: they can)."""
-    wanted = settings.drop_finished if settings.drop_finished is not None else torch.device(model.device).type == "cpu"
+    wanted = settings.drop_finished if settings.drop_finished is not None else _runs_on_cpu(model)
     if not wanted or settings.do_sample or not settings.use_cache:
         return "off"
     config = getattr(model.hf, "generation_config", None)

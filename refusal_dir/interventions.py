@@ -98,7 +98,7 @@ class PositionState:
     rows: slice | Tensor = field(default_factory=lambda: slice(None))
     seen: int = 0
     resuming: bool = False
-    _moved: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    _moved: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def row_index(self, device: torch.device) -> slice | Tensor:
         """:attr:`rows` for indexing a tensor on ``device``: a tensor of rows is moved there once

@@ -9,6 +9,7 @@ checks the error itself).
 from __future__ import annotations
 
 import subprocess
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -467,3 +468,56 @@ def test_finished_rows_stay_where_a_split_decode_would_change_the_answer(family_
     config.cache_implementation = "hybrid"
     config.min_length, config.repetition_penalty = 5, 1.2  # read on the whole sequence: the same split
     assert dropping_blocked(model, default) is None
+
+
+def test_a_split_decode_reads_the_allowed_generation_config_fields_as_one_call_does(family_dirs, monkeypatch) -> None:
+    """The fields a split decode may meet (:data:`_SPLIT_SAFE`) that change tokens: a repetition
+    penalty, no repeated n-grams, a minimum length, suppressed and bad words. With all set, rows
+    that stop leave the batch and every row gets the tokens of one call per batch."""
+    from refusal_dir.generation import DROP_EVERY, dropping_blocked
+
+    model = load_model(str(family_dirs["gemma2"]), device="cpu")
+    prompts = PROMPTS * 3
+    n_new = 2 * DROP_EVERY + 4
+
+    def run(drop: bool) -> list[list[int]]:
+        return generate_tokens(
+            model, prompts, progress=False,
+            settings=GenerationSettings(max_new_tokens=n_new, batch_size=len(prompts), drop_finished=drop),
+        )[1]
+
+    monkeypatch.setattr(model, "_stop_ids", [])
+    free = run(False)
+    width = int(model.tokenize(model.format_prompts(prompts)).input_ids.shape[1])
+    common = [t for t, _ in Counter(t for ids in free for t in ids).most_common()]
+    config = model.hf.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size, config.min_length = 1.3, 2, width + 2
+    config.suppress_tokens, config.bad_words_ids = [common[0]], [[common[1]]]
+    assert dropping_blocked(model, GenerationSettings()) is None
+    shaped = run(False)
+    assert shaped != free  # the fields do change the tokens
+    # a stop id no row emits in its first two new tokens (min_length holds it back there, which
+    # would change the row), that ends some row in the first call and not another in two
+    stop = next((
+        t for t in dict.fromkeys(t for ids in shaped for t in ids[2:DROP_EVERY])
+        if all(t not in ids[:2] for ids in shaped) and any(t not in ids[: 2 * DROP_EVERY] for ids in shaped)
+    ), None)
+    assert stop is not None, "no token splits the rows: this case would drop nothing"
+    monkeypatch.setattr(model, "_stop_ids", [stop])
+    widths: list[int] = []
+    generate = model.hf.generate
+    monkeypatch.setattr(model.hf, "generate", lambda *a, **k: widths.append(int(k["input_ids"].shape[0])) or generate(*a, **k))
+    dropped = run(True)
+    assert widths[-1] < widths[0], widths
+    assert dropped == run(False)
+
+
+def test_dropping_is_off_by_default_where_a_layer_runs_off_the_cpu(family_dirs, monkeypatch) -> None:
+    from refusal_dir.generation import dropping_blocked
+
+    model = load_model(str(family_dirs["gemma2"]), device="cpu")
+    monkeypatch.setattr(model.hf, "hf_device_map", {"model.embed_tokens": "cpu", "model.layers": 0}, raising=False)
+    assert dropping_blocked(model, GenerationSettings()) == "off"
+    assert dropping_blocked(model, GenerationSettings(drop_finished=True)) is None
+    monkeypatch.setattr(model.hf, "hf_device_map", {"model.embed_tokens": "cpu", "model.layers": "disk"}, raising=False)
+    assert dropping_blocked(model, GenerationSettings()) is None
