@@ -104,10 +104,15 @@ def prefix_sharing_blocked(model: HookedModel, length: int) -> str | None:
     slides = any("sliding" in str(kind) for kind in kinds) if kinds else getattr(config, "use_sliding_window", True)
     if slides and isinstance(window, int) and 0 < window < length:
         return f"a sliding window of {window} positions, shorter than {length}"
+    return _own_cache(model)
+
+
+def _own_cache(model: HookedModel) -> str | None:
+    """The generation config's own cache kind, which ``generate`` keeps to itself (it refuses a
+    cache passed in), as a reason; ``None`` for none or Gemma 2's "hybrid" (dropped by
+    ``generate`` itself)."""
     kind = getattr(getattr(model.hf, "generation_config", None), "cache_implementation", None)
-    if kind not in (None, "hybrid"):  # Gemma 2's "hybrid" is dropped by generate itself
-        return f"the generation config's own cache ({kind})"
-    return None
+    return None if kind in (None, "hybrid") else f"the generation config's own cache ({kind})"
 
 
 def split_prefix(
@@ -211,9 +216,7 @@ def dropping_blocked(model: HookedModel, settings: GenerationSettings) -> str | 
     for name in sorted(fields):
         if name not in _SPLIT_SAFE:
             return f"the generation config's {name}"
-    if fields.get("cache_implementation") not in (None, "hybrid"):
-        return f"the generation config's own cache ({fields['cache_implementation']})"
-    return None
+    return _own_cache(model)
 
 
 @torch.no_grad()
@@ -280,6 +283,7 @@ def _generate_batches(
         if settings.do_sample
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     )
+    stops, dropping = set(stop_ids), dropping_blocked(model, settings) is None
     with steer(model, *interventions) as state:
         for rows in tqdm(
             _batches(len(texts), settings.batch_size),
@@ -294,8 +298,8 @@ def _generate_batches(
             cached = {} if k == 0 else {"past_key_values": prefill_prefix(model, batch, k, interventions, state, rows, len(texts))}
             batch = batch.to(model.device)
             call: dict[str, object] = {"eos_token_id": stop_ids, "pad_token_id": model.pad_token_id, "use_cache": settings.use_cache, **sampling}
-            if dropping_blocked(model, settings) is None:
-                new = _decode_dropping(model, batch, cached, settings.max_new_tokens, call, state, rows, set(stop_ids))
+            if dropping:
+                new = _decode_dropping(model, batch, cached, settings.max_new_tokens, call, state, rows, stops)
             else:
                 generated = model.hf.generate(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, **cached,
@@ -304,7 +308,7 @@ def _generate_batches(
                 new = generated[:, batch.input_ids.shape[1] :].tolist()
             del cached  # the batch's KV cache, before the next batch builds its own
             for ids in new:
-                text, kept = _decode_row(model, ids, set(stop_ids), settings.stop_strings)
+                text, kept = _decode_row(model, ids, stops, settings.stop_strings)
                 outputs.append(text)
                 tokens.append(kept)
 
